@@ -1,0 +1,141 @@
+"""Settings from the environment (and `.env` in the working directory).
+
+The names are those of DESIGN.md and of the earlier Node worker, so an
+existing `.env` keeps working. A wrong value stops the process with one line
+that names the variable and the fix (`ConfigError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+QUEUES = ("email_queue", "report_generation_queue", "payment_processing_queue", "analytics_queue")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; str() is the one line shown to the user."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the reactor, by its environment variable name."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True,
+        case_sensitive=True,
+    )
+
+    database_url: str = Field(alias="DATABASE_URL")
+
+    email_provider: Literal["smtp", "file"] = Field("smtp", alias="EMAIL_PROVIDER")
+    smtp_host: str | None = Field(None, alias="SMTP_HOST")
+    smtp_port: int = Field(587, alias="SMTP_PORT", ge=1, le=65535)
+    smtp_security: Literal["starttls", "ssl", "none"] | None = Field(None, alias="SMTP_SECURITY")
+    smtp_ca_file: Path | None = Field(None, alias="SMTP_CA_FILE")
+    smtp_user: str | None = Field(None, alias="SMTP_USER")
+    smtp_pass: SecretStr | None = Field(None, alias="SMTP_PASS")
+    smtp_from: str | None = Field(None, alias="SMTP_FROM")
+    smtp_from_name: str | None = Field(None, alias="SMTP_FROM_NAME")
+    email_outbox_dir: Path = Field(Path("outbox"), alias="EMAIL_OUTBOX_DIR")
+
+    worker_interval_ms: int = Field(5000, alias="WORKER_INTERVAL_MS", ge=10)
+    max_tasks_per_cycle: int = Field(100, alias="MAX_TASKS_PER_CYCLE", ge=1, le=10_000)
+    visibility_timeout_s: int = Field(30, alias="VISIBILITY_TIMEOUT_S", ge=1)
+    max_attempts: int = Field(5, alias="MAX_ATTEMPTS", ge=1)
+    retry_base_s: float = Field(2.0, alias="RETRY_BASE_S", gt=0)
+    retry_max_s: float = Field(900.0, alias="RETRY_MAX_S", gt=0)
+    shutdown_grace_s: float = Field(10.0, alias="SHUTDOWN_GRACE_S", ge=0)
+    db_pool_size: int = Field(4, alias="DB_POOL_SIZE", ge=1, le=64)
+    listener_probe_s: float = Field(30.0, alias="LISTENER_PROBE_S", gt=0)
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", alias="LOG_LEVEL")
+    log_format: Literal["json", "console"] | None = Field(None, alias="LOG_FORMAT")
+
+    feed_host: str = Field("127.0.0.1", alias="FEED_HOST")
+    feed_port: int = Field(8765, alias="FEED_PORT", ge=0, le=65535)
+    feed_token: SecretStr | None = Field(None, alias="FEED_TOKEN")
+    metrics_port: int = Field(8766, alias="METRICS_PORT", ge=0, le=65535)
+
+    reports_dir: Path = Field(Path("reports"), alias="REPORTS_DIR")
+    payment_provider: Literal["manual", "yookassa"] = Field("manual", alias="PAYMENT_PROVIDER")
+    yookassa_shop_id: str | None = Field(None, alias="YOOKASSA_SHOP_ID")
+    yookassa_secret_key: SecretStr | None = Field(None, alias="YOOKASSA_SECRET_KEY")
+    yookassa_api_url: str = Field("https://api.yookassa.ru/v3", alias="YOOKASSA_API_URL")
+    app_base_url: str | None = Field(None, alias="APP_BASE_URL")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lowercase_choices(cls, data: object) -> object:
+        """LOG_LEVEL=INFO and SMTP_SECURITY=STARTTLS mean what they say."""
+        if isinstance(data, dict):
+            for key in ("LOG_LEVEL", "LOG_FORMAT", "EMAIL_PROVIDER", "SMTP_SECURITY",
+                        "PAYMENT_PROVIDER"):
+                if isinstance(data.get(key), str):
+                    data[key] = data[key].strip().lower() or None
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.database_url.startswith(("postgresql://", "postgres://")) and (
+            "=" not in self.database_url
+        ):
+            raise ValueError("DATABASE_URL must be a postgresql:// URL")
+        return self
+
+    @property
+    def smtp_security_effective(self) -> Literal["starttls", "ssl", "none"]:
+        """SMTP_SECURITY, else derived from the port: 465 → ssl, 587 → starttls."""
+        if self.smtp_security:
+            return self.smtp_security
+        return "ssl" if self.smtp_port == 465 else "starttls" if self.smtp_port == 587 else "none"
+
+    @property
+    def log_format_effective(self) -> Literal["json", "console"]:
+        """JSON unless told otherwise or writing to a terminal."""
+        if self.log_format:
+            return self.log_format
+        return "console" if sys.stderr.isatty() else "json"
+
+    @property
+    def poll_interval_s(self) -> float:
+        return self.worker_interval_ms / 1000
+
+
+_FIXES = {
+    "DATABASE_URL": "set it to postgresql://USER:PASSWORD@HOST:5432/DB "
+    "(a direct or session-mode connection: LISTEN does not work through a transaction pooler)",
+}
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else "settings"
+    if first["type"] == "missing":
+        fix = _FIXES.get(name, "set it in the environment or in .env")
+        return f"{name} is not set: {fix}"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or _secret(name) else f"={value!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid {name}{shown}: {message} (fix it in the environment or .env; see .env.example)"
+
+
+def _secret(name: str) -> bool:
+    return any(part in name for part in ("PASS", "SECRET", "TOKEN", "KEY", "DATABASE_URL"))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings.
+
+    Raises:
+        ConfigError: with a one-line message naming the variable and the fix.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

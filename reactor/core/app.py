@@ -1,0 +1,131 @@
+"""The Reactor: one nursery tree that owns the listener, the drainers and the
+periodic queue-depth report, and a two-phase shutdown.
+
+Shutdown: stop reading, give in-flight jobs `SHUTDOWN_GRACE_S`, then cancel
+them; the drainers make cancelled messages visible again at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+import trio
+
+from reactor import queues
+from reactor.config import Settings
+from reactor.core.drainer import Drainer, DrainSettings
+from reactor.core.events import EventBus
+from reactor.core.listener import Listener
+from reactor.core.retry import RetryPolicy
+from reactor.db import Database, DatabaseUnavailable
+from reactor.migrate import pending_migrations
+from reactor.processors import PROCESSORS, Processor
+
+__all__ = ["Reactor", "SchemaNotReady"]
+
+log = structlog.get_logger("reactor")
+
+DEPTH_EVERY_S = 5.0
+
+
+class SchemaNotReady(Exception):
+    """The database is not migrated; the message names the command that fixes it."""
+
+
+class Reactor:
+    """Owns every long-running task of `reactor run`."""
+
+    def __init__(self, settings: Settings, *, bus: EventBus | None = None,
+                 processors: Mapping[str, type[Processor[Any]]] | None = None) -> None:
+        self.settings = settings
+        self.bus = bus or EventBus()
+        self.db = Database(settings.database_url, settings.db_pool_size)
+        drain_settings = DrainSettings(
+            batch_size=settings.max_tasks_per_cycle,
+            visibility_timeout_s=settings.visibility_timeout_s,
+            poll_interval_s=settings.poll_interval_s,
+            policy=RetryPolicy(base_s=settings.retry_base_s, max_s=settings.retry_max_s,
+                               max_attempts=settings.max_attempts),
+        )
+        self.drainers = {
+            queue: Drainer(cls(settings, self.db), self.db, self.bus, drain_settings)
+            for queue, cls in (processors if processors is not None else PROCESSORS).items()
+        }
+        self.listener = Listener(settings.database_url, self.db, self.bus,
+                                 {q: d.wake for q, d in self.drainers.items()},
+                                 probe_every_s=settings.listener_probe_s)
+        self._services: trio.Nursery | None = None
+        self._stopping = False
+
+    async def run(self, *, task_status: trio.TaskStatus[Reactor] = trio.TASK_STATUS_IGNORED,
+                  handle_signals: bool = True) -> None:
+        """Run until stop() (or SIGTERM/SIGINT when handle_signals)."""
+        async with self.db.opened(), trio.open_nursery() as services:
+            self._services = services
+            if handle_signals:
+                services.start_soon(self._watch_signals)
+            await self._check_database()
+            await services.start(self.listener.run)
+            services.start_soon(self._report_depths)
+            async with trio.open_nursery() as workers:
+                for drainer in self.drainers.values():
+                    await workers.start(drainer.run)
+                self.bus.publish("reactor.started", queues=sorted(self.drainers))
+                task_status.started(self)
+            services.cancel_scope.cancel()
+
+    async def _check_database(self) -> None:
+        """Wait for the database (reported, with backoff); refuse an unmigrated one."""
+        backoff = 0.5
+        while True:
+            try:
+                pending = await self.db.run(pending_migrations)
+                break
+            except DatabaseUnavailable as exc:
+                log.warning("database unreachable; retrying (check DATABASE_URL and that "
+                            "Postgres is running)", error=str(exc), retry_in_s=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        if pending:
+            raise SchemaNotReady(
+                f"the database lacks migrations {', '.join(pending)}: run `reactor migrate`")
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown (idempotent; a second call cancels at once)."""
+        if self._stopping:
+            for drainer in self.drainers.values():
+                drainer.cancel_jobs()
+            return
+        self._stopping = True
+        self.bus.publish("reactor.stopping", grace_s=self.settings.shutdown_grace_s)
+        for drainer in self.drainers.values():
+            drainer.stop()
+        if self._services is not None:
+            self._services.start_soon(self._cancel_after_grace)
+
+    async def _cancel_after_grace(self) -> None:
+        with trio.move_on_after(self.settings.shutdown_grace_s):
+            for drainer in self.drainers.values():
+                await drainer.finished.wait()
+        for drainer in self.drainers.values():
+            drainer.cancel_jobs()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal received", signal=signal.Signals(signum).name)
+                self.stop()
+
+    async def _report_depths(self) -> None:
+        """queue.depth events: depth and oldest message age per queue."""
+        while True:
+            try:
+                for depth in await self.db.run(queues.depths):
+                    self.bus.publish("queue.depth", depth.queue, depth=depth.depth,
+                                     oldest_age_s=depth.oldest_age_s)
+            except DatabaseUnavailable:
+                pass  # the listener and drainers report outages
+            await trio.sleep(DEPTH_EVERY_S)

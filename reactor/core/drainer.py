@@ -1,0 +1,289 @@
+"""One drainer per queue: read a batch, run the handlers, archive, repeat until
+the queue is empty; then sleep until a wake-up, the next visible message, or
+the fallback poll.
+
+Reads and archives are batched and share one trip to a worker thread, so a
+burst of notifications costs a few reads, not one read per notification.
+Failures follow the policy of DESIGN.md: permanent → dead letter now;
+anything else → retry with backoff through pgmq.set_vt, dead letter after
+MAX_ATTEMPTS deliveries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import structlog
+import trio
+
+from reactor import queues
+from reactor.core.events import EventBus
+from reactor.core.retry import RetryPolicy
+from reactor.db import Database, DatabaseUnavailable
+from reactor.processors.base import PermanentError, Processor, RetryableError
+from reactor.queues import Message
+
+__all__ = ["DrainSettings", "Drainer"]
+
+log = structlog.get_logger("reactor.drainer")
+
+# After a failed database call the drainer waits this long, doubling, up to the cap.
+DB_BACKOFF_START_S = 0.1
+DB_BACKOFF_MAX_S = 10.0
+# When another replica holds the visible rows for an instant, do not spin.
+MIN_IDLE_S = 0.05
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    batch_size: int
+    visibility_timeout_s: int
+    poll_interval_s: float
+    policy: RetryPolicy
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class Drainer:
+    """Drains one queue with one processor. Owned by the Reactor's nursery."""
+
+    def __init__(self, processor: Processor[Any], db: Database, bus: EventBus,
+                 settings: DrainSettings) -> None:
+        self.processor = processor
+        self.queue = processor.queue
+        self.db = db
+        self.bus = bus
+        self.cfg = settings
+        self.concurrency = max(1, processor.concurrency)
+        self._in_flight: dict[int, tuple[Message, float]] = {}
+        self._done: list[int] = []
+        self._release: list[int] = []
+        self._wake_pending = True  # drain once at start
+        self._signal = trio.Event()
+        self._stopping = False
+        self._jobs_scope: trio.CancelScope | None = None
+        self._cancel_jobs = False
+        self._backoff = DB_BACKOFF_START_S
+        self.finished = trio.Event()
+
+    # -- control (called from other tasks) --------------------------------------
+    def wake(self) -> None:
+        """A NOTIFY (or a reconnect) says there may be work."""
+        self._wake_pending = True
+        self._signal.set()
+
+    def stop(self) -> None:
+        """Stop reading; in-flight jobs may finish."""
+        self._stopping = True
+        self._signal.set()
+
+    def cancel_jobs(self) -> None:
+        """Grace is over: cancel in-flight jobs (their messages become visible at once)."""
+        self._cancel_jobs = True
+        if self._jobs_scope is not None:
+            self._jobs_scope.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- the loop --------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drain until stopped; survives database outages."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_leases)
+                task_status.started()
+                while not self._stopping:
+                    try:
+                        await self._drain()
+                        await self._idle()
+                    except DatabaseUnavailable as exc:
+                        await self._db_down(exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._flush_final()
+            self.finished.set()
+
+    async def _db_down(self, exc: DatabaseUnavailable) -> None:
+        """Back off (capped, doubling) after a failed database call, then look again."""
+        log.warning("database unavailable", queue=self.queue, error=str(exc),
+                    retry_in_s=self._backoff)
+        await self._wait_signal(self._backoff)
+        self._backoff = min(self._backoff * 2, DB_BACKOFF_MAX_S)
+        self._wake_pending = True
+
+    async def _wait_signal(self, at_most_s: float) -> None:
+        with trio.move_on_after(at_most_s):
+            await self._signal.wait()
+        self._signal = trio.Event()
+
+    async def _idle(self) -> None:
+        """Sleep until a wake-up, the next message becomes visible, or the poll."""
+        if self._wake_pending or self._stopping:
+            return
+        timeout = self.cfg.poll_interval_s
+        due = await self.db.run(lambda c: queues.next_visible_in(c, self.queue))
+        if due is not None:
+            timeout = min(timeout, max(due, MIN_IDLE_S))
+        await self._wait_signal(timeout)
+        if not self._stopping:
+            self._wake_pending = True  # woken, due, or poll: look again
+
+    async def _drain(self) -> None:
+        self._jobs_scope = trio.CancelScope()
+        if self._cancel_jobs:
+            self._jobs_scope.cancel()
+        with self._jobs_scope:
+            async with trio.open_nursery() as jobs:
+                await self._read_loop(jobs)
+
+    async def _read_loop(self, jobs: trio.Nursery) -> None:
+        batch = min(self.cfg.batch_size, self.concurrency)
+        # Read again only when at least half a batch of slots is free.
+        threshold = max(1, batch // 2)
+        empty = False
+        while True:
+            if self._stopping or (empty and not self._wake_pending):
+                if not self._in_flight:
+                    return
+                await self._wait_signal(self.cfg.visibility_timeout_s)
+                try:
+                    await self._flush()
+                except DatabaseUnavailable as exc:
+                    await self._db_down(exc)
+                continue
+            free = self.concurrency - len(self._in_flight)
+            if free < threshold and self._in_flight:
+                await self._wait_signal(self.cfg.visibility_timeout_s)
+                continue
+            self._wake_pending = False
+            try:
+                messages = await self._archive_then_read(min(batch, free))
+            except DatabaseUnavailable as exc:
+                await self._db_down(exc)  # in-flight jobs carry on meanwhile
+                continue
+            self._backoff = DB_BACKOFF_START_S
+            if not messages:
+                empty = True
+                continue
+            empty = False
+            if len(messages) > 1:
+                messages.sort(key=lambda m: -m.priority)  # stable: FIFO within a priority
+            now = trio.current_time()
+            for message in messages:
+                self._in_flight[message.msg_id] = (message, now)
+                jobs.start_soon(self._process, message)
+            await trio.lowlevel.checkpoint()
+
+    async def _archive_then_read(self, qty: int) -> list[Message]:
+        done, self._done = self._done, []
+        try:
+            return await self.db.run(lambda c: queues.archive_then_read(
+                c, self.queue, done, self.cfg.visibility_timeout_s, qty))
+        except BaseException:
+            self._done[:0] = done  # archived next time (archive is idempotent)
+            raise
+
+    async def _flush(self) -> None:
+        if self._done:
+            done, self._done = self._done, []
+            try:
+                await self.db.run(lambda c: queues.archive(c, self.queue, done))
+            except BaseException:
+                self._done[:0] = done
+                raise
+
+    async def _flush_final(self) -> None:
+        """On the way out: archive what succeeded, release what was cancelled."""
+        release, self._release = self._release, []
+        try:
+            await self._flush()
+            if release:
+                await self.db.run(lambda c: queues.set_vt(c, self.queue, release, 0))
+        except (DatabaseUnavailable, trio.Cancelled) as exc:
+            # The messages reappear when their visibility timeout ends; effects are idempotent.
+            log.warning("could not record final state", queue=self.queue, error=str(exc))
+
+    # -- one job ---------------------------------------------------------------------
+    async def _process(self, message: Message) -> None:
+        started = trio.current_time()
+        bus = self.bus
+        try:
+            bus.publish("job.started", self.queue, message.msg_id, message.attempt)
+            try:
+                if message.attempt > self.cfg.policy.max_attempts:
+                    raise PermanentError(
+                        f"delivered {message.attempt} times (MAX_ATTEMPTS="
+                        f"{self.cfg.policy.max_attempts}); it may crash its worker")
+                job = self.processor.parse(message)
+                with trio.fail_after(self.processor.timeout_s):
+                    await self.processor.handle(job)
+            except PermanentError as exc:
+                await self._dead_letter(message, str(exc), started)
+            except trio.TooSlowError:
+                await self._retry(message, f"timed out after {self.processor.timeout_s:g}s",
+                                  started)
+            except Exception as exc:
+                await self._retry(message, describe_error(exc), started,
+                                  exc.delay_s if isinstance(exc, RetryableError) else None)
+            else:
+                self._done.append(message.msg_id)
+                bus.publish("job.succeeded", self.queue, message.msg_id, message.attempt,
+                            _ms(started))
+        except trio.Cancelled:
+            self._release.append(message.msg_id)
+            raise
+        finally:
+            del self._in_flight[message.msg_id]
+            self._signal.set()
+
+    async def _retry(self, message: Message, error: str, started: float,
+                     delay_s: int | None = None) -> None:
+        policy = self.cfg.policy
+        if policy.exhausted(message.attempt):
+            await self._dead_letter(message, f"{error} (gave up after {message.attempt} "
+                                    "attempts)", started)
+            return
+        delay = delay_s if delay_s is not None else policy.delay_s(message.attempt)
+        # If the database is down, it reappears when its visibility timeout ends.
+        with contextlib.suppress(DatabaseUnavailable):
+            await self.db.run(lambda c: queues.set_vt(c, self.queue, [message.msg_id], delay))
+        self.bus.publish("job.retrying", self.queue, message.msg_id, message.attempt,
+                         _ms(started), error, retry_in_s=delay)
+
+    async def _dead_letter(self, message: Message, error: str, started: float) -> None:
+        try:
+            await self.db.run(lambda c: queues.dead_letter(c, message, error))
+        except DatabaseUnavailable as exc:
+            log.warning("could not dead-letter; it will be delivered again", queue=self.queue,
+                        msg_id=message.msg_id, error=str(exc))
+            return
+        self.bus.publish("job.dead_lettered", self.queue, message.msg_id, message.attempt,
+                         _ms(started), error)
+
+    async def _keep_leases(self) -> None:
+        """Extend the visibility of long jobs so no second worker gets them."""
+        vt = self.cfg.visibility_timeout_s
+        period = max(0.5, vt / 3)
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            ids = [i for i, (_, t0) in self._in_flight.items() if now - t0 >= period]
+            if ids:
+                try:
+                    await self.db.run(partial(queues.set_vt, queue=self.queue, ids=ids, seconds=vt))
+                except DatabaseUnavailable as exc:
+                    log.warning("could not extend leases", queue=self.queue, error=str(exc))
+
+
+def _ms(started: float) -> float:
+    return round((trio.current_time() - started) * 1000, 3)

@@ -1,0 +1,104 @@
+"""The event bus: every lifecycle event goes out from here, to the logs and to
+subscribers (the websocket feed, the metrics, the tests).
+
+Publishing never blocks and never waits: each subscriber has a bounded
+buffer, and one that falls behind is dropped and told why.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+import trio
+
+from reactor.logs import mask_emails_in
+
+__all__ = ["EVENT_TYPES", "Event", "EventBus", "Subscription"]
+
+EVENT_TYPES: Final = (
+    "reactor.started", "reactor.stopping", "listener.connected", "listener.lost", "wakeup",
+    "job.started", "job.succeeded", "job.retrying", "job.dead_lettered", "queue.depth",
+)
+
+# Outcomes and lifecycle go to the log at info; the per-job chatter does not.
+_LOG_LEVEL = {
+    "job.started": "debug", "wakeup": "debug", "queue.depth": "debug",
+    "job.retrying": "warning", "job.dead_lettered": "error", "listener.lost": "warning",
+}
+
+Event = dict[str, Any]
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A subscriber's bounded buffer; `dropped` says why it was cut off."""
+
+    receive: trio.MemoryReceiveChannel[Event]
+    send: trio.MemorySendChannel[Event]
+    dropped: str | None = None
+
+
+@dataclass
+class EventBus:
+    """Fan-out of events; the single place an event is built."""
+
+    ring_size: int = 1000
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _subscribers: set[Subscription] = field(default_factory=set)
+    recent: deque[Event] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recent = deque(maxlen=self.ring_size)
+        self._log = structlog.get_logger("reactor")
+
+    def publish(self, type_: str, queue: str | None = None, msg_id: int | None = None,
+                attempt: int | None = None, duration_ms: float | None = None,
+                error: str | None = None, **extra: Any) -> Event:
+        """Build, log and fan out one event (never blocks)."""
+        event: Event = {
+            "id": next(self._ids), "ts": time.time(), "type": type_, "queue": queue,
+            "msg_id": msg_id, "attempt": attempt, "duration_ms": duration_ms,
+            "error": mask_emails_in(error) if error else None,
+        }
+        if extra:
+            event.update(extra)
+        self.recent.append(event)
+        level = _LOG_LEVEL.get(type_, "info")
+        getattr(self._log, level)(type_, **{k: v for k, v in event.items()
+                                            if v is not None and k not in ("type", "ts")})
+        for sub in tuple(self._subscribers):
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                self._drop(sub, "too slow: the buffer of events filled up")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(sub)
+        return event
+
+    def _drop(self, sub: Subscription, reason: str) -> None:
+        sub.dropped = reason
+        self._subscribers.discard(sub)
+        sub.send.close()
+
+    @contextmanager
+    def subscribe(self, buffer: int = 1000) -> Iterator[Subscription]:
+        """A subscription for the duration of the `with` block."""
+        send, receive = trio.open_memory_channel[Event](buffer)
+        sub = Subscription(receive, send)
+        self._subscribers.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subscribers.discard(sub)
+            send.close()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)

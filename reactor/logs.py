@@ -1,0 +1,70 @@
+"""structlog set-up: JSON or console lines, email addresses masked everywhere.
+
+Secrets never reach a logger (settings hold them as SecretStr); addresses
+can arrive inside error text from a server, so every string value of every
+event is masked on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+__all__ = ["configure_logging", "mask_email", "mask_emails_in"]
+
+_EMAIL_RE = re.compile(r"([A-Za-z0-9._%+\-'!#$&*/=?^`{|}~])[A-Za-z0-9._%+\-'!#$&*/=?^`{|}~]*@"
+                       r"([A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)+)")
+
+
+def mask_email(address: str) -> str:
+    """`user@example.com` → `u***@example.com` (the domain stays: it helps debugging)."""
+    local, sep, domain = address.partition("@")
+    if not sep:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+def mask_emails_in(text: str) -> str:
+    """Mask every email address inside free text."""
+    if "@" not in text:
+        return text
+    return _EMAIL_RE.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
+
+
+def _mask_processor(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and "@" in value:
+            event_dict[key] = mask_emails_in(value)
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Configure structlog (and stdlib logging, for libraries) once per process."""
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask_processor,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,91 @@
+"""The processor interface: one handler per queue, typed messages, and the two
+kinds of failure the drainer tells apart.
+
+A processor parses the raw body into its message model (a pydantic model):
+a body of the wrong shape is a `PermanentError`, dead-lettered at once with
+the validation message. Anything else a handler raises is retried with
+backoff, unless it is a `PermanentError` (bad input, a row that does not
+exist), or the attempts run out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+if TYPE_CHECKING:
+    from reactor.config import Settings
+    from reactor.db import Database
+    from reactor.queues import Message
+
+__all__ = ["Job", "MessageModel", "PermanentError", "Processor", "RetryableError"]
+
+
+class PermanentError(Exception):
+    """Retrying cannot help (bad shape, unknown template, missing row): dead-letter now."""
+
+
+class RetryableError(Exception):
+    """A transient failure; `delay_s` overrides the backoff when the cause knows better."""
+
+    def __init__(self, message: str, delay_s: int | None = None) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+class MessageModel(BaseModel):
+    """Base of typed messages: unknown keys are tolerated (forward compatibility)."""
+
+    model_config = {"extra": "ignore", "frozen": True}
+
+
+M = TypeVar("M", bound=MessageModel)
+
+
+@dataclass(frozen=True, slots=True)
+class Job(Generic[M]):
+    """What a handler gets: the typed message and the delivery it came from."""
+
+    message: M
+    delivery: Message
+
+    @property
+    def msg_id(self) -> int:
+        return self.delivery.msg_id
+
+
+class Processor(Generic[M]):
+    """Handles the messages of one queue.
+
+    Subclasses set `queue`, `model`, and implement `handle`. `concurrency`
+    bounds the jobs of this queue in flight in one process; `timeout_s`
+    cancels a stuck job (it is then retried).
+    """
+
+    queue: ClassVar[str]
+    model: type[M]
+    concurrency: ClassVar[int] = 50
+    timeout_s: ClassVar[float] = 60.0
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+
+    def parse(self, delivery: Message) -> Job[M]:
+        """Validate the raw body; a wrong shape is permanent."""
+        body: Any = delivery.body
+        if not isinstance(body, dict):
+            raise PermanentError(f"message is not a JSON object (got {type(body).__name__})")
+        try:
+            return Job(self.model.model_validate(body), delivery)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise PermanentError(f"bad message: {problems}") from None
+
+    async def handle(self, job: Job[M]) -> None:
+        raise NotImplementedError

@@ -1,0 +1,100 @@
+"""Every SQL statement the reactor itself runs, in one place.
+
+Values are always bound parameters. The only identifiers ever composed are
+pgmq table names for the reactor's own fixed queue names (see queues.py).
+Only pgmq functions that Supabase's pgmq 1.4.4-1.5.1 has are called.
+"""
+
+from __future__ import annotations
+
+from typing import LiteralString
+
+from psycopg import sql as _sql
+
+# -- migrations ---------------------------------------------------------------
+# Arbitrary but fixed: the key of the session advisory lock `reactor migrate` holds.
+MIGRATION_LOCK_KEY = 7_301_944_120_551
+MIGRATION_LOCK: LiteralString = f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"
+MIGRATION_UNLOCK: LiteralString = f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"
+
+CRON_DATABASE_NAME: LiteralString = "SELECT current_setting('cron.database_name', true)"
+# pgmq.send is overloaded, so to_regproc() cannot be used to find it.
+PGMQ_INSTALLED: LiteralString = """
+SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'pgmq' AND p.proname = 'send' LIMIT 1
+"""
+PGMQ_EXTENSION_AVAILABLE: LiteralString = (
+    "SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq'"
+)
+
+# The Supabase CLI's table (version, statements, name), plus our checksum.
+CREATE_MIGRATIONS_TABLE: LiteralString = """
+CREATE SCHEMA IF NOT EXISTS supabase_migrations;
+CREATE TABLE IF NOT EXISTS supabase_migrations.schema_migrations (
+    version text PRIMARY KEY,
+    statements text[],
+    name text
+);
+ALTER TABLE supabase_migrations.schema_migrations ADD COLUMN IF NOT EXISTS checksum text;
+ALTER TABLE supabase_migrations.schema_migrations
+    ADD COLUMN IF NOT EXISTS applied_at timestamptz DEFAULT now();
+"""
+MIGRATIONS_TABLE_EXISTS: LiteralString = (
+    "SELECT 1 WHERE to_regclass('supabase_migrations.schema_migrations') IS NOT NULL"
+)
+APPLIED_MIGRATIONS: LiteralString = (
+    "SELECT version, checksum FROM supabase_migrations.schema_migrations"
+)
+RECORD_MIGRATION: LiteralString = """
+INSERT INTO supabase_migrations.schema_migrations (version, name, statements, checksum)
+VALUES (%s, %s, %s, %s)
+"""
+
+# -- connections ----------------------------------------------------------------
+SESSION_SETUP: LiteralString = "SET statement_timeout = '30s'; SET lock_timeout = '10s'"
+LISTEN: LiteralString = "LISTEN reactor_wakeup"
+NOTIFY_PROBE: LiteralString = "SELECT pg_notify('reactor_wakeup', %s)"
+PING: LiteralString = "SELECT 1"
+
+# -- queues -------------------------------------------------------------------------
+# read_ct is pgmq's count of deliveries: the attempt number of this delivery.
+READ: LiteralString = """
+SELECT msg_id, read_ct, enqueued_at, message
+  FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
+"""
+ARCHIVE_MANY: LiteralString = "SELECT pgmq.archive(%(queue)s, %(ids)s::bigint[])"
+# Retry later / release now / extend a lease. One statement for many ids,
+# using only the single-message set_vt that pgmq 1.4.4 already has.
+SET_VT_MANY: LiteralString = """
+SELECT count(*) FROM unnest(%(ids)s::bigint[]) AS id,
+       LATERAL pgmq.set_vt(%(queue)s, id, %(vt)s) AS m
+"""
+SEND: LiteralString = "SELECT pgmq.send(%(queue)s, %(message)s, %(delay)s)"
+ENQUEUE: LiteralString = "SELECT public.enqueue(%(queue)s, %(message)s, %(delay)s)"
+QUEUE_METRICS: LiteralString = """
+SELECT queue_name::text, queue_length, oldest_msg_age_sec, total_messages
+  FROM pgmq.metrics_all()
+"""
+DLQ_READ_ALL: LiteralString = """
+SELECT msg_id, read_ct, enqueued_at, message
+  FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
+"""
+DELETE_MANY: LiteralString = "SELECT pgmq.delete(%(queue)s, %(ids)s::bigint[])"
+
+# -- processors -----------------------------------------------------------------------
+INSERT_ANALYTICS_EVENT: LiteralString = """
+INSERT INTO public.analytics_events (event, user_id, properties, occurred_at, source_msg_id)
+VALUES (%(event)s, %(user_id)s, %(properties)s, coalesce(%(occurred_at)s, now()), %(msg_id)s)
+ON CONFLICT (source_msg_id) DO NOTHING
+"""
+
+# -- composed per queue (the identifier is one of the reactor's fixed queue tables) --
+# Seconds until the next message of a queue becomes visible (None: queue empty).
+NEXT_VISIBLE_IN = _sql.SQL(
+    "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM pgmq.{table}"
+)
+# Dead letters, read without taking them (pgmq.read would bump read_ct and vt).
+PEEK: _sql.SQL = _sql.SQL(
+    "SELECT msg_id, read_ct, enqueued_at, message FROM pgmq.{table}"
+    " WHERE (%(msg_id)s::bigint IS NULL OR msg_id = %(msg_id)s) ORDER BY msg_id LIMIT %(limit)s"
+)
