@@ -1,0 +1,35 @@
+# reactor — common tasks. `make install` creates .venv; everything else uses it.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+.PHONY: install test test-fast lint bench system-deps clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+system-deps:
+	scripts/install-system-deps
+
+## The whole suite against a throwaway Postgres (includes the ~1 min pg_cron test).
+test: install system-deps
+	$(BIN)/pytest
+
+## Everything but the tests that wait on pg_cron's minute tick.
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install system-deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""The functions pg_cron calls (030): statuses, abandoned checkups, reminders, pruning."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import psycopg
+
+from tests import factories as f
+
+
+def status_of(db: psycopg.Connection, appointment: object) -> str:
+    row = db.execute("SELECT status FROM public.appointments WHERE id = %s",
+                     (appointment,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_statuses_follow_the_clock_and_a_missed_run_catches_up(db: psycopg.Connection) -> None:
+    user = f.profile(db)
+    future = f.appointment(db, user, starts_in=timedelta(hours=2))
+    running = f.appointment(db, user, starts_in=-timedelta(minutes=10), duration_minutes=50)
+    ended_long_ago = f.appointment(db, user, starts_in=-timedelta(days=1))  # missed runs
+    in_progress_done = f.appointment(db, user, starts_in=-timedelta(hours=2),
+                                     status="in_progress")
+    cancelled = f.appointment(db, user, starts_in=-timedelta(days=1), status="cancelled")
+    unpaid = f.appointment(db, user, starts_in=-timedelta(days=1), status="pending_payment")
+
+    started, completed = db.execute(
+        "SELECT * FROM public.update_appointment_statuses()").fetchone() or (0, 0)
+
+    assert (started, completed) == (1, 2)
+    assert status_of(db, future) == "scheduled"
+    assert status_of(db, running) == "in_progress"
+    assert status_of(db, ended_long_ago) == "completed"
+    assert status_of(db, in_progress_done) == "completed"
+    assert status_of(db, cancelled) == "cancelled"
+    assert status_of(db, unpaid) == "pending_payment"
+    assert db.execute("SELECT * FROM public.update_appointment_statuses()").fetchone() == (0, 0)
+
+
+def test_checkups_in_progress_for_over_30_days_are_abandoned(db: psycopg.Connection) -> None:
+    user = f.profile(db)
+    stale = f.assessment(db, user, age=timedelta(days=31))
+    recent = f.assessment(db, user, age=timedelta(days=29))
+    old_completed = f.assessment(db, user, status="completed", age=timedelta(days=90))
+    assert db.execute("SELECT public.cleanup_old_assessments()").fetchone() == (1,)
+    rows: dict[object, str] = dict(
+        db.execute("SELECT id, status FROM public.assessments").fetchall())
+    assert rows[stale] == "abandoned"
+    assert rows[recent] == "in_progress"
+    assert rows[old_completed] == "completed"
+
+
+def reminders(db: psycopg.Connection) -> list[tuple[str, str]]:
+    return [(m["template"], m["variables"]["appointment_id"])
+            for m in f.queued(db, "email_queue")
+            if m["template"].startswith("appointment_reminder")]
+
+
+def test_reminders_are_queued_exactly_once(db: psycopg.Connection) -> None:
+    user = f.profile(db, locale="en")
+    tomorrow = f.appointment(db, user, starts_in=timedelta(hours=23))
+    soon = f.appointment(db, user, starts_in=timedelta(minutes=30))
+    f.appointment(db, user, starts_in=timedelta(hours=30))  # too far for either
+    f.appointment(db, user, starts_in=timedelta(hours=5), status="cancelled")
+    f.appointment(db, user, starts_in=timedelta(minutes=20), status="cancelled")
+
+    assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (1, 1)
+    assert sorted(reminders(db)) == sorted([
+        ("appointment_reminder_24h", str(tomorrow)), ("appointment_reminder_1h", str(soon))])
+    # The next hourly run (and any overlapping one) sends nothing again.
+    assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (0, 0)
+    assert len(reminders(db)) == 2
+    [mail] = [m for m in f.queued(db, "email_queue")
+              if m["template"] == "appointment_reminder_24h"]
+    assert mail["locale"] == "en"
+    assert set(mail["variables"]) == {"full_name", "specialist_name", "scheduled_at",
+                                      "duration_minutes", "appointment_id"}
+    sent = db.execute("SELECT reminder_24h_sent_at, reminder_1h_sent_at FROM public.appointments "
+                      "WHERE id = %s", (soon,)).fetchone()
+    assert sent is not None
+    assert sent[0] is None
+    assert sent[1] is not None
+
+
+def test_tomorrow_reminder_then_one_hour_reminder_later(db: psycopg.Connection) -> None:
+    user = f.profile(db)
+    appointment = f.appointment(db, user, starts_in=timedelta(hours=20))
+    db.execute("SELECT public.send_appointment_reminders()")
+    # Nineteen hours later the consultation is 50 minutes away.
+    db.execute("UPDATE public.appointments SET scheduled_at = now() + interval '50 minutes' "
+               "WHERE id = %s", (appointment,))
+    assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (0, 1)
+    assert [t for t, _ in reminders(db)] == ["appointment_reminder_24h",
+                                            "appointment_reminder_1h"]
+
+
+def test_prune_removes_only_old_archive_rows(db: psycopg.Connection) -> None:
+    db.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"a\"}')")
+    db.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"b\"}')")
+    db.execute("SELECT pgmq.archive('analytics_queue', ARRAY[1, 2]::bigint[])")
+    db.execute("UPDATE pgmq.a_analytics_queue SET archived_at = now() - interval '40 days' "
+               "WHERE msg_id = 1")
+    assert db.execute("SELECT public.prune_reactor_history()").fetchone() == (1,)
+    assert [m["event"] for m in f.archived(db, "analytics_queue")] == ["b"]
