@@ -67,30 +67,34 @@ class Database:
             psycopg.Error: any other database error, as raised.
         """
         async with self._limiter:
-            conn = self._idle.pop() if self._idle else None
+            # The worker thread may replace or drop the connection: it hands it back here.
+            slot: list[psycopg.Connection | None] = [self._idle.pop() if self._idle else None]
             try:
-                result, conn = await trio.to_thread.run_sync(self._call, conn, fn)
+                return await trio.to_thread.run_sync(self._call, slot, fn)
             except psycopg.OperationalError as exc:
                 raise DatabaseUnavailable(describe_db_error(exc)) from exc
-            if conn is not None:
-                if self._closed:
-                    conn.close()
-                else:
-                    self._idle.append(conn)
-            return result
+            finally:
+                conn = slot[0]
+                if conn is not None:
+                    if self._closed or conn.closed:
+                        conn.close()
+                    else:
+                        self._idle.append(conn)
 
-    def _call(
-        self, conn: psycopg.Connection | None, fn: Callable[[psycopg.Connection], T]
-    ) -> tuple[T, psycopg.Connection | None]:
+    def _call(self, slot: list[psycopg.Connection | None],
+              fn: Callable[[psycopg.Connection], T]) -> T:
         # In the worker thread: connect lazily, and never hand back a broken connection.
+        conn = slot[0]
         if conn is None or conn.closed:
-            conn = connect_sync(self.url)
+            slot[0] = None
+            conn = slot[0] = connect_sync(self.url)
         try:
-            return fn(conn), conn
-        except psycopg.Error:
+            return fn(conn)
+        except BaseException:
             idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
             if conn.broken or conn.closed or not idle:
                 conn.close()
+                slot[0] = None
             raise
 
     async def aclose(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from reactor.logs import configure_logging
 from reactor.migrate import migrate
 from reactor.pgcluster import PgCluster, free_port
 
@@ -66,3 +67,9 @@ def db(database_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the test's database, as the superuser."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_logs() -> None:
+    """Warnings and errors only, as JSON (what production writes)."""
+    configure_logging("warning", "json")

@@ -52,7 +52,13 @@ def describe_error(exc: BaseException) -> str:
 
 
 class Drainer:
-    """Drains one queue with one processor. Owned by the Reactor's nursery."""
+    """Drains one queue with one processor. Owned by the Reactor's nursery.
+
+    `concurrency` long-lived workers take messages from a bounded channel
+    that the read loop fills, highest priority first. Up to one batch beyond
+    the busy workers may wait there (prefetched, its leases kept alive), so
+    priority decides what runs next even when every worker is busy.
+    """
 
     def __init__(self, processor: Processor[Any], db: Database, bus: EventBus,
                  settings: DrainSettings) -> None:
@@ -62,13 +68,15 @@ class Drainer:
         self.bus = bus
         self.cfg = settings
         self.concurrency = max(1, processor.concurrency)
+        self.max_in_flight = self.concurrency + settings.batch_size
+        self._send, self._receive = trio.open_memory_channel[Message](self.max_in_flight)
         self._in_flight: dict[int, tuple[Message, float]] = {}
         self._done: list[int] = []
         self._release: list[int] = []
         self._wake_pending = True  # drain once at start
         self._signal = trio.Event()
         self._stopping = False
-        self._jobs_scope: trio.CancelScope | None = None
+        self._workers_scope: trio.CancelScope | None = None
         self._cancel_jobs = False
         self._backoff = DB_BACKOFF_START_S
         self.finished = trio.Event()
@@ -87,8 +95,8 @@ class Drainer:
     def cancel_jobs(self) -> None:
         """Grace is over: cancel in-flight jobs (their messages become visible at once)."""
         self._cancel_jobs = True
-        if self._jobs_scope is not None:
-            self._jobs_scope.cancel()
+        if self._workers_scope is not None:
+            self._workers_scope.cancel()
 
     @property
     def in_flight(self) -> int:
@@ -100,18 +108,42 @@ class Drainer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_leases)
-                task_status.started()
-                while not self._stopping:
-                    try:
-                        await self._drain()
-                        await self._idle()
-                    except DatabaseUnavailable as exc:
-                        await self._db_down(exc)
+                async with trio.open_nursery() as workers:
+                    self._workers_scope = workers.cancel_scope
+                    if self._cancel_jobs:
+                        workers.cancel_scope.cancel()
+                    for _ in range(self.concurrency):
+                        workers.start_soon(self._worker)
+                    task_status.started()
+                    while not self._stopping:
+                        try:
+                            await self._read_loop()
+                            await self._idle()
+                        except DatabaseUnavailable as exc:
+                            await self._db_down(exc)
+                    await self._finish_in_flight()
+                    workers.cancel_scope.cancel()  # the workers are idle now
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._flush_final()
             self.finished.set()
+
+    async def _worker(self) -> None:
+        async for message in self._receive:
+            await self._process(message)
+
+    async def _finish_in_flight(self) -> None:
+        """Stopping: hand back what no worker has started, wait for the rest."""
+        while True:
+            try:
+                message = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            del self._in_flight[message.msg_id]
+            self._release.append(message.msg_id)
+        while self._in_flight:
+            await self._wait_signal(self.cfg.visibility_timeout_s)
 
     async def _db_down(self, exc: DatabaseUnavailable) -> None:
         """Back off (capped, doubling) after a failed database call, then look again."""
@@ -138,22 +170,15 @@ class Drainer:
         if not self._stopping:
             self._wake_pending = True  # woken, due, or poll: look again
 
-    async def _drain(self) -> None:
-        self._jobs_scope = trio.CancelScope()
-        if self._cancel_jobs:
-            self._jobs_scope.cancel()
-        with self._jobs_scope:
-            async with trio.open_nursery() as jobs:
-                await self._read_loop(jobs)
-
-    async def _read_loop(self, jobs: trio.Nursery) -> None:
-        batch = min(self.cfg.batch_size, self.concurrency)
-        # Read again only when at least half a batch of slots is free.
-        threshold = max(1, batch // 2)
+    async def _read_loop(self) -> None:
+        """Read and dispatch until the queue is empty and every job has finished."""
+        batch = self.cfg.batch_size
+        threshold = max(1, batch // 2)  # read again when half a batch of room is free
         empty = False
-        while True:
-            if self._stopping or (empty and not self._wake_pending):
+        while not self._stopping:
+            if empty and not self._wake_pending:
                 if not self._in_flight:
+                    await self._flush()
                     return
                 await self._wait_signal(self.cfg.visibility_timeout_s)
                 try:
@@ -161,8 +186,8 @@ class Drainer:
                 except DatabaseUnavailable as exc:
                     await self._db_down(exc)
                 continue
-            free = self.concurrency - len(self._in_flight)
-            if free < threshold and self._in_flight:
+            free = self.max_in_flight - len(self._in_flight)
+            if free < threshold:
                 await self._wait_signal(self.cfg.visibility_timeout_s)
                 continue
             self._wake_pending = False
@@ -172,16 +197,13 @@ class Drainer:
                 await self._db_down(exc)  # in-flight jobs carry on meanwhile
                 continue
             self._backoff = DB_BACKOFF_START_S
-            if not messages:
-                empty = True
-                continue
-            empty = False
+            empty = not messages
             if len(messages) > 1:
                 messages.sort(key=lambda m: -m.priority)  # stable: FIFO within a priority
             now = trio.current_time()
             for message in messages:
                 self._in_flight[message.msg_id] = (message, now)
-                jobs.start_soon(self._process, message)
+                self._send.send_nowait(message)  # room is guaranteed by max_in_flight
             await trio.lowlevel.checkpoint()
 
     async def _archive_then_read(self, qty: int) -> list[Message]:

@@ -1,0 +1,109 @@
+"""Running a reactor inside a test, and the scripted processor the tests drive."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, ClassVar
+
+import psycopg
+import trio
+from psycopg.types.json import Jsonb
+
+from reactor.config import load_settings
+from reactor.core.app import Reactor
+from reactor.core.events import Event, Subscription
+from reactor.processors.base import Job, MessageModel, PermanentError, Processor
+
+
+class ScriptedMessage(MessageModel):
+    """The message says how its handler behaves."""
+
+    fail_times: int = 0          # raise a transient error on the first N deliveries
+    permanent: bool = False      # raise PermanentError
+    sleep_s: float = 0.0         # take this long
+    hang_first: bool = False     # hang forever on the first delivery (job timeout)
+
+
+def scripted_processor(queue: str = "analytics_queue", *, timeout_s: float = 30.0,
+                       concurrency: int = 50) -> type[Processor[ScriptedMessage]]:
+    """A fresh processor class whose `seen` lists every (msg_id, attempt) it handled."""
+
+    class Scripted(Processor[ScriptedMessage]):
+        model = ScriptedMessage
+        seen: ClassVar[list[tuple[int, int]]] = []
+        finished: ClassVar[list[int]] = []
+        per_instance: ClassVar[dict[int, int]] = {}  # id(processor) → jobs, one per replica
+
+        async def handle(self, job: Job[ScriptedMessage]) -> None:
+            msg = job.message
+            type(self).seen.append((job.msg_id, job.delivery.attempt))
+            type(self).per_instance[id(self)] = type(self).per_instance.get(id(self), 0) + 1
+            if msg.permanent:
+                raise PermanentError("scripted permanent failure")
+            if job.delivery.attempt <= msg.fail_times:
+                raise RuntimeError(f"scripted failure {job.delivery.attempt}")
+            if msg.hang_first and job.delivery.attempt == 1:
+                await trio.sleep_forever()
+            if msg.sleep_s:
+                await trio.sleep(msg.sleep_s)
+            type(self).finished.append(job.msg_id)
+
+    Scripted.queue = queue  # type: ignore[misc]
+    Scripted.timeout_s = timeout_s  # type: ignore[misc]
+    Scripted.concurrency = concurrency  # type: ignore[misc]
+    return Scripted
+
+
+def settings_for(url: str, **env: Any) -> Any:
+    values: dict[str, Any] = {"DATABASE_URL": url, "WORKER_INTERVAL_MS": 60_000,
+                              "RETRY_BASE_S": 1, "LOG_LEVEL": "warning", "LOG_FORMAT": "json"}
+    values.update(env)
+    return load_settings(_env_file=None, **values)
+
+
+@asynccontextmanager
+async def running_reactor(url: str, processors: dict[str, type[Processor[Any]]] | None = None,
+                          **env: Any) -> AsyncIterator[Reactor]:
+    """A reactor in the test's nursery; stopped (gracefully) on exit."""
+    reactor = Reactor(settings_for(url, **env), processors=processors)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(reactor.run, handle_signals=False))
+        try:
+            yield reactor
+        finally:
+            reactor.stop()
+
+
+async def sql(url: str, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement in a worker thread (so the reactor keeps running)."""
+    def run() -> list[tuple[Any, ...]]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+    return await trio.to_thread.run_sync(run)
+
+
+async def send(url: str, queue: str, body: Any, *, notify: bool = True) -> int:
+    """Enqueue like the app does (public.enqueue), or with pgmq.send alone (no NOTIFY)."""
+    query = ("SELECT public.enqueue(%s, %s)" if notify else "SELECT pgmq.send(%s, %s)")
+    [(msg_id,)] = await sql(url, query, (queue, Jsonb(body)))
+    return int(msg_id)
+
+
+async def wait_for(sub: Subscription, predicate: Callable[[Event], bool], count: int = 1,
+                   within_s: float = 10.0) -> list[Event]:
+    """Collect `count` events matching `predicate`; fail after `within_s`."""
+    found: list[Event] = []
+    with trio.fail_after(within_s):
+        async for event in sub.receive:
+            if predicate(event):
+                found.append(event)
+                if len(found) >= count:
+                    return found
+    raise AssertionError(f"subscription ended: {sub.dropped}")
+
+
+def of_type(type_: str, msg_id: int | None = None) -> Callable[[Event], bool]:
+    return lambda e: e["type"] == type_ and (msg_id is None or e["msg_id"] == msg_id)
