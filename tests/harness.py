@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, ClassVar
@@ -26,34 +26,42 @@ class ScriptedMessage(MessageModel):
     hang_first: bool = False     # hang forever on the first delivery (job timeout)
 
 
-def scripted_processor(queue: str = "analytics_queue", *, timeout_s: float = 30.0,
-                       concurrency: int = 50) -> type[Processor[ScriptedMessage]]:
-    """A fresh processor class whose `seen` lists every (msg_id, attempt) it handled."""
+class ScriptedProcessor(Processor[ScriptedMessage]):
+    """Does what each message says; records every delivery it sees."""
 
-    class Scripted(Processor[ScriptedMessage]):
-        model = ScriptedMessage
-        seen: ClassVar[list[tuple[int, int]]] = []
-        finished: ClassVar[list[int]] = []
-        per_instance: ClassVar[dict[int, int]] = {}  # id(processor) → jobs, one per replica
+    queue = "analytics_queue"
+    model = ScriptedMessage
+    seen: ClassVar[list[tuple[int, int]]]         # (msg_id, attempt) of every delivery
+    finished: ClassVar[list[int]]                 # msg_ids whose handler returned
+    per_instance: ClassVar[dict[int, int]]        # id(processor) → jobs: one per replica
+    all_done: ClassVar[trio.Event]
+    expected: ClassVar[int] = 0
 
-        async def handle(self, job: Job[ScriptedMessage]) -> None:
-            msg = job.message
-            type(self).seen.append((job.msg_id, job.delivery.attempt))
-            type(self).per_instance[id(self)] = type(self).per_instance.get(id(self), 0) + 1
-            if msg.permanent:
-                raise PermanentError("scripted permanent failure")
-            if job.delivery.attempt <= msg.fail_times:
-                raise RuntimeError(f"scripted failure {job.delivery.attempt}")
-            if msg.hang_first and job.delivery.attempt == 1:
-                await trio.sleep_forever()
-            if msg.sleep_s:
-                await trio.sleep(msg.sleep_s)
-            type(self).finished.append(job.msg_id)
+    async def handle(self, job: Job[ScriptedMessage]) -> None:
+        cls = type(self)
+        msg = job.message
+        cls.seen.append((job.msg_id, job.delivery.attempt))
+        cls.per_instance[id(self)] = cls.per_instance.get(id(self), 0) + 1
+        if msg.permanent:
+            raise PermanentError("scripted permanent failure")
+        if job.delivery.attempt <= msg.fail_times:
+            raise RuntimeError(f"scripted failure {job.delivery.attempt}")
+        if msg.hang_first and job.delivery.attempt == 1:
+            await trio.sleep_forever()
+        if msg.sleep_s:
+            await trio.sleep(msg.sleep_s)
+        cls.finished.append(job.msg_id)
+        if len(cls.finished) == cls.expected:
+            cls.all_done.set()
 
-    Scripted.queue = queue  # type: ignore[misc]
-    Scripted.timeout_s = timeout_s  # type: ignore[misc]
-    Scripted.concurrency = concurrency  # type: ignore[misc]
-    return Scripted
+
+def scripted_processor(*, timeout_s: float = 30.0, concurrency: int = 50,
+                       expected: int = 0) -> type[ScriptedProcessor]:
+    """A fresh subclass (its own records); `all_done` is set after `expected` successes."""
+    return type("Scripted", (ScriptedProcessor,), {
+        "timeout_s": timeout_s, "concurrency": concurrency, "seen": [], "finished": [],
+        "per_instance": {}, "all_done": trio.Event(), "expected": expected,
+    })
 
 
 def settings_for(url: str, **env: Any) -> Any:
@@ -64,7 +72,7 @@ def settings_for(url: str, **env: Any) -> Any:
 
 
 @asynccontextmanager
-async def running_reactor(url: str, processors: dict[str, type[Processor[Any]]] | None = None,
+async def running_reactor(url: str, processors: Mapping[str, type[Processor[Any]]] | None = None,
                           **env: Any) -> AsyncIterator[Reactor]:
     """A reactor in the test's nursery; stopped (gracefully) on exit."""
     reactor = Reactor(settings_for(url, **env), processors=processors)

@@ -10,6 +10,7 @@ import trio
 
 from reactor.db import Database
 from reactor.processors.analytics import AnalyticsProcessor
+from reactor.processors.base import Processor
 from reactor.queues import Message
 from tests.harness import (
     of_type,
@@ -189,17 +190,16 @@ async def test_after_grace_jobs_are_cancelled_and_visible_again_at_once(
 
 
 async def test_three_replicas_never_handle_a_message_twice(database_url: str) -> None:
-    processor = scripted_processor(concurrency=20)
-    processors = {processor.queue: processor}
     total = 3000
+    processor = scripted_processor(concurrency=20, expected=total)
+    processors: dict[str, type[Processor[Any]]] = {processor.queue: processor}
     await sql(database_url, "SELECT public.enqueue('analytics_queue', jsonb_build_object('n', i)) "
                             "FROM generate_series(1, %s) AS i", (total,))
     async with (running_reactor(database_url, processors, MAX_TASKS_PER_CYCLE=25),
                 running_reactor(database_url, processors, MAX_TASKS_PER_CYCLE=25),
                 running_reactor(database_url, processors, MAX_TASKS_PER_CYCLE=25)):
         with trio.fail_after(60):
-            while len(processor.finished) < total:
-                await trio.sleep(0.05)
+            await processor.all_done.wait()
     per_replica = list(processor.per_instance.values())
     ids = [msg_id for msg_id, _ in processor.seen]
     assert len(ids) == total

@@ -59,6 +59,7 @@ class Reactor:
                                  probe_every_s=settings.listener_probe_s)
         self._services: trio.Nursery | None = None
         self._stopping = False
+        self._started = False
 
     async def run(self, *, task_status: trio.TaskStatus[Reactor] = trio.TASK_STATUS_IGNORED,
                   handle_signals: bool = True) -> None:
@@ -73,6 +74,7 @@ class Reactor:
             async with trio.open_nursery() as workers:
                 for drainer in self.drainers.values():
                     await workers.start(drainer.run)
+                self._started = True
                 self.bus.publish("reactor.started", queues=sorted(self.drainers))
                 task_status.started(self)
             services.cancel_scope.cancel()
@@ -101,6 +103,9 @@ class Reactor:
             return
         self._stopping = True
         self.bus.publish("reactor.stopping", grace_s=self.settings.shutdown_grace_s)
+        if not self._started and self._services is not None:
+            self._services.cancel_scope.cancel()  # still waiting for the database: no jobs yet
+            return
         for drainer in self.drainers.values():
             drainer.stop()
         if self._services is not None:

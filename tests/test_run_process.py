@@ -1,0 +1,175 @@
+"""`reactor run` as a process: crashes, signals, bad settings, an absent database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from reactor.pgcluster import free_port
+
+
+@contextmanager
+def reactor_process(url: str, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m reactor run`, JSON logs to `log`; killed if the test forgets it."""
+    environ = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "LOG_FORMAT": "json",
+               "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", **env}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=environ,
+                                stdout=out, stderr=out, cwd=log.parent)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until(condition: Callable[[], bool], within_s: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def scalar(url: str, query: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def log_lines(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def test_kill_9_mid_burst_then_restart_handles_everything_exactly_once(
+        database_url: str, tmp_path: Path) -> None:
+    total = 3000
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT public.enqueue('analytics_queue', jsonb_build_object("
+                     "'event', 'burst', 'properties', jsonb_build_object('n', i))) "
+                     "FROM generate_series(1, %s) AS i", (total,))
+    log = tmp_path / "reactor.log"
+    with reactor_process(database_url, log, VISIBILITY_TIMEOUT_S="2",
+                         MAX_TASKS_PER_CYCLE="50") as proc:
+        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM analytics_events") >= 200,
+                   what="the first rows")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = scalar(database_url, "SELECT count(*) FROM analytics_events")
+    assert done_before < total, "the crash came too late to prove anything"
+    with reactor_process(database_url, log, VISIBILITY_TIMEOUT_S="2",
+                         WORKER_INTERVAL_MS="200") as proc:
+        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue")
+                   == 0, within_s=60, what="the queue to drain")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert scalar(database_url, "SELECT count(*) FROM analytics_events") == total
+    assert scalar(database_url, "SELECT count(DISTINCT source_msg_id) FROM analytics_events "
+                                "WHERE source_msg_id BETWEEN 1 AND 3000") == total
+    assert scalar(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue") == total
+    assert scalar(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue_dlq") == 0
+
+
+def test_sigterm_with_jobs_in_flight_finishes_them_and_exits_0(
+        database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "reactor.log"
+    total = 5000
+    with reactor_process(database_url, log, VISIBILITY_TIMEOUT_S="300",
+                         SHUTDOWN_GRACE_S="10") as proc:
+        wait_until(lambda: any(e.get("event") == "reactor.started" for e in log_lines(log)),
+                   what="start")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("SELECT public.enqueue('analytics_queue', jsonb_build_object("
+                         "'event', 'burst')) FROM generate_series(1, %s)", (total,))
+        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM analytics_events") >= 100,
+                   what="work to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    events = [e.get("event") for e in log_lines(log)]
+    assert "reactor.stopping" in events
+    handled = scalar(database_url, "SELECT count(*) FROM analytics_events")
+    # Everything that was handled is archived; everything else is visible again at once
+    # (not 300 s later), with nothing lost.
+    assert scalar(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue") == handled
+    assert scalar(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue") == total - handled
+    assert scalar(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue "
+                                "WHERE vt > clock_timestamp()") == 0
+
+
+def test_job_log_lines_carry_the_fields_and_no_address(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "reactor.log"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT public.enqueue('analytics_queue', "
+                     "'{\"event\": \"ok\", \"properties\": {\"email\": \"anna@example.com\"}}')")
+        conn.execute("SELECT public.enqueue('analytics_queue', "
+                     "'{\"event\": \"x\", \"user_id\": \"anna.petrova@example.com\"}')")
+    with reactor_process(database_url, log) as proc:
+        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue")
+                   == 2, what="both messages")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "anna@example.com" not in text
+    assert "anna.petrova@example.com" not in text
+    lines = log_lines(log)  # every line is JSON
+    [ok] = [e for e in lines if e.get("event") == "job.succeeded"]
+    assert {"queue", "msg_id", "attempt", "duration_ms"} <= ok.keys()
+    [dead] = [e for e in lines if e.get("event") == "job.dead_lettered"]
+    assert dead["level"] == "error"
+    assert "user_id" in str(dead["error"])
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, "DATABASE_URL is not set"),
+    ({"DATABASE_URL": "postgresql://x@127.0.0.1/db", "WORKER_INTERVAL_MS": "soon"},
+     "invalid WORKER_INTERVAL_MS='soon'"),
+    ({"DATABASE_URL": "postgresql://x@127.0.0.1/db", "LOG_FORMAT": "xml"},
+     "invalid LOG_FORMAT='xml'"),
+    ({"DATABASE_URL": "mysql://x@127.0.0.1/db"}, "DATABASE_URL must be a postgresql:// URL"),
+])
+def test_bad_settings_stop_with_one_line_and_exit_2(
+        tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
+                            text=True, env={"PATH": os.environ["PATH"], **env}, cwd=tmp_path,
+                            check=False, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "mysql://x@" not in lines[0]  # a URL may hold a password: never echoed
+
+
+def test_unreachable_database_is_retried_and_reported_not_a_traceback(tmp_path: Path) -> None:
+    log = tmp_path / "reactor.log"
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    with reactor_process(url, log) as proc:
+        wait_until(lambda: sum("database unreachable" in str(e.get("event"))
+                               for e in log_lines(log)) >= 2, what="two retries")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert "Traceback" not in log.read_text()
+    [first, *_] = [e for e in log_lines(log) if "database unreachable" in str(e.get("event"))]
+    assert first["level"] == "warning"
+    assert "retry_in_s" in first
+
+
+def test_unmigrated_database_is_refused_naming_the_fix(
+        empty_database_url: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
+                            text=True, env={"PATH": os.environ["PATH"],
+                                            "DATABASE_URL": empty_database_url},
+                            cwd=tmp_path, check=False, timeout=30)
+    assert result.returncode == 2
+    assert "run `reactor migrate`" in result.stderr.strip().splitlines()[-1]
