@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "mask_email", "mask_emails_in"]
+__all__ = ["configure_logging", "level_enabled", "mask_email", "mask_emails_in"]
 
 _EMAIL_RE = re.compile(r"([A-Za-z0-9._%+\-'!#$&*/=?^`{|}~])[A-Za-z0-9._%+\-'!#$&*/=?^`{|}~]*@"
                        r"([A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)+)")
@@ -45,9 +45,21 @@ def _mask_processor(
     return event_dict
 
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+_threshold = logging.INFO
+
+
+def level_enabled(level: str) -> bool:
+    """Whether a log call at `level` would be written (to skip building its fields)."""
+    return _LEVELS[level] >= _threshold
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog (and stdlib logging, for libraries) once per process."""
-    numeric = logging.getLevelNamesMapping()[level.upper()]
+    global _threshold
+    numeric = _LEVELS[level.lower()]
+    _threshold = numeric
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

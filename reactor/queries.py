@@ -62,6 +62,8 @@ READ: LiteralString = """
 SELECT msg_id, read_ct, enqueued_at, message
   FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
 """
+# For the reactor's own bookkeeping transactions only (see queues.archive_then_read).
+ASYNC_COMMIT: LiteralString = "SET LOCAL synchronous_commit = off"
 ARCHIVE_MANY: LiteralString = "SELECT pgmq.archive(%(queue)s, %(ids)s::bigint[])"
 # Retry later / release now / extend a lease. One statement for many ids,
 # using only the single-message set_vt that pgmq 1.4.4 already has.

@@ -18,7 +18,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from reactor.logs import mask_emails_in
+from reactor.logs import level_enabled, mask_emails_in
 
 __all__ = ["EVENT_TYPES", "Event", "EventBus", "Subscription"]
 
@@ -71,8 +71,9 @@ class EventBus:
             event.update(extra)
         self.recent.append(event)
         level = _LOG_LEVEL.get(type_, "info")
-        getattr(self._log, level)(type_, **{k: v for k, v in event.items()
-                                            if v is not None and k not in ("type", "ts")})
+        if level_enabled(level):
+            getattr(self._log, level)(type_, **{k: v for k, v in event.items()
+                                                if v is not None and k not in ("type", "ts")})
         for sub in tuple(self._subscribers):
             try:
                 sub.send.send_nowait(event)
