@@ -53,10 +53,6 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-class _TimedOut(Exception):
-    """A handler ran past its processor's timeout_s."""
-
-
 class Drainer:
     """Drains one queue with one processor. Owned by the Reactor's nursery.
 
@@ -77,6 +73,10 @@ class Drainer:
         self.max_in_flight = self.concurrency + settings.batch_size
         self._send, self._receive = trio.open_memory_channel[Message](self.max_in_flight)
         self._in_flight: dict[int, tuple[Message, float]] = {}
+        # Running jobs: msg_id → (deadline, the worker's cancel scope, start time).
+        self._deadlines: dict[int, tuple[float, trio.CancelScope, float]] = {}
+        # The one job _watch has just cancelled, until its worker records the retry.
+        self._timed_out: tuple[Message, float] | None = None
         self._done: list[int] = []
         self._release: list[int] = []
         self._wake_pending = True  # drain once at start
@@ -116,7 +116,7 @@ class Drainer:
         """Drain until stopped; survives database outages."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_leases)
+                nursery.start_soon(self._watch)
                 async with trio.open_nursery() as workers:
                     self._workers_scope = workers.cancel_scope
                     if self._cancel_jobs:
@@ -139,8 +139,25 @@ class Drainer:
             self.finished.set()
 
     async def _worker(self) -> None:
-        async for message in self._receive:
-            await self._process(message)
+        """Run jobs one after another; come back to life after a job's timeout.
+
+        Timeouts are enforced by `_watch` cancelling this worker's scope, not by
+        a cancel scope per job: that costs more than a small job itself.
+        """
+        while True:
+            with trio.CancelScope() as scope:
+                async for message in self._receive:
+                    await self._process(message, scope)
+                return  # the channel was closed
+            # Only _watch cancels this scope: the job it names ran out of time.
+            timed_out, self._timed_out = self._timed_out, None
+            if timed_out is not None:
+                message, started = timed_out
+                try:
+                    await self._retry(
+                        message, f"timed out after {self.processor.timeout_s:g}s", started)
+                finally:
+                    self._job_done(message)
 
     async def _finish_in_flight(self) -> None:
         """Stopping: hand back what no worker has started, wait for the rest."""
@@ -212,7 +229,7 @@ class Drainer:
             self._backoff = DB_BACKOFF_START_S
             empty = not messages
             if len(messages) > 1:
-                messages.sort(key=lambda m: -m.priority)  # stable: FIFO within a priority
+                messages.sort(key=lambda m: (-m.priority, m.msg_id))  # FIFO within a priority
             now = trio.current_time()
             for message in messages:
                 self._in_flight[message.msg_id] = (message, now)
@@ -249,42 +266,46 @@ class Drainer:
             log.warning("could not record final state", queue=self.queue, error=str(exc))
 
     # -- one job ---------------------------------------------------------------------
-    async def _process(self, message: Message) -> None:
+    async def _process(self, message: Message, worker: trio.CancelScope) -> None:
         started = trio.current_time()
         bus = self.bus
-        timeout = self.processor.timeout_s
+        msg_id = message.msg_id
+        finished = True
         try:
-            bus.publish("job.started", self.queue, message.msg_id, message.attempt)
+            bus.publish("job.started", self.queue, msg_id, message.attempt)
+            self._deadlines[msg_id] = (started + self.processor.timeout_s, worker, started)
             try:
-                if message.attempt > self.cfg.policy.max_attempts:
-                    raise PermanentError(
-                        f"delivered {message.attempt} times (MAX_ATTEMPTS="
-                        f"{self.cfg.policy.max_attempts}); it may crash its worker")
-                job = self.processor.parse(message)
-                # A bare CancelScope: trio.fail_after's generator costs more than the job
-                # itself for small handlers, and this runs once per message.
-                with trio.CancelScope(deadline=started + timeout) as scope:
-                    await self.processor.handle(job)
-                if scope.cancelled_caught:
-                    raise _TimedOut
+                try:
+                    if message.attempt > self.cfg.policy.max_attempts:
+                        raise PermanentError(
+                            f"delivered {message.attempt} times (MAX_ATTEMPTS="
+                            f"{self.cfg.policy.max_attempts}); it may crash its worker")
+                    await self.processor.handle(self.processor.parse(message))
+                finally:
+                    self._deadlines.pop(msg_id, None)  # from here on, no timeout applies
             except PermanentError as exc:
                 await self._dead_letter(message, str(exc), started)
-            except _TimedOut:
-                await self._retry(message, f"timed out after {timeout:g}s", started)
             except Exception as exc:
                 await self._retry(message, describe_error(exc), started,
                                   exc.delay_s if isinstance(exc, RetryableError) else None)
             else:
-                self._done.append(message.msg_id)
-                bus.publish("job.succeeded", self.queue, message.msg_id, message.attempt,
+                self._done.append(msg_id)
+                bus.publish("job.succeeded", self.queue, msg_id, message.attempt,
                             round((trio.current_time() - started) * 1000, 3))
         except trio.Cancelled:
-            self._release.append(message.msg_id)
+            if self._timed_out is not None and self._timed_out[0] is message:
+                finished = False  # the worker records the retry, then finishes it
+            else:
+                self._release.append(msg_id)  # shutting down: visible again at once
             raise
         finally:
-            del self._in_flight[message.msg_id]
-            if len(self._in_flight) <= self._signal_at_in_flight:
-                self._signal.set()
+            if finished:
+                self._job_done(message)
+
+    def _job_done(self, message: Message) -> None:
+        del self._in_flight[message.msg_id]
+        if len(self._in_flight) <= self._signal_at_in_flight:
+            self._signal.set()
 
     async def _retry(self, message: Message, error: str, started: float,
                      delay_s: int | None = None) -> None:
@@ -310,14 +331,28 @@ class Drainer:
         self.bus.publish("job.dead_lettered", self.queue, message.msg_id, message.attempt,
                          _ms(started), error)
 
-    async def _keep_leases(self) -> None:
-        """Extend the visibility of long jobs so no second worker gets them."""
+    async def _watch(self) -> None:
+        """Cancel jobs past their timeout; extend the leases of long ones.
+
+        Extending the visibility timeout of a job that runs long keeps a second
+        worker (or replica) from being handed the same message.
+        """
         vt = self.cfg.visibility_timeout_s
-        period = max(0.5, vt / 3)
+        lease_every = max(0.5, vt / 3)
+        tick = min(lease_every, max(0.05, self.processor.timeout_s / 5))
+        next_lease = trio.current_time() + lease_every
         while True:
-            await trio.sleep(period)
+            await trio.sleep(tick)
             now = trio.current_time()
-            ids = [i for i, (_, t0) in self._in_flight.items() if now - t0 >= period]
+            for msg_id, (deadline, worker, started) in list(self._deadlines.items()):
+                if now >= deadline and self._timed_out is None:
+                    self._timed_out = (self._in_flight[msg_id][0], started)
+                    del self._deadlines[msg_id]
+                    worker.cancel()
+            if now < next_lease:
+                continue
+            next_lease = now + lease_every
+            ids = [i for i, (_, t0) in self._in_flight.items() if now - t0 >= lease_every]
             if ids:
                 try:
                     await self.db.run(partial(queues.set_vt, queue=self.queue, ids=ids, seconds=vt))
