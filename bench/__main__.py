@@ -227,8 +227,12 @@ SCENARIOS: dict[str, Callable[[str], Result]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"any of {', '.join(SCENARIOS)} (default: all)")
     args = parser.parse_args()
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
     configure_logging("warning", "json")
     cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-bench-")), free_port(),
                         durable=True)
@@ -238,7 +242,7 @@ def main() -> None:
         url = cluster.url()
         migrate(url)
         print(f"machine: {machine()}; PostgreSQL 15 on the same machine, fsync on\n")
-        for name in args.scenarios:
+        for name in args.scenarios or SCENARIOS:
             result = SCENARIOS[name](url)
             print(" | ".join(f"{k}={v}" for k, v in result.items()), flush=True)
     finally:
