@@ -73,7 +73,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format_effective)
     try:
-        trio.run(Reactor(settings).run)
+        reactor = Reactor(settings)
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    try:
+        trio.run(reactor.run)
     except* SchemaNotReady as group:
         raise CliError(str(group.exceptions[0]), 2) from None
     return 0

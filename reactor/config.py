@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,11 +44,16 @@ class Settings(BaseSettings):
     smtp_from: str | None = Field(None, alias="SMTP_FROM")
     smtp_from_name: str | None = Field(None, alias="SMTP_FROM_NAME")
     email_outbox_dir: Path = Field(Path("outbox"), alias="EMAIL_OUTBOX_DIR")
+    smtp_pool_size: int = Field(3, alias="SMTP_POOL_SIZE", ge=1, le=50)
+    smtp_timeout_s: float = Field(30.0, alias="SMTP_TIMEOUT_S", gt=0)
+    app_name: str = Field("Family Mind", alias="APP_NAME")
+    app_timezone: str = Field("Europe/Moscow", alias="APP_TIMEZONE")
 
     worker_interval_ms: int = Field(5000, alias="WORKER_INTERVAL_MS", ge=10)
     max_tasks_per_cycle: int = Field(100, alias="MAX_TASKS_PER_CYCLE", ge=1, le=10_000)
     visibility_timeout_s: int = Field(30, alias="VISIBILITY_TIMEOUT_S", ge=1)
     max_attempts: int = Field(5, alias="MAX_ATTEMPTS", ge=1)
+    outage_max_attempts: int = Field(20, alias="OUTAGE_MAX_ATTEMPTS", ge=1)
     retry_base_s: float = Field(2.0, alias="RETRY_BASE_S", gt=0)
     retry_max_s: float = Field(900.0, alias="RETRY_MAX_S", gt=0)
     shutdown_grace_s: float = Field(10.0, alias="SHUTDOWN_GRACE_S", ge=0)
@@ -82,6 +88,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        try:
+            ZoneInfo(self.app_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"APP_TIMEZONE={self.app_timezone!r} is not a time zone "
+                             "(e.g. Europe/Moscow)") from None
         if not self.database_url.startswith(("postgresql://", "postgres://")) and (
             "=" not in self.database_url
         ):

@@ -100,3 +100,31 @@ PEEK: _sql.SQL = _sql.SQL(
     "SELECT msg_id, read_ct, enqueued_at, message FROM pgmq.{table}"
     " WHERE (%(msg_id)s::bigint IS NULL OR msg_id = %(msg_id)s) ORDER BY msg_id LIMIT %(limit)s"
 )
+
+# -- email ---------------------------------------------------------------------------
+# Claim a key for sending: a new key, or one whose earlier attempt failed.
+# No row back means someone holds it ('sending') or it was sent ('sent').
+CLAIM_EMAIL: LiteralString = """
+INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, recipient, template, status)
+VALUES (%(key)s, %(queue)s, %(msg_id)s, %(recipient)s, %(template)s, 'sending')
+ON CONFLICT (idempotency_key) DO UPDATE
+   SET status = 'sending', attempts = email_ledger.attempts + 1, msg_id = EXCLUDED.msg_id,
+       updated_at = now()
+ WHERE email_ledger.status = 'failed'
+RETURNING status
+"""
+EMAIL_SENT: LiteralString = """
+UPDATE public.email_ledger SET status = 'sent', message_id = %(message_id)s, sent_at = now(),
+       updated_at = now(), last_error = NULL
+ WHERE idempotency_key = %(key)s
+"""
+EMAIL_FAILED: LiteralString = """
+UPDATE public.email_ledger SET status = 'failed', last_error = %(error)s, updated_at = now()
+ WHERE idempotency_key = %(key)s
+"""
+EMAIL_LEDGER_ROW: LiteralString = """
+SELECT status, updated_at FROM public.email_ledger WHERE idempotency_key = %(key)s
+"""
+PROFILE_LOCALE_BY_EMAIL: LiteralString = """
+SELECT locale FROM public.profiles WHERE lower(email) = lower(%(email)s) LIMIT 1
+"""

@@ -8,9 +8,14 @@ it, which is what migration 030 must cope with.
 
 from __future__ import annotations
 
+import email
+import email.policy
+import subprocess
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -73,3 +78,90 @@ def db(database_url: str) -> Iterator[psycopg.Connection]:
 def _quiet_logs() -> None:
     """Warnings and errors only, as JSON (what production writes)."""
     configure_logging("warning", "json")
+
+
+# -- SMTP ------------------------------------------------------------------------------
+@dataclass
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost."""
+    import trustme
+
+    base = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = TlsFiles(base / "ca.pem", base / "server.pem", base / "server.key")
+    ca.cert_pem.write_to_path(str(files.ca))
+    cert.private_key_pem.write_to_path(str(files.key))
+    cert.cert_chain_pems[0].write_to_path(str(files.cert))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(files.cert), append=True)
+    return files
+
+
+@dataclass
+class SmtpServer:
+    """tests/smtp_server.py in a subprocess; `mails()` parses what it accepted."""
+
+    port: int
+    maildir: Path
+    argv: list[str]
+    proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> SmtpServer:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.smtp_server", *self.argv],
+                                     stdout=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).parent.parent)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == "READY", f"SMTP server did not start: {line!r}"
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                self.proc.wait(timeout=10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+        self.proc = None
+
+    def mails(self) -> list[email.message.EmailMessage]:
+        return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+                for p in sorted(self.maildir.glob("*.eml"))]
+
+    def meta(self) -> list[str]:
+        return [p.read_text() for p in sorted(self.maildir.glob("*.meta"))]
+
+
+@pytest.fixture
+def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
+    """A factory: smtp_server(tls="starttls", user="u", password="p", reject=[...])."""
+    servers: list[SmtpServer] = []
+
+    def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
+             reject: Sequence[str] = (), defer: Sequence[str] = (), port: int | None = None,
+             start: bool = True) -> SmtpServer:
+        port = port or free_port()
+        maildir = tmp_path / f"mail-{port}"
+        argv = ["--port", str(port), "--maildir", str(maildir), "--tls", tls,
+                "--cert", str(tls_files.cert), "--key", str(tls_files.key)]
+        if user:
+            argv += ["--user", user, "--password", password or ""]
+        if reject:
+            argv += ["--reject", *reject]
+        if defer:
+            argv += ["--defer", *defer]
+        server = SmtpServer(port, maildir, argv)
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
@@ -66,7 +67,9 @@ def scripted_processor(*, timeout_s: float = 30.0, concurrency: int = 50,
 
 def settings_for(url: str, **env: Any) -> Any:
     values: dict[str, Any] = {"DATABASE_URL": url, "WORKER_INTERVAL_MS": 60_000,
-                              "RETRY_BASE_S": 1, "LOG_LEVEL": "warning", "LOG_FORMAT": "json"}
+                              "RETRY_BASE_S": 1, "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
+                              "EMAIL_PROVIDER": "file",
+                              "EMAIL_OUTBOX_DIR": tempfile.mkdtemp(prefix="reactor-outbox-")}
     values.update(env)
     return load_settings(_env_file=None, **values)
 

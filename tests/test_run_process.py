@@ -22,7 +22,8 @@ from reactor.pgcluster import free_port
 def reactor_process(url: str, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m reactor run`, JSON logs to `log`; killed if the test forgets it."""
     environ = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "LOG_FORMAT": "json",
-               "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", **env}
+               "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
+               "EMAIL_OUTBOX_DIR": str(log.parent / "outbox"), **env}
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=environ,
                                 stdout=out, stderr=out, cwd=log.parent)
@@ -138,6 +139,13 @@ def test_job_log_lines_carry_the_fields_and_no_address(database_url: str, tmp_pa
     ({"DATABASE_URL": "postgresql://x@127.0.0.1/db", "LOG_FORMAT": "xml"},
      "invalid LOG_FORMAT='xml'"),
     ({"DATABASE_URL": "mysql://x@127.0.0.1/db"}, "DATABASE_URL must be a postgresql:// URL"),
+    ({"DATABASE_URL": "postgresql://x@127.0.0.1/db", "EMAIL_PROVIDER": "smtp"},
+     "EMAIL_PROVIDER=smtp needs SMTP_HOST"),
+    ({"DATABASE_URL": "postgresql://x@127.0.0.1/db", "EMAIL_PROVIDER": "smtp",
+      "SMTP_HOST": "mail.example.com", "SMTP_FROM": "a@example.com", "SMTP_USER": "u"},
+     "SMTP_USER is set but SMTP_PASS is not"),
+    ({"DATABASE_URL": "postgresql://x@127.0.0.1/db", "APP_TIMEZONE": "Mars/Olympus"},
+     "APP_TIMEZONE='Mars/Olympus' is not a time zone"),
 ])
 def test_bad_settings_stop_with_one_line_and_exit_2(
         tmp_path: Path, env: dict[str, str], expected: str) -> None:
@@ -168,7 +176,7 @@ def test_unreachable_database_is_retried_and_reported_not_a_traceback(tmp_path: 
 def test_unmigrated_database_is_refused_naming_the_fix(
         empty_database_url: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
-                            text=True, env={"PATH": os.environ["PATH"],
+                            text=True, env={"PATH": os.environ["PATH"], "EMAIL_PROVIDER": "file",
                                             "DATABASE_URL": empty_database_url},
                             cwd=tmp_path, check=False, timeout=30)
     assert result.returncode == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
@@ -48,7 +49,8 @@ class Reactor:
             visibility_timeout_s=settings.visibility_timeout_s,
             poll_interval_s=settings.poll_interval_s,
             policy=RetryPolicy(base_s=settings.retry_base_s, max_s=settings.retry_max_s,
-                               max_attempts=settings.max_attempts),
+                               max_attempts=settings.max_attempts,
+                               outage_attempts=settings.outage_max_attempts),
         )
         self.drainers = {
             queue: Drainer(cls(settings, self.db), self.db, self.bus, drain_settings)
@@ -64,11 +66,13 @@ class Reactor:
     async def run(self, *, task_status: trio.TaskStatus[Reactor] = trio.TASK_STATUS_IGNORED,
                   handle_signals: bool = True) -> None:
         """Run until stop() (or SIGTERM/SIGINT when handle_signals)."""
-        async with self.db.opened(), trio.open_nursery() as services:
+        async with self.db.opened(), trio.open_nursery() as services, AsyncExitStack() as stack:
             self._services = services
             if handle_signals:
                 services.start_soon(self._watch_signals)
             await self._check_database()
+            for drainer in self.drainers.values():
+                await stack.enter_async_context(drainer.processor.running())
             await services.start(self.listener.run)
             services.start_soon(self._report_depths)
             async with trio.open_nursery() as workers:

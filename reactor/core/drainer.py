@@ -276,18 +276,22 @@ class Drainer:
             self._deadlines[msg_id] = (started + self.processor.timeout_s, worker, started)
             try:
                 try:
-                    if message.attempt > self.cfg.policy.max_attempts:
+                    if message.attempt > self.cfg.policy.most_deliveries:
                         raise PermanentError(
-                            f"delivered {message.attempt} times (MAX_ATTEMPTS="
-                            f"{self.cfg.policy.max_attempts}); it may crash its worker")
+                            f"delivered {message.attempt} times without an outcome; "
+                            "it may crash its worker")
                     await self.processor.handle(self.processor.parse(message))
                 finally:
                     self._deadlines.pop(msg_id, None)  # from here on, no timeout applies
             except PermanentError as exc:
                 await self._dead_letter(message, str(exc), started)
+            except RetryableError as exc:
+                await self._retry(message, describe_error(exc), started, exc.delay_s,
+                                  outage=exc.outage)
+            except DatabaseUnavailable as exc:
+                await self._retry(message, describe_error(exc), started, outage=True)
             except Exception as exc:
-                await self._retry(message, describe_error(exc), started,
-                                  exc.delay_s if isinstance(exc, RetryableError) else None)
+                await self._retry(message, describe_error(exc), started)
             else:
                 self._done.append(msg_id)
                 bus.publish("job.succeeded", self.queue, msg_id, message.attempt,
@@ -308,9 +312,9 @@ class Drainer:
             self._signal.set()
 
     async def _retry(self, message: Message, error: str, started: float,
-                     delay_s: int | None = None) -> None:
+                     delay_s: int | None = None, *, outage: bool = False) -> None:
         policy = self.cfg.policy
-        if policy.exhausted(message.attempt):
+        if policy.exhausted(message.attempt, outage=outage):
             await self._dead_letter(message, f"{error} (gave up after {message.attempt} "
                                     "attempts)", started)
             return

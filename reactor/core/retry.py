@@ -16,6 +16,9 @@ class RetryPolicy:
         base_s: the delay after the first failure.
         max_s: no delay is longer than this.
         max_attempts: deliveries after which a failing message is dead-lettered.
+        outage_attempts: the same for failures of a dependency (SMTP server or
+            database unreachable): an outage of minutes must not dead-letter
+            every message it touched, so these get a larger budget.
         jitter: +/- this fraction, so that a burst of failures does not come
             back as a burst.
     """
@@ -23,6 +26,7 @@ class RetryPolicy:
     base_s: float = 2.0
     max_s: float = 900.0
     max_attempts: int = 5
+    outage_attempts: int = 20
     jitter: float = 0.2
 
     def delay_s(self, attempt: int, rng: random.Random | None = None) -> int:
@@ -34,6 +38,12 @@ class RetryPolicy:
         spread: float = (rng or random).uniform(-self.jitter, self.jitter)
         return max(1, round(min(self.max_s, raw * (1 + spread))))
 
-    def exhausted(self, attempt: int) -> bool:
+    def exhausted(self, attempt: int, *, outage: bool = False) -> bool:
         """True when delivery number `attempt` was the last one allowed."""
-        return attempt >= self.max_attempts
+        return attempt >= (max(self.outage_attempts, self.max_attempts) if outage
+                           else self.max_attempts)
+
+    @property
+    def most_deliveries(self) -> int:
+        """No message is delivered more often than this, whatever happens to its workers."""
+        return max(self.max_attempts, self.outage_attempts)

@@ -10,6 +10,8 @@ exist), or the attempts run out.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -28,11 +30,17 @@ class PermanentError(Exception):
 
 
 class RetryableError(Exception):
-    """A transient failure; `delay_s` overrides the backoff when the cause knows better."""
+    """A transient failure; `delay_s` overrides the backoff when the cause knows better.
 
-    def __init__(self, message: str, delay_s: int | None = None) -> None:
+    `outage=True` says a dependency is down (SMTP server, provider, database):
+    such failures get the larger OUTAGE_MAX_ATTEMPTS budget.
+    """
+
+    def __init__(self, message: str, delay_s: int | None = None, *,
+                 outage: bool = False) -> None:
         super().__init__(message)
         self.delay_s = delay_s
+        self.outage = outage
 
 
 class MessageModel(BaseModel):
@@ -70,8 +78,14 @@ class Processor(Generic[M]):
     timeout_s: ClassVar[float] = 60.0
 
     def __init__(self, settings: Settings, db: Database) -> None:
+        """Check the processor's settings here (raise ConfigError): this runs before start."""
         self.settings = settings
         self.db = db
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Resources held while the reactor runs (a connection pool, an event loop)."""
+        yield
 
     def parse(self, delivery: Message) -> Job[M]:
         """Validate the raw body; a wrong shape is permanent."""

@@ -1,0 +1,158 @@
+"""email_queue: render a template, send it once, record it in the email ledger.
+
+At most one send per message: before the SMTP conversation the message's
+idempotency key is claimed in `public.email_ledger` ('sending', committed);
+after it the row says 'sent' (or 'failed', so a retry may claim it again).
+A redelivered message whose mail is 'sent' is archived without sending; one
+left 'sending' by a worker that died mid-send is dead-lettered for a person
+to check, never sent blind. The send and its record are shielded from
+shutdown's cancellation, so only a crash can leave 'sending' behind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import psycopg
+import trio
+from pydantic import BaseModel, Field, field_validator
+
+from reactor import queries
+from reactor.config import Settings
+from reactor.db import Database
+from reactor.paths import TEMPLATES_DIR
+from reactor.processors.base import Job, MessageModel, PermanentError, Processor
+from reactor.services.mailer import (
+    Attachment,
+    Mailer,
+    build_message,
+    check_mail_settings,
+    open_mailer,
+)
+from reactor.services.templates import EmailRenderer
+
+__all__ = ["EmailMessage", "EmailProcessor"]
+
+# The address syntax public.queue_email_task accepts (031), so both ends agree.
+ADDRESS_RE = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+
+class AttachmentRef(BaseModel):
+    """A file under REPORTS_DIR to attach (the report processor adds the PDF)."""
+
+    path: str
+    filename: str | None = None
+    content_type: str = "application/pdf"
+
+
+class EmailMessage(MessageModel):
+    to: str
+    subject: str | None = None
+    template: str = Field(pattern=r"^[a-z0-9_]+$")
+    variables: dict[str, Any] = Field(default_factory=dict)
+    priority: int = 0
+    locale: Literal["ru", "en"] | None = None
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    attachments: list[AttachmentRef] = Field(default_factory=list)
+
+    @field_validator("to")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if "\r" in value or "\n" in value or len(value) > 254 or not ADDRESS_RE.match(value):
+            raise ValueError("not a valid email address")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is not None and ("\r" in value or "\n" in value):
+            raise ValueError("must not contain CR or LF")
+        return value
+
+
+class EmailProcessor(Processor[EmailMessage]):
+    queue = "email_queue"
+    model = EmailMessage
+    concurrency = 20
+    timeout_s = 120.0
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        super().__init__(settings, db)
+        check_mail_settings(settings)
+        self.renderer = EmailRenderer(TEMPLATES_DIR, timezone=settings.app_timezone,
+                                      app_name=settings.app_name,
+                                      app_base_url=settings.app_base_url)
+        self.mailer: Mailer | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with open_mailer(self.settings) as mailer:
+            self.mailer = mailer
+            try:
+                yield
+            finally:
+                self.mailer = None
+
+    async def handle(self, job: Job[EmailMessage]) -> None:
+        msg = job.message
+        key = msg.idempotency_key or f"{self.queue}:{job.msg_id}"
+        locale = msg.locale or await self._profile_locale(msg.to) or "ru"
+        rendered = self.renderer.render(msg.template, locale, msg.variables, msg.subject)
+        attachments = [await self._attachment(ref) for ref in msg.attachments]
+        sender = self.settings.smtp_from or "noreply@localhost"
+        email = build_message(sender=sender, sender_name=self.settings.smtp_from_name,
+                              to=msg.to, email=rendered, attachments=attachments)
+
+        prior = await self.db.run(lambda c: claim(c, key, job, msg))
+        if prior == "sent":
+            return  # redelivered after the mail went out: nothing to do
+        if prior == "sending":
+            raise PermanentError(
+                f"delivery state unknown: a worker stopped while sending (ledger key {key}); "
+                "check the SMTP server's log, then replay from the DLQ if it was not delivered")
+        assert self.mailer is not None, "EmailProcessor used outside running()"
+        # Shielded: shutdown must not cut a conversation whose outcome we then cannot know.
+        with trio.CancelScope(shield=True):
+            try:
+                message_id = await self.mailer.send(email)
+            except Exception as exc:
+                error = str(exc)
+                await self.db.run(lambda c: c.execute(queries.EMAIL_FAILED,
+                                                      {"key": key, "error": error}))
+                raise
+            await self.db.run(lambda c: c.execute(queries.EMAIL_SENT,
+                                                  {"key": key, "message_id": message_id}))
+
+    async def _profile_locale(self, address: str) -> str | None:
+        row = await self.db.run(
+            lambda c: c.execute(queries.PROFILE_LOCALE_BY_EMAIL, {"email": address}).fetchone())
+        return str(row[0]) if row else None
+
+    async def _attachment(self, ref: AttachmentRef) -> Attachment:
+        base = await trio.Path(self.settings.reports_dir).resolve()
+        path = await (base / ref.path).resolve()
+        if not path.is_relative_to(base):
+            raise PermanentError(f"attachment {ref.path!r} is outside REPORTS_DIR")
+        try:
+            content = await trio.Path(path).read_bytes()
+        except FileNotFoundError:
+            raise PermanentError(f"attachment {ref.path!r} does not exist") from None
+        return Attachment(ref.filename or path.name, content, ref.content_type)
+
+
+def claim(conn: psycopg.Connection, key: str, job: Job[EmailMessage],
+          msg: EmailMessage) -> str | None:
+    """Claim the ledger key; None if ours to send, else the holder's status."""
+    with conn.transaction():
+        row = conn.execute(queries.CLAIM_EMAIL, {
+            "key": key, "queue": job.delivery.queue, "msg_id": job.msg_id,
+            "recipient": msg.to, "template": msg.template}).fetchone()
+        if row is not None:
+            return None
+        existing = conn.execute(queries.EMAIL_LEDGER_ROW, {"key": key}).fetchone()
+    return str(existing[0]) if existing else None
