@@ -202,6 +202,65 @@ def old_design(url: str, n: int = 30, spread_s: float = 15.0) -> Result:
             "p99_ms": round(pct(lat, 99)), "msgs_per_s": 2}
 
 
+def smtp(url: str, n: int = 2000) -> Result:
+    """Mails/s to a local SMTP server (aiosmtpd sink): one connection vs the pool."""
+    import subprocess
+    import sys
+
+    from reactor.processors.email import EmailProcessor
+
+    class CountingEmail(EmailProcessor):
+        count: ClassVar[int] = 0
+        target: ClassVar[int] = 0
+        done: ClassVar[trio.Event]
+
+        async def handle(self, job: Job[Any]) -> None:
+            await super().handle(job)
+            cls = type(self)
+            cls.count += 1
+            if cls.count == cls.target:
+                cls.done.set()
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "aiosmtpd", "-n", "-l",
+                               f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Sink"])
+    time.sleep(1.0)
+    results = []
+    try:
+        for pool in (1, 3, 8):
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("DELETE FROM pgmq.q_email_queue; DELETE FROM public.email_ledger")
+                conn.execute(
+                    "SELECT pgmq.send('email_queue', jsonb_build_object('to', 'parent' || i || "
+                    "'@example.com', 'template', 'checkup_completed', 'locale', 'ru', "
+                    "'variables', jsonb_build_object('full_name', 'Анна', 'assessment_id', i))) "
+                    "FROM generate_series(1, %s) i", (n,))
+            CountingEmail.count = 0
+            CountingEmail.target = n
+
+            async def main(pool: int = pool) -> float:
+                CountingEmail.done = trio.Event()
+                env = {"EMAIL_PROVIDER": "smtp", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": port,
+                       "SMTP_SECURITY": "none", "SMTP_FROM": "noreply@example.com",
+                       "SMTP_POOL_SIZE": pool}
+                reactor = Reactor(settings(url, **env), processors={"email_queue": CountingEmail})
+                async with trio.open_nursery() as nursery:
+                    t0 = time.perf_counter()
+                    await nursery.start(partial(reactor.run, handle_signals=False))
+                    with trio.fail_after(600):
+                        await CountingEmail.done.wait()
+                    reactor.stop()
+                return time.perf_counter() - t0
+
+            elapsed = trio.run(main)
+            results.append(f"pool {pool}: {round(n / elapsed)}/s")
+    finally:
+        server.terminate()
+        server.wait()
+    return {"scenario": f"SMTP, {n} mails rendered + sent + ledgered", "mails_per_s":
+            ", ".join(results)}
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -222,6 +281,7 @@ SCENARIOS: dict[str, Callable[[str], Result]] = {
     "analytics": lambda url: throughput(url, CountingAnalytics, 20_000,
                                         "burst 20,000, analytics handler, one process"),
     "old": old_design,
+    "smtp": smtp,
 }
 
 

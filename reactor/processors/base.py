@@ -17,30 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from reactor.errors import PermanentError, RetryableError
+
 if TYPE_CHECKING:
     from reactor.config import Settings
     from reactor.db import Database
     from reactor.queues import Message
 
 __all__ = ["Job", "MessageModel", "PermanentError", "Processor", "RetryableError"]
-
-
-class PermanentError(Exception):
-    """Retrying cannot help (bad shape, unknown template, missing row): dead-letter now."""
-
-
-class RetryableError(Exception):
-    """A transient failure; `delay_s` overrides the backoff when the cause knows better.
-
-    `outage=True` says a dependency is down (SMTP server, provider, database):
-    such failures get the larger OUTAGE_MAX_ATTEMPTS budget.
-    """
-
-    def __init__(self, message: str, delay_s: int | None = None, *,
-                 outage: bool = False) -> None:
-        super().__init__(message)
-        self.delay_s = delay_s
-        self.outage = outage
 
 
 class MessageModel(BaseModel):

@@ -19,7 +19,7 @@ import jinja2
 from babel.dates import format_datetime, get_timezone_location
 from babel.numbers import format_currency
 
-from reactor.processors.base import PermanentError
+from reactor.errors import PermanentError
 
 __all__ = ["LOCALES", "REQUIRED_VARIABLES", "EmailRenderer", "RenderedEmail"]
 
@@ -75,7 +75,17 @@ class EmailRenderer:
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             keep_trailing_newline=True,
+            auto_reload=False,  # templates change with a deploy, not under a running reactor
         )
+        # Filters read the locale from the template context, so one environment (and
+        # its compiled-template cache) serves every locale.
+        self.env.filters["datetime"] = jinja2.pass_context(
+            lambda ctx, v: self._datetime(v, ctx["locale"]))
+        self.env.filters["time"] = jinja2.pass_context(
+            lambda ctx, v: format_datetime(_as_datetime(v), _TIME_FORMAT[ctx["locale"]],
+                                           tzinfo=self.tz, locale=ctx["locale"]))
+        self.env.filters["money"] = jinja2.pass_context(
+            lambda ctx, v, currency: self._money(v, currency, ctx["locale"]))
 
     def render(self, template: str, locale: str, variables: dict[str, Any],
                subject: str | None = None) -> RenderedEmail:
@@ -93,11 +103,7 @@ class EmailRenderer:
         if missing:
             raise PermanentError(
                 f"template {template!r} needs variable(s) {', '.join(missing)}")
-        env = self.env.overlay()
-        env.filters["datetime"] = lambda v: self._datetime(v, locale)
-        env.filters["time"] = lambda v: format_datetime(
-            _as_datetime(v), _TIME_FORMAT[locale], tzinfo=self.tz, locale=locale)
-        env.filters["money"] = lambda v, currency: self._money(v, currency, locale)
+        env = self.env
         context = {**variables, "locale": locale, "app_name": self.app_name,
                    "app_url": self.app_url}
         try:
