@@ -128,6 +128,48 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from reactor.status import cron_status, queue_status
+
+    settings = _settings()
+    queue_rows, cron = _with_db(settings, lambda c: (queue_status(c), cron_status(c)))
+    if args.json:
+        print(json.dumps({"queues": [q.as_dict() for q in queue_rows],
+                          "cron": None if cron is None else [j.as_dict() for j in cron]}))
+        return 0
+    print(f"{'queue':<26} {'depth':>7} {'oldest':>8} {'done 1h':>8} {'dead':>6}")
+    for q in queue_rows:
+        oldest = f"{q.oldest_age_s}s" if q.oldest_age_s is not None else "-"
+        print(f"{q.queue:<26} {q.depth:>7} {oldest:>8} {q.processed_last_hour:>8} "
+              f"{q.dead_letters:>6}")
+    print()
+    if cron is None:
+        print("cron: pg_cron is not installed in this database (see docs/operations.md)")
+        return 0
+    print(f"{'cron job':<30} {'schedule':<13} {'last run':<20} {'status':<10} {'failed 24h':>10}")
+    for j in cron:
+        last = j.last_run.strftime("%Y-%m-%d %H:%M:%S") if j.last_run else "never"
+        state = j.last_status or "-"
+        if not j.active:
+            state += " (inactive)"
+        print(f"{j.name:<30} {j.schedule:<13} {last:<20} {state:<10} {j.failures_last_day:>10}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from reactor.config import load_feed_client_settings
+    from reactor.watch import feed_url, run_watch
+
+    try:
+        feed = load_feed_client_settings()
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+    token = args.token or (feed.feed_token.get_secret_value() if feed.feed_token else None)
+    url = feed_url(args.host or feed.feed_host, args.port or feed.feed_port, queue=args.queue,
+                   type_prefix=args.type, replay=args.replay, token=token)
+    return run_watch(url, args.json)
+
+
 def _queue(name: str) -> str:
     if name not in QUEUES:
         raise CliError(f"unknown queue {name!r}: use one of {', '.join(QUEUES)}")
@@ -151,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("json", help="the message, a JSON object")
     enqueue.add_argument("--delay", type=int, default=0, help="seconds before it is visible")
     enqueue.set_defaults(func=cmd_enqueue)
+
+    status = sub.add_parser("status", help="queues and cron jobs, from the database")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    watch = sub.add_parser("watch", help="follow the live event feed")
+    watch.add_argument("--queue", help="only this queue")
+    watch.add_argument("--type", help="only event types with this prefix, e.g. job.")
+    watch.add_argument("--replay", type=int, default=0, help="first show the last N events")
+    watch.add_argument("--json", action="store_true", help="raw JSON lines, for piping")
+    watch.add_argument("--host", help="feed host (default FEED_HOST)")
+    watch.add_argument("--port", type=int, help="feed port (default FEED_PORT)")
+    watch.add_argument("--token", help="feed token (default FEED_TOKEN)")
+    watch.set_defaults(func=cmd_watch)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
     dlq.add_argument("action", choices=["list", "replay", "purge"])

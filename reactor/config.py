@@ -150,3 +150,23 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+class FeedClientSettings(BaseSettings):
+    """What `reactor watch` needs: where the feed is (no database needed)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", populate_by_name=True,
+                                      case_sensitive=True)
+
+    feed_host: str = Field("127.0.0.1", alias="FEED_HOST")
+    feed_port: int = Field(8765, alias="FEED_PORT", ge=1, le=65535)
+    feed_token: SecretStr | None = Field(None, alias="FEED_TOKEN")
+
+
+def load_feed_client_settings() -> FeedClientSettings:
+    """Raises: ConfigError naming the variable."""
+    try:
+        return FeedClientSettings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

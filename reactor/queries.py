@@ -128,3 +128,25 @@ SELECT status, updated_at FROM public.email_ledger WHERE idempotency_key = %(key
 PROFILE_LOCALE_BY_EMAIL: LiteralString = """
 SELECT locale FROM public.profiles WHERE lower(email) = lower(%(email)s) LIMIT 1
 """
+
+# -- status (reactor status, dashboard) -------------------------------------------------
+STATUS_QUEUE = _sql.SQL("""
+SELECT m.queue_length, m.oldest_msg_age_sec,
+       (SELECT count(*) FROM pgmq.{archive} WHERE archived_at > now() - interval '1 hour'),
+       (SELECT queue_length FROM pgmq.metrics(%(queue)s || '_dlq'))
+  FROM pgmq.metrics(%(queue)s) AS m
+""")
+CRON_PRESENT: LiteralString = "SELECT 1 WHERE to_regclass('cron.job') IS NOT NULL"
+STATUS_CRON: LiteralString = """
+SELECT j.jobname, j.schedule, j.active, last.start_time, last.status,
+       (SELECT count(*) FROM cron.job_run_details d
+         WHERE d.jobid = j.jobid AND d.status = 'failed'
+           AND d.start_time > now() - interval '1 day')::int
+  FROM cron.job j
+  LEFT JOIN LATERAL (SELECT d.start_time, d.status FROM cron.job_run_details d
+                      WHERE d.jobid = j.jobid ORDER BY d.start_time DESC LIMIT 1) AS last ON true
+ ORDER BY j.jobname
+"""
+RECENT_DEAD_LETTERS = _sql.SQL(
+    "SELECT msg_id, enqueued_at, message FROM pgmq.{table} ORDER BY msg_id DESC LIMIT %(limit)s"
+)

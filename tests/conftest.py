@@ -68,6 +68,19 @@ def empty_database_url(pg_cluster: PgCluster) -> Iterator[str]:
 
 
 @pytest.fixture
+def private_cluster() -> Iterator[PgCluster]:
+    """A cluster of this test's own: it gets restarted."""
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-restart-")), free_port())
+    cluster.init()
+    cluster.start()
+    migrate(cluster.url())
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
 def db(database_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the test's database, as the superuser."""
     with psycopg.connect(database_url, autocommit=True) as conn:

@@ -68,7 +68,7 @@ def scripted_processor(*, timeout_s: float = 30.0, concurrency: int = 50,
 def settings_for(url: str, **env: Any) -> Any:
     values: dict[str, Any] = {"DATABASE_URL": url, "WORKER_INTERVAL_MS": 60_000,
                               "RETRY_BASE_S": 1, "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
-                              "EMAIL_PROVIDER": "file",
+                              "EMAIL_PROVIDER": "file", "FEED_PORT": 0, "METRICS_PORT": 0,
                               "EMAIL_OUTBOX_DIR": tempfile.mkdtemp(prefix="reactor-outbox-")}
     values.update(env)
     return load_settings(_env_file=None, **values)
@@ -118,3 +118,12 @@ async def wait_for(sub: Subscription, predicate: Callable[[Event], bool], count:
 
 def of_type(type_: str, msg_id: int | None = None) -> Callable[[Event], bool]:
     return lambda e: e["type"] == type_ and (msg_id is None or e["msg_id"] == msg_id)
+
+
+async def eventually(condition: Callable[[], Any], within_s: float = 10,
+                     every_s: float = 0.02) -> Any:
+    """Poll `condition` (state of another process or of the reactor) until it is truthy."""
+    with trio.fail_after(within_s):
+        while not (result := condition()):  # noqa: ASYNC110 - polling outside state
+            await trio.sleep(every_s)
+    return result

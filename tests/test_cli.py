@@ -81,3 +81,19 @@ async def test_dead_letters_list_replay_and_purge(database_url: str, tmp_path: P
     assert "purged 1 dead letter(s)" in purged.stdout
     assert "no dead letters" in cli(database_url, "dlq", "list", "analytics_queue",
                                     cwd=tmp_path).stdout
+
+
+def test_status_shows_queues_without_a_running_reactor(database_url: str, db: psycopg.Connection,
+                                                       tmp_path: Path) -> None:
+    db.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"waiting\"}')")
+    db.execute("SELECT pgmq.send('email_queue_dlq', '{\"original\": {}}')")
+    result = cli(database_url, "status", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    [analytics] = [line for line in lines if line.startswith("analytics_queue ")]
+    assert analytics.split()[1] == "1"  # depth
+    [mail] = [line for line in lines if line.startswith("email_queue ")]
+    assert mail.split()[-1] == "1"  # one dead letter
+    assert "pg_cron is not installed in this database" in result.stdout
+    data = json.loads(cli(database_url, "status", "--json", cwd=tmp_path).stdout)
+    assert {q["queue"]: q["depth"] for q in data["queues"]}["analytics_queue"] == 1

@@ -80,3 +80,12 @@ def test_a_scheduled_job_really_runs(cron_db: psycopg.Connection) -> None:
     assert run[0] == "succeeded", run
     assert cron_db.execute("SELECT status FROM public.appointments WHERE id = %s",
                            (ended,)).fetchone() == ("completed",)
+
+
+def test_status_lists_the_cron_jobs(cron_db: psycopg.Connection) -> None:
+    from reactor.status import cron_status
+
+    jobs_ = cron_status(cron_db)
+    assert jobs_ is not None
+    assert {j.name: j.schedule for j in jobs_} == EXPECTED_JOBS
+    assert all(j.active for j in jobs_)

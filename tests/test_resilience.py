@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 import trio
 
-from reactor.migrate import migrate
-from reactor.pgcluster import PgCluster, free_port
+from reactor.pgcluster import PgCluster
 from tests.harness import of_type, running_reactor, send, sql, wait_for
-
-
-@pytest.fixture
-def private_cluster() -> Iterator[PgCluster]:
-    """A cluster of this test's own: it gets restarted."""
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-restart-")), free_port())
-    cluster.init()
-    cluster.start()
-    migrate(cluster.url())
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 async def test_terminated_listener_reconnects_and_drains(database_url: str) -> None:

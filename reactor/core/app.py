@@ -22,8 +22,11 @@ from reactor.core.events import EventBus
 from reactor.core.listener import Listener
 from reactor.core.retry import RetryPolicy
 from reactor.db import Database, DatabaseUnavailable
+from reactor.feed import check_feed_exposure, serve_feed
+from reactor.metrics import Metrics
 from reactor.migrate import pending_migrations
 from reactor.processors import PROCESSORS, Processor
+from reactor.web import WebContext, create_app, serve_http
 
 __all__ = ["Reactor", "SchemaNotReady"]
 
@@ -59,6 +62,12 @@ class Reactor:
         self.listener = Listener(settings.database_url, self.db, self.bus,
                                  {q: d.wake for q, d in self.drainers.items()},
                                  probe_every_s=settings.listener_probe_s)
+        self.token = settings.feed_token.get_secret_value() if settings.feed_token else None
+        check_feed_exposure(settings.feed_host, self.token)
+        self.metrics = Metrics(lambda: self.bus.subscriber_count)
+        self.bus.sinks.append(self.metrics.observe)
+        self.feed_port = 0
+        self.http_port = 0
         self._services: trio.Nursery | None = None
         self._stopping = False
         self._started = False
@@ -75,6 +84,11 @@ class Reactor:
                 await stack.enter_async_context(drainer.processor.running())
             await services.start(self.listener.run)
             services.start_soon(self._report_depths)
+            self.feed_port = await services.start(
+                serve_feed, self.bus, self.settings.feed_host, self.settings.feed_port, self.token)
+            self.http_port = await services.start(
+                serve_http, create_app(self._web_context()), self.settings.feed_host,
+                self.settings.metrics_port)
             async with trio.open_nursery() as workers:
                 for drainer in self.drainers.values():
                     await workers.start(drainer.run)
@@ -82,6 +96,14 @@ class Reactor:
                 self.bus.publish("reactor.started", queues=sorted(self.drainers))
                 task_status.started(self)
             services.cancel_scope.cancel()
+
+    def _web_context(self) -> WebContext:
+        routes = tuple(route for drainer in self.drainers.values()
+                       for route in drainer.processor.routes())
+        return WebContext(db=self.db, metrics=self.metrics, token=self.token,
+                          feed_port=lambda: self.feed_port,
+                          listener_connected=lambda: self.listener.connected,
+                          extra_routes=routes)
 
     async def _check_database(self) -> None:
         """Wait for the database (reported, with backoff); refuse an unmigrated one."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -43,6 +43,8 @@ class Subscription:
     receive: trio.MemoryReceiveChannel[Event]
     send: trio.MemorySendChannel[Event]
     dropped: str | None = None
+    # Set when the bus drops this subscriber (a consumer stuck elsewhere can notice).
+    gone: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class EventBus:
     """Fan-out of events; the single place an event is built."""
 
     ring_size: int = 1000
+    # Called synchronously for every event (the metrics); must be cheap and never raise.
+    sinks: list[Callable[[Event], None]] = field(default_factory=list)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _subscribers: set[Subscription] = field(default_factory=set)
     recent: deque[Event] = field(init=False)
@@ -70,6 +74,8 @@ class EventBus:
         if extra:
             event.update(extra)
         self.recent.append(event)
+        for sink in self.sinks:
+            sink(event)
         level = _LOG_LEVEL.get(type_, "info")
         if level_enabled(level):
             getattr(self._log, level)(type_, **{k: v for k, v in event.items()
@@ -87,6 +93,7 @@ class EventBus:
         sub.dropped = reason
         self._subscribers.discard(sub)
         sub.send.close()
+        sub.gone.set()
 
     @contextmanager
     def subscribe(self, buffer: int = 1000) -> Iterator[Subscription]:

@@ -71,6 +71,10 @@ class Processor(Generic[M]):
         """Resources held while the reactor runs (a connection pool, an event loop)."""
         yield
 
+    def routes(self) -> list[Any]:
+        """HTTP routes (starlette.routing.Route) this processor serves on METRICS_PORT."""
+        return []
+
     def parse(self, delivery: Message) -> Job[M]:
         """Validate the raw body; a wrong shape is permanent."""
         body: Any = delivery.body
