@@ -261,6 +261,55 @@ def smtp(url: str, n: int = 2000) -> Result:
             ", ".join(results)}
 
 
+def feed_load(url: str, n: int = 10_000) -> Result:
+    """10,000 messages drained with no feed client, then with ten (one never reading)."""
+    import subprocess
+    import sys
+
+    rates = []
+    dropped = 0
+    for clients in (0, 10):
+        reset(url)
+        fill(url, n)
+        NoopProcessor.count = 0
+        NoopProcessor.target = n
+        feed_port = free_port()
+        proc = None
+
+        async def main(clients: int = clients, feed_port: int = feed_port) -> float:
+            nonlocal proc
+            NoopProcessor.done = trio.Event()
+            reactor = Reactor(settings(url, FEED_PORT=feed_port, METRICS_PORT=0),
+                              processors={NoopProcessor.queue: NoopProcessor})
+            reactor.drainers[NoopProcessor.queue]._wake_pending = False  # wait for the clients
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(reactor.run, handle_signals=False))
+                if clients:
+                    proc = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "bench.feed_clients", str(feed_port),
+                         str(clients - 1)], stdout=subprocess.PIPE)
+                    assert proc.stdout is not None
+                    assert b"READY" in await proc.stdout.receive_some()
+                t0 = time.perf_counter()
+                reactor.drainers[NoopProcessor.queue].wake()
+                with trio.fail_after(600):
+                    await NoopProcessor.done.wait()
+                elapsed = time.perf_counter() - t0
+                nonlocal dropped
+                dropped = reactor.bus.dropped_count
+                reactor.stop()
+            return elapsed
+
+        elapsed = trio.run(main)
+        if proc is not None:
+            proc.terminate()
+        rates.append(n / elapsed)
+    return {"scenario": f"{n} msgs, no-op: no feed client vs 10 (one never reading)",
+            "without_msgs_per_s": round(rates[0]), "with_msgs_per_s": round(rates[1]),
+            "change_pct": round((rates[1] / rates[0] - 1) * 100, 1),
+            "clients_dropped": dropped}
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -282,6 +331,7 @@ SCENARIOS: dict[str, Callable[[str], Result]] = {
                                         "burst 20,000, analytics handler, one process"),
     "old": old_design,
     "smtp": smtp,
+    "feed": feed_load,
 }
 
 

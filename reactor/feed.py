@@ -114,7 +114,7 @@ async def serve_feed(bus: EventBus, host: str, port: int, token: str | None, *,
 async def stream(ws: WebSocketConnection, bus: EventBus, accept: FeedFilter,
                  replay: int) -> None:
     """Send matching events until the client leaves or is dropped."""
-    with bus.subscribe(CLIENT_BUFFER) as sub:
+    with bus.subscribe(CLIENT_BUFFER, accept) as sub:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_ping, ws)
@@ -126,8 +126,7 @@ async def stream(ws: WebSocketConnection, bus: EventBus, accept: FeedFilter,
                     for event in backlog:
                         await ws.send_message(_dumps(event))
                     async for event in sub.receive:
-                        if accept(event):
-                            await ws.send_message(_dumps(event))
+                        await ws.send_message(_dumps(event))
                 if sub.dropped:
                     log.warning("feed client dropped", reason=sub.dropped)
                     with trio.move_on_after(1):

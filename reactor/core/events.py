@@ -43,6 +43,8 @@ class Subscription:
     receive: trio.MemoryReceiveChannel[Event]
     send: trio.MemorySendChannel[Event]
     dropped: str | None = None
+    # Only events it accepts are handed over (a filtered client is not woken for others).
+    accept: Callable[[Event], bool] | None = None
     # Set when the bus drops this subscriber (a consumer stuck elsewhere can notice).
     gone: trio.Event = field(default_factory=trio.Event)
 
@@ -60,6 +62,7 @@ class EventBus:
 
     def __post_init__(self) -> None:
         self.recent = deque(maxlen=self.ring_size)
+        self.dropped_count = 0
         self._log = structlog.get_logger("reactor")
 
     def publish(self, type_: str, queue: str | None = None, msg_id: int | None = None,
@@ -81,6 +84,8 @@ class EventBus:
             getattr(self._log, level)(type_, **{k: v for k, v in event.items()
                                                 if v is not None and k not in ("type", "ts")})
         for sub in tuple(self._subscribers):
+            if sub.accept is not None and not sub.accept(event):
+                continue
             try:
                 sub.send.send_nowait(event)
             except trio.WouldBlock:
@@ -90,16 +95,18 @@ class EventBus:
         return event
 
     def _drop(self, sub: Subscription, reason: str) -> None:
+        self.dropped_count += 1
         sub.dropped = reason
         self._subscribers.discard(sub)
         sub.send.close()
         sub.gone.set()
 
     @contextmanager
-    def subscribe(self, buffer: int = 1000) -> Iterator[Subscription]:
+    def subscribe(self, buffer: int = 1000,
+                  accept: Callable[[Event], bool] | None = None) -> Iterator[Subscription]:
         """A subscription for the duration of the `with` block."""
         send, receive = trio.open_memory_channel[Event](buffer)
-        sub = Subscription(receive, send)
+        sub = Subscription(receive, send, accept=accept)
         self._subscribers.add(sub)
         try:
             yield sub
