@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(8766, alias="METRICS_PORT", ge=0, le=65535)
 
     reports_dir: Path = Field(Path("reports"), alias="REPORTS_DIR")
+    report_font_dir: Path = Field(Path("/usr/share/fonts/truetype/dejavu"),
+                                  alias="REPORT_FONT_DIR")
+    supabase_url: str | None = Field(None, alias="SUPABASE_URL")
+    supabase_service_role_key: SecretStr | None = Field(None, alias="SUPABASE_SERVICE_ROLE_KEY")
+    reports_bucket: str = Field("reports", alias="REPORTS_BUCKET")
+    payment_verify_max_age_s: int = Field(86_400, alias="PAYMENT_VERIFY_MAX_AGE", ge=60)
     payment_provider: Literal["manual", "yookassa"] = Field("manual", alias="PAYMENT_PROVIDER")
     yookassa_shop_id: str | None = Field(None, alias="YOOKASSA_SHOP_ID")
     yookassa_secret_key: SecretStr | None = Field(None, alias="YOOKASSA_SECRET_KEY")

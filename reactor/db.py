@@ -1,4 +1,4 @@
-"""psycopg under trio: the one module that touches threads.
+"""psycopg under trio: the one module that touches threads (also for CPU-bound work).
 
 psycopg's async API is asyncio-only, so the reactor uses sync connections:
 queries run in worker threads (`trio.to_thread.run_sync`) on a small pool of
@@ -18,7 +18,8 @@ from psycopg import pq
 
 from reactor import queries
 
-__all__ = ["Database", "DatabaseUnavailable", "ListenConnection", "connect_sync"]
+__all__ = ["Database", "DatabaseUnavailable", "ListenConnection", "connect_sync",
+           "in_worker_thread"]
 
 T = TypeVar("T")
 
@@ -148,3 +149,8 @@ class ListenConnection:
 
     def close(self) -> None:
         self.conn.close()
+
+
+async def in_worker_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run CPU-bound work (rendering a PDF) off the trio thread, so nothing else stalls."""
+    return await trio.to_thread.run_sync(fn, *args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PermanentError", "RetryableError"]
+__all__ = ["PermanentError", "RetryLater", "RetryableError"]
 
 
 class PermanentError(Exception):
@@ -21,3 +21,13 @@ class RetryableError(Exception):
         super().__init__(message)
         self.delay_s = delay_s
         self.outage = outage
+
+
+class RetryLater(RetryableError):
+    """Not a failure: the outcome is not known yet (a payment still pending).
+
+    Never counts against MAX_ATTEMPTS; the processor decides when to give up.
+    """
+
+    def __init__(self, message: str, delay_s: int) -> None:
+        super().__init__(message, delay_s)

@@ -150,3 +150,37 @@ SELECT j.jobname, j.schedule, j.active, last.start_time, last.status,
 RECENT_DEAD_LETTERS = _sql.SQL(
     "SELECT msg_id, enqueued_at, message FROM pgmq.{table} ORDER BY msg_id DESC LIMIT %(limit)s"
 )
+
+# -- reports ----------------------------------------------------------------------------
+LOAD_CHECKUP: LiteralString = """
+SELECT a.status, a.user_id, a.completed_at, a.results, p.email, p.full_name, p.locale
+  FROM public.assessments a JOIN public.profiles p ON p.id = a.user_id
+ WHERE a.id = %(assessment_id)s
+"""
+# xmax = 0 tells a fresh insert from an update: only a new report mails the family.
+UPSERT_REPORT: LiteralString = """
+INSERT INTO public.reports (assessment_id, user_id, path, bytes, sha256, generated_at)
+VALUES (%(assessment_id)s, %(user_id)s, %(path)s, %(bytes)s, %(sha256)s, now())
+ON CONFLICT (assessment_id) DO UPDATE
+   SET path = EXCLUDED.path, bytes = EXCLUDED.bytes, sha256 = EXCLUDED.sha256,
+       generated_at = EXCLUDED.generated_at
+RETURNING (xmax = 0) AS inserted
+"""
+
+# -- payments ---------------------------------------------------------------------------
+LOAD_PAYMENT: LiteralString = """
+SELECT status, amount, currency, provider, provider_payment_id, created_at
+  FROM public.payments WHERE id = %(payment_id)s
+"""
+# A final status never moves backwards: pending → completed|failed, completed → refunded.
+SET_PAYMENT_STATUS: LiteralString = """
+UPDATE public.payments SET status = %(status)s, status_reason = %(reason)s
+ WHERE id = %(payment_id)s
+   AND (status = 'pending' OR (status = 'completed' AND %(status)s = 'refunded'))
+RETURNING status
+"""
+PAYMENT_BY_PROVIDER_ID: LiteralString = """
+SELECT id FROM public.payments WHERE provider_payment_id = %(provider_payment_id)s
+"""
+QUEUE_PAYMENT_VERIFY: LiteralString = (
+    "SELECT public.queue_payment_processing(%(payment_id)s, 'verify')")

@@ -23,7 +23,7 @@ from reactor import queues
 from reactor.core.events import EventBus
 from reactor.core.retry import RetryPolicy
 from reactor.db import Database, DatabaseUnavailable
-from reactor.processors.base import PermanentError, Processor, RetryableError
+from reactor.processors.base import PermanentError, Processor, RetryableError, RetryLater
 from reactor.queues import Message
 
 __all__ = ["DrainSettings", "Drainer"]
@@ -71,6 +71,7 @@ class Drainer:
         self.cfg = settings
         self.concurrency = max(1, processor.concurrency)
         self.max_in_flight = self.concurrency + settings.batch_size
+        self.max_deliveries = processor.max_deliveries or settings.policy.most_deliveries
         self._send, self._receive = trio.open_memory_channel[Message](self.max_in_flight)
         self._in_flight: dict[int, tuple[Message, float]] = {}
         # Running jobs: msg_id → (deadline, the worker's cancel scope, start time).
@@ -276,7 +277,7 @@ class Drainer:
             self._deadlines[msg_id] = (started + self.processor.timeout_s, worker, started)
             try:
                 try:
-                    if message.attempt > self.cfg.policy.most_deliveries:
+                    if message.attempt > self.max_deliveries:
                         raise PermanentError(
                             f"delivered {message.attempt} times without an outcome; "
                             "it may crash its worker")
@@ -285,6 +286,8 @@ class Drainer:
                     self._deadlines.pop(msg_id, None)  # from here on, no timeout applies
             except PermanentError as exc:
                 await self._dead_letter(message, str(exc), started)
+            except RetryLater as exc:
+                await self._retry(message, str(exc), started, exc.delay_s, counts=False)
             except RetryableError as exc:
                 await self._retry(message, describe_error(exc), started, exc.delay_s,
                                   outage=exc.outage)
@@ -312,9 +315,10 @@ class Drainer:
             self._signal.set()
 
     async def _retry(self, message: Message, error: str, started: float,
-                     delay_s: int | None = None, *, outage: bool = False) -> None:
+                     delay_s: int | None = None, *, outage: bool = False,
+                     counts: bool = True) -> None:
         policy = self.cfg.policy
-        if policy.exhausted(message.attempt, outage=outage):
+        if counts and policy.exhausted(message.attempt, outage=outage):
             await self._dead_letter(message, f"{error} (gave up after {message.attempt} "
                                     "attempts)", started)
             return

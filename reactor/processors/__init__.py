@@ -7,11 +7,14 @@ from typing import Any
 from reactor.processors.analytics import AnalyticsProcessor
 from reactor.processors.base import Job, PermanentError, Processor, RetryableError
 from reactor.processors.email import EmailProcessor
+from reactor.processors.payments import PaymentProcessor
+from reactor.processors.reports import ReportProcessor
 
 __all__ = ["PROCESSORS", "Job", "PermanentError", "Processor", "RetryableError"]
 
-# Queues without a processor here are not drained: their messages wait.
 PROCESSORS: dict[str, type[Processor[Any]]] = {
     AnalyticsProcessor.queue: AnalyticsProcessor,
     EmailProcessor.queue: EmailProcessor,
+    ReportProcessor.queue: ReportProcessor,
+    PaymentProcessor.queue: PaymentProcessor,
 }

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from reactor.errors import PermanentError, RetryableError
+from reactor.errors import PermanentError, RetryableError, RetryLater
 
 if TYPE_CHECKING:
     from reactor.config import Settings
     from reactor.db import Database
     from reactor.queues import Message
 
-__all__ = ["Job", "MessageModel", "PermanentError", "Processor", "RetryableError"]
+__all__ = ["Job", "MessageModel", "PermanentError", "Processor", "RetryLater", "RetryableError"]
 
 
 class MessageModel(BaseModel):
@@ -60,6 +60,8 @@ class Processor(Generic[M]):
     model: type[M]
     concurrency: ClassVar[int] = 50
     timeout_s: ClassVar[float] = 60.0
+    # Deliveries after which a message is taken for a worker-crasher (None: from the policy).
+    max_deliveries: ClassVar[int | None] = None
 
     def __init__(self, settings: Settings, db: Database) -> None:
         """Check the processor's settings here (raise ConfigError): this runs before start."""

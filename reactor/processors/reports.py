@@ -1,0 +1,159 @@
+"""report_generation_queue: a completed checkup becomes a PDF report, stored under
+REPORTS_DIR (and in Supabase Storage when configured), recorded in
+public.reports, and mailed to the family as `report_ready` with the PDF.
+
+Processing a message twice yields one row, one file and one mail: the file is
+replaced atomically, the row is upserted, and the mail is queued only when
+the row is new, with an idempotency key for the email ledger besides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from uuid import UUID
+
+import httpx
+import psycopg
+import trio
+
+from reactor import queries, queues
+from reactor.config import Settings
+from reactor.db import Database, in_worker_thread
+from reactor.errors import PermanentError, RetryableError
+from reactor.paths import TEMPLATES_DIR
+from reactor.processors.base import Job, MessageModel, Processor
+from reactor.services.pdf import (
+    Band,
+    Fonts,
+    ReportData,
+    Score,
+    find_fonts,
+    prepare_fonts,
+    render_report,
+)
+
+__all__ = ["ReportMessage", "ReportProcessor", "report_data"]
+
+STORAGE_TIMEOUT_S = 30.0
+
+
+class ReportMessage(MessageModel):
+    assessment_id: UUID
+    user_id: UUID
+    report_type: Literal["pdf"] = "pdf"
+
+
+def report_data(assessment_id: str, results: Any, parent_name: str | None,
+                completed_at: datetime | None) -> ReportData:
+    """`assessments.results`, tolerating missing optional parts and odd entries."""
+    results = results if isinstance(results, dict) else {}
+    scores = []
+    for item in results.get("scores") or []:
+        if not isinstance(item, dict) or "domain" not in item:
+            continue
+        try:
+            score, top = float(item.get("score", 0)), float(item.get("max", 0))
+        except (TypeError, ValueError):
+            continue
+        band: Band = item["band"] if item.get("band") in ("low", "moderate", "high") \
+            else "moderate"
+        scores.append(Score(str(item["domain"]), score, top, band))
+    recommendations = [str(r) for r in results.get("recommendations") or [] if r]
+    summary = results.get("summary")
+    child = results.get("child_name")
+    return ReportData(assessment_id, str(child) if child else None, parent_name, completed_at,
+                      scores, str(summary) if summary else None, recommendations)
+
+
+class ReportProcessor(Processor[ReportMessage]):
+    queue = "report_generation_queue"
+    model = ReportMessage
+    concurrency = 2  # CPU-bound: rendering runs in a worker thread
+    timeout_s = 120.0
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        super().__init__(settings, db)
+        self.source_fonts = find_fonts(settings.report_font_dir)  # ConfigError if missing
+        self.fonts: Fonts | None = None
+        key = settings.supabase_service_role_key
+        self.storage_key = key.get_secret_value() if key else None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        cache = Path(tempfile.gettempdir()) / "reactor-fonts"
+        self.fonts = await in_worker_thread(prepare_fonts, self.source_fonts, cache)
+        yield
+
+    async def handle(self, job: Job[ReportMessage]) -> None:
+        msg = job.message
+        row = await self.db.run(lambda c: c.execute(
+            queries.LOAD_CHECKUP, {"assessment_id": msg.assessment_id}).fetchone())
+        if row is None:
+            raise PermanentError(f"checkup {msg.assessment_id} does not exist")
+        status, user_id, completed_at, results, email, full_name, locale = row
+        if status != "completed":
+            raise PermanentError(f"checkup {msg.assessment_id} is {status}, not completed")
+        if user_id != msg.user_id:
+            raise PermanentError(f"checkup {msg.assessment_id} belongs to another user")
+        data = report_data(str(msg.assessment_id), results, full_name, completed_at)
+        assert self.fonts is not None, "ReportProcessor used outside running()"
+        pdf = await in_worker_thread(lambda: render_report(
+            data, locale=locale, fonts=self.fonts, templates_dir=TEMPLATES_DIR,  # type: ignore[arg-type]
+            app_name=self.settings.app_name, timezone=self.settings.app_timezone))
+        relative = f"{user_id}/{msg.assessment_id}.pdf"
+        await self._store(relative, pdf)
+        if self.settings.supabase_url and self.storage_key:
+            await self._upload(relative, pdf)
+        mail = {
+            "to": email, "subject": None, "template": "report_ready", "priority": 3,
+            "locale": locale, "idempotency_key": f"report_ready:{msg.assessment_id}",
+            "variables": {"full_name": full_name, "assessment_id": str(msg.assessment_id)},
+            "attachments": [{"path": relative, "content_type": "application/pdf",
+                             "filename": f"report-{msg.assessment_id}.pdf"}],
+        }
+        params = {"assessment_id": msg.assessment_id, "user_id": user_id, "path": relative,
+                  "bytes": len(pdf), "sha256": hashlib.sha256(pdf).hexdigest()}
+
+        def record(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                [inserted] = conn.execute(queries.UPSERT_REPORT, params).fetchone() or [False]
+                if inserted:
+                    queues.enqueue(conn, "email_queue", mail)
+
+        await self.db.run(record)
+
+    async def _store(self, relative: str, pdf: bytes) -> None:
+        """Write atomically: a reader sees the old file or the new one, never half."""
+        final = trio.Path(self.settings.reports_dir) / relative
+        temp = final.with_name(f".{final.name}.tmp")
+        try:
+            await final.parent.mkdir(parents=True, exist_ok=True)
+            await temp.write_bytes(pdf)
+            await temp.replace(final)
+        except OSError as exc:
+            raise RetryableError(f"cannot write to REPORTS_DIR: {exc}", outage=True) from None
+
+    async def _upload(self, relative: str, pdf: bytes) -> None:
+        """Upsert the PDF into the Storage bucket REPORTS_BUCKET (Storage REST API)."""
+        base = str(self.settings.supabase_url).rstrip("/")
+        url = f"{base}/storage/v1/object/{self.settings.reports_bucket}/{relative}"
+        headers = {"Authorization": f"Bearer {self.storage_key}", "apikey": str(self.storage_key),
+                   "Content-Type": "application/pdf", "x-upsert": "true"}
+        try:
+            async with httpx.AsyncClient(timeout=STORAGE_TIMEOUT_S) as client:
+                response = await client.post(url, content=pdf, headers=headers)
+        except httpx.HTTPError as exc:
+            raise RetryableError(f"Storage upload failed: {exc}", outage=True) from None
+        if response.status_code in (401, 403):
+            raise RetryableError("Storage refused the upload: check SUPABASE_SERVICE_ROLE_KEY "
+                                 f"(HTTP {response.status_code})", outage=True)
+        if response.status_code >= 400:
+            raise RetryableError(f"Storage upload failed: HTTP {response.status_code} "
+                                 f"{response.text[:200]}")
+

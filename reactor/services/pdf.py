@@ -1,0 +1,231 @@
+"""Checkup reports as PDF (fpdf2), in Russian or English.
+
+Wording comes from `templates/report/<locale>.toml` and colours and sizes
+from `templates/report/style.toml`, so a wording change needs no code
+change. Cyrillic needs a Unicode TTF: DejaVu Sans (`fonts-dejavu-core`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from babel.dates import format_date
+from fpdf import FPDF
+from fpdf.enums import XPos, YPos
+
+from reactor.config import ConfigError
+
+__all__ = ["Band", "Fonts", "ReportData", "Score", "find_fonts", "prepare_fonts", "render_report"]
+
+Band = Literal["low", "moderate", "high"]
+
+
+@dataclass(frozen=True)
+class Score:
+    domain: str
+    score: float
+    max: float
+    band: Band
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """What a report shows: `assessments.results` plus who and when."""
+
+    assessment_id: str
+    child_name: str | None
+    parent_name: str | None
+    completed_at: datetime | None
+    scores: list[Score] = field(default_factory=list)
+    summary: str | None = None
+    recommendations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Fonts:
+    regular: Path
+    bold: Path
+
+
+def find_fonts(font_dir: Path) -> Fonts:
+    """DejaVu Sans in `font_dir`.
+
+    Raises:
+        ConfigError: naming REPORT_FONT_DIR and the package to install.
+    """
+    fonts = Fonts(font_dir / "DejaVuSans.ttf", font_dir / "DejaVuSans-Bold.ttf")
+    for path in (fonts.regular, fonts.bold):
+        if not path.is_file():
+            raise ConfigError(f"report font {path} not found: apt-get install -y "
+                              "fonts-dejavu-core, or set REPORT_FONT_DIR to a folder with "
+                              "DejaVuSans.ttf and DejaVuSans-Bold.ttf")
+    return fonts
+
+
+# What Russian and English reports use; the rest of DejaVu's ~6,000 glyphs is left
+# out, which makes loading the font many times faster (see prepare_fonts).
+_UNICODES = [
+    *range(0x20, 0x7F), *range(0xA0, 0x180),       # Latin, Latin-1, Latin Extended-A
+    *range(0x400, 0x460), *range(0x490, 0x4D0),     # Cyrillic (Russian, Ukrainian, Belarusian…)
+    *range(0x2000, 0x2070),                         # spaces, dashes, quotes, bullet, …
+    0x20AC, 0x20BD, 0x2116, 0x2122,                 # €, ₽, №, ™
+]
+
+
+def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
+    """Subsets of the fonts, written once to `cache_dir`, that load in milliseconds."""
+    from fontTools import subset
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    prepared = []
+    for source in (fonts.regular, fonts.bold):
+        stat = source.stat()
+        target = cache_dir / f"{source.stem}-{stat.st_size}-{int(stat.st_mtime)}.ttf"
+        if not target.exists():
+            options = subset.Options()
+            options.layout_features = []  # fpdf2 draws glyphs without shaping
+            options.hinting = False
+            options.drop_tables += ["FFTM"]
+            options.name_IDs = ["*"]
+            font = subset.load_font(str(source), options)
+            subsetter = subset.Subsetter(options)
+            subsetter.populate(unicodes=_UNICODES)
+            subsetter.subset(font)
+            temp = target.with_suffix(".tmp")
+            subset.save_font(font, str(temp), options)
+            temp.replace(target)
+        prepared.append(target)
+    return Fonts(prepared[0], prepared[1])
+
+
+def _load(templates_dir: Path, locale: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    folder = templates_dir / "report"
+    with (folder / f"{locale}.toml").open("rb") as words, (folder / "style.toml").open("rb") as st:
+        return tomllib.load(words), tomllib.load(st)
+
+
+class _Report(FPDF):
+    footer_text = ""
+    muted: tuple[int, int, int] = (123, 135, 148)
+    small = 8.5
+
+    def footer(self) -> None:
+        self.set_y(-14)
+        self.set_font("DejaVu", size=self.small)
+        self.set_text_color(*self.muted)
+        self.cell(0, 6, self.footer_text.format(page=self.page_no(), pages="{nb}"),
+                  align="C")
+
+
+def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir: Path,
+                  app_name: str, timezone: str = "Europe/Moscow",
+                  now: datetime | None = None) -> bytes:
+    """The report as PDF bytes (A4, page numbers, title/author/creation date)."""
+    words, style = _load(templates_dir, locale)
+    colors = {k: tuple(v) for k, v in style["colors"].items()}
+    sizes = style["sizes"]
+    tz = ZoneInfo(timezone)
+    created = (now or datetime.now(tz)).astimezone(tz)
+
+    pdf = _Report(format="A4", unit="mm")
+    pdf.footer_text = words["page"]
+    pdf.muted = colors["muted"]
+    pdf.small = sizes["small"]
+    pdf.add_font("DejaVu", "", str(fonts.regular))
+    pdf.add_font("DejaVu", "B", str(fonts.bold))
+    pdf.set_title(f"{words['title']}: {data.child_name or data.assessment_id}")
+    pdf.set_author(app_name)
+    pdf.set_creator(app_name)
+    pdf.set_creation_date(created)
+    pdf.set_lang(locale)
+    pdf.set_margins(18, 18, 18)
+    pdf.set_auto_page_break(auto=True, margin=20)
+    pdf.add_page()
+    width = pdf.epw
+
+    def text(size: float, color: str = "text", bold: bool = False) -> None:
+        pdf.set_font("DejaVu", "B" if bold else "", size)
+        pdf.set_text_color(*colors[color])
+
+    # Header: service name and date, then the title.
+    text(sizes["small"], "muted")
+    pdf.cell(width / 2, 6, app_name)
+    pdf.cell(width / 2, 6, f"{words['date_label']}: {format_date(created, 'long', locale=locale)}",
+             align="R", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_draw_color(*colors["accent"])
+    pdf.set_line_width(0.6)
+    pdf.line(pdf.l_margin, pdf.get_y() + 1, pdf.l_margin + width, pdf.get_y() + 1)
+    pdf.ln(6)
+    text(sizes["title"], "accent", bold=True)
+    pdf.multi_cell(width, 9, words["title"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(1)
+    text(sizes["body"])
+    if data.child_name:
+        pdf.multi_cell(width, 6, f"{words['child_label']}: {data.child_name}",
+                       new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    if data.completed_at:
+        done = format_date(data.completed_at.astimezone(tz), "long", locale=locale)
+        pdf.multi_cell(width, 6, f"{words['completed_label']}: {done}",
+                       new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(4)
+
+    # One row per domain: name, score, and a bar coloured by band.
+    text(sizes["heading"], "accent", bold=True)
+    pdf.cell(width, 8, words["scores_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    if not data.scores:
+        text(sizes["body"], "muted")
+        pdf.multi_cell(width, 6, words["no_scores"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    name_w, score_w = width * 0.38, width * 0.14
+    bar_w = width - name_w - score_w - 4
+    for score in data.scores:
+        if pdf.will_page_break(12):
+            pdf.add_page()
+        y = pdf.get_y()
+        text(sizes["body"])
+        pdf.set_xy(pdf.l_margin, y)
+        pdf.multi_cell(name_w, 5.5, score.domain, new_x=XPos.RIGHT, new_y=YPos.TOP)
+        row_bottom = pdf.get_y()
+        pdf.set_xy(pdf.l_margin + name_w, y)
+        pdf.cell(score_w, 5.5, f"{score.score:g} / {score.max:g}", align="R")
+        bar_x = pdf.l_margin + name_w + score_w + 4
+        bar_h = sizes["bar_height"]
+        pdf.set_fill_color(*colors["bar_background"])
+        pdf.rect(bar_x, y + 0.6, bar_w, bar_h, style="F")
+        share = 0.0 if score.max <= 0 else max(0.0, min(1.0, score.score / score.max))
+        pdf.set_fill_color(*colors.get(score.band, colors["muted"]))
+        if share > 0:
+            pdf.rect(bar_x, y + 0.6, bar_w * share, bar_h, style="F")
+        text(sizes["small"], "muted")
+        pdf.set_xy(bar_x, y + bar_h + 0.8)
+        pdf.cell(bar_w, 4, words["bands"].get(score.band, score.band))
+        pdf.set_y(max(row_bottom, y + bar_h + 5.5) + 2.5)
+    pdf.ln(2)
+
+    text(sizes["heading"], "accent", bold=True)
+    pdf.cell(width, 8, words["summary_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    text(sizes["body"])
+    pdf.multi_cell(width, 5.8, data.summary or "—", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(3)
+
+    text(sizes["heading"], "accent", bold=True)
+    pdf.cell(width, 8, words["recommendations_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    text(sizes["body"])
+    if not data.recommendations:
+        pdf.multi_cell(width, 5.8, words["no_recommendations"], new_x=XPos.LMARGIN,
+                       new_y=YPos.NEXT)
+    for item in data.recommendations:
+        pdf.multi_cell(width, 5.8, f"•  {item}", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        pdf.ln(0.8)
+    pdf.ln(4)
+
+    # The disclaimer, in a tinted box.
+    text(sizes["small"], "muted")
+    pdf.set_fill_color(244, 245, 247)
+    pdf.multi_cell(width, 4.8, words["disclaimer"], fill=True, padding=3,
+                   new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    return bytes(pdf.output())
