@@ -40,8 +40,7 @@ log = structlog.get_logger("reactor.payments")
 WEBHOOK_MAX_BYTES = 64 * 1024
 WEBHOOK_EVENTS = {"payment.succeeded", "payment.waiting_for_capture", "payment.canceled"}
 IGNORED_EVENTS = {"refund.succeeded"}  # refunds are ours: their API answer already counted
-CHECK_FIRST_S = 30
-CHECK_MAX_S = 3600
+CHECK_MAX_S = 3600  # a pending payment is asked at least hourly (from RETRY_BASE_S up)
 
 
 class PaymentMessage(MessageModel):
@@ -117,7 +116,8 @@ class PaymentProcessor(Processor[PaymentMessage]):
         if age > self.settings.payment_verify_max_age_s:
             return PermanentError(f"still pending after {age / 3600:.1f} h "
                                   f"(PAYMENT_VERIFY_MAX_AGE={self.settings.payment_verify_max_age_s}s)")
-        delay = min(CHECK_MAX_S, CHECK_FIRST_S * 2 ** max(0, job.delivery.attempt - 1))
+        first = self.settings.retry_base_s
+        delay = max(1, round(min(CHECK_MAX_S, first * 2 ** max(0, job.delivery.attempt - 1))))
         return RetryLater(f"{what}; asking again in {delay}s", delay)
 
     async def _set(self, payment_id: UUID, status: str, reason: str | None) -> None:
@@ -166,6 +166,6 @@ class PaymentProcessor(Processor[PaymentMessage]):
         except DatabaseUnavailable:
             return JSONResponse({"error": "try again"}, status_code=503)  # the provider retries
         if not queued:
-            log.info("notification for an unknown payment ignored", event=event)
+            log.info("notification for an unknown payment ignored", notification=event)
             return JSONResponse({"status": "ignored"})
         return JSONResponse({"status": "queued"})

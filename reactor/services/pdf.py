@@ -98,6 +98,7 @@ def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
             subsetter.subset(font)
             temp = target.with_suffix(".tmp")
             subset.save_font(font, str(temp), options)
+            font.close()
             temp.replace(target)
         prepared.append(target)
     return Fonts(prepared[0], prepared[1])

@@ -1,0 +1,149 @@
+"""Checkup reports: a completed checkup yields a PDF, a reports row and a mail."""
+
+from __future__ import annotations
+
+import email.policy
+import io
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from pypdf import PdfReader
+
+from reactor.config import ConfigError
+from reactor.core.app import Reactor
+from reactor.paths import TEMPLATES_DIR
+from reactor.services.pdf import ReportData, Score, find_fonts, prepare_fonts, render_report
+from tests import factories as f
+from tests.harness import of_type, running_reactor, settings_for, sql, wait_for
+
+RESULTS = {
+    "child_name": "Маша Петрова",
+    "scores": [
+        {"domain": "Эмоциональное состояние", "score": 12, "max": 20, "band": "moderate"},
+        {"domain": "Поведение", "score": 5, "max": 20, "band": "low"},
+        {"domain": "Внимание и концентрация", "score": 18, "max": 20, "band": "high"},
+    ],
+    "summary": "Ребёнок в целом справляется, но стоит обратить внимание на концентрацию.",
+    "recommendations": ["Обсудить режим сна со специалистом.", "Ежедневные прогулки."],
+}
+
+
+def pdf_text(data: bytes) -> tuple[int, str, dict[str, str]]:
+    reader = PdfReader(io.BytesIO(data))
+    # Whitespace folded: line breaks and justified spacing differ from the source text.
+    text = " ".join(" ".join(page.extract_text() for page in reader.pages).split())
+    meta = {k: str(v) for k, v in (reader.metadata or {}).items()}
+    return len(reader.pages), text, meta
+
+
+async def test_completed_checkup_yields_pdf_row_and_mail(database_url: str,
+                                                         tmp_path: Path) -> None:
+    reports, outbox = tmp_path / "reports", tmp_path / "outbox"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = f.profile(conn, email="mama@example.com", full_name="Анна Петрова", locale="ru")
+        checkup = f.assessment(conn, user, results=RESULTS)
+    async with running_reactor(database_url, REPORTS_DIR=str(reports),
+                               EMAIL_OUTBOX_DIR=str(outbox)) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await sql(database_url, "UPDATE public.assessments SET status = 'completed' "
+                                    "WHERE id = %s", (checkup,))
+            # The report, and two mails: "checkup completed" (trigger), "report ready".
+            done = await wait_for(sub, lambda e: e["type"] == "job.succeeded" and e["queue"] in (
+                "report_generation_queue", "email_queue"), count=3, within_s=15)
+    assert sorted(e["queue"] for e in done) == ["email_queue", "email_queue",
+                                                "report_generation_queue"]
+    path = reports / str(user) / f"{checkup}.pdf"
+    data = path.read_bytes()
+    pages, text, meta = pdf_text(data)
+    assert pages == 1
+    assert "Маша Петрова" in text
+    assert "Отчёт по результатам чекапа" in text
+    assert "Внимание и концентрация" in text
+    assert "не является диагнозом" in text
+    assert "Страница 1 из 1" in text
+    assert meta["/Author"] == "Family Mind"
+    assert "Маша Петрова" in meta["/Title"]
+    assert "/CreationDate" in meta
+    [(rel, size, sha)] = await sql(database_url, "SELECT path, bytes, sha256 FROM public.reports")
+    assert (rel, size) == (f"{user}/{checkup}.pdf", len(data))
+    assert len(sha) == 64
+    mails = [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+             for p in sorted(outbox.glob("*.eml"))]
+    [ready] = [m for m in mails if m["Subject"] == "Отчёт по чекапу готов"]
+    [attachment] = list(ready.iter_attachments())
+    assert attachment.get_content_type() == "application/pdf"
+    assert attachment.get_content() == data
+
+
+async def test_the_same_message_twice_gives_one_row_one_file_one_mail(
+        database_url: str, tmp_path: Path) -> None:
+    reports, outbox = tmp_path / "reports", tmp_path / "outbox"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = f.profile(conn, locale="en")
+        checkup = f.assessment(conn, user, status="completed", results=RESULTS)
+        conn.execute("DELETE FROM pgmq.q_email_queue")
+        # The same job delivered again (e.g. the first worker died before archiving).
+        conn.execute("SELECT public.queue_report_generation(%s, %s)", (checkup, user))
+    async with running_reactor(database_url, REPORTS_DIR=str(reports),
+                               EMAIL_OUTBOX_DIR=str(outbox)) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await wait_for(sub, lambda e: e["type"] == "job.succeeded" and e["queue"] in (
+                "report_generation_queue", "email_queue"), count=3, within_s=20)
+    assert await sql(database_url, "SELECT count(*) FROM public.reports") == [(1,)]
+    assert len(list((reports / str(user)).iterdir())) == 1  # no temp file left either
+    assert len(list(outbox.glob("*.eml"))) == 1
+    assert "Checkup report" in pdf_text((reports / str(user) / f"{checkup}.pdf").read_bytes())[1]
+
+
+@pytest.mark.parametrize(("setup", "reason"), [
+    ("missing", "does not exist"),
+    ("in_progress", "is in_progress, not completed"),
+])
+async def test_missing_or_unfinished_checkup_is_dead_lettered(
+        database_url: str, tmp_path: Path, setup: str, reason: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = f.profile(conn)
+        checkup = f.assessment(conn, user) if setup == "in_progress" else user
+    async with running_reactor(database_url, REPORTS_DIR=str(tmp_path)) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await sql(database_url, "SELECT public.queue_report_generation(%s, %s)",
+                      (checkup, user))
+            [event] = await wait_for(sub, of_type("job.dead_lettered"))
+    assert reason in event["error"]
+    assert await sql(database_url, "SELECT count(*) FROM public.reports") == [(0,)]
+
+
+def test_a_missing_font_stops_start_up_naming_the_fix(database_url: str,
+                                                      tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="apt-get install -y fonts-dejavu-core"):
+        Reactor(settings_for(database_url, REPORT_FONT_DIR=str(tmp_path)))
+
+
+def test_optional_parts_may_be_missing(tmp_path: Path) -> None:
+    fonts = prepare_fonts(find_fonts(Path("/usr/share/fonts/truetype/dejavu")), tmp_path)
+    data = ReportData("a1", None, None, None)
+    pages, text, _ = pdf_text(render_report(data, locale="en", fonts=fonts,
+                                            templates_dir=TEMPLATES_DIR, app_name="X"))
+    assert pages == 1
+    assert "No scores by area were recorded." in text
+    many = ReportData("a2", "Kid", "Parent", datetime.now(UTC) - timedelta(days=1),
+                      [Score(f"Area {i}", i, 40, "low") for i in range(40)], "x " * 400,
+                      [f"Recommendation {i}" for i in range(30)])
+    pages, text, _ = pdf_text(render_report(many, locale="en", fonts=fonts,
+                                            templates_dir=TEMPLATES_DIR, app_name="X"))
+    assert pages >= 2
+    assert f"Page {pages} of {pages}" in text
+
+
+def test_bad_results_entries_are_skipped() -> None:
+    from reactor.processors.reports import report_data
+
+    data = report_data("a", {"scores": [{"domain": "A", "score": "x"}, "junk",
+                                        {"domain": "B", "score": 3, "max": 5, "band": "??"}],
+                             "recommendations": None}, None, None)
+    assert [(s.domain, s.band) for s in data.scores] == [("B", "moderate")]
+    assert data.recommendations == []
+    assert report_data("a", None, None, None).scores == []
+
