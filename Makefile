@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install test test-fast lint bench system-deps clean
+.PHONY: install test test-fast lint bench demo system-deps clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/hadolint deploy/Dockerfile
+
+## The whole system on this machine with demo data: mails, a PDF, live events.
+demo: install system-deps
+	$(BIN)/reactor dev
 
 bench: install system-deps
 	$(BIN)/python -m bench

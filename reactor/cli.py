@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import psycopg
@@ -170,6 +171,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return run_watch(url, args.json)
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    from reactor.devstack import run_dev
+
+    return run_dev(Path(args.dir), args.reset)
+
+
 def _queue(name: str) -> str:
     if name not in QUEUES:
         raise CliError(f"unknown queue {name!r}: use one of {', '.join(QUEUES)}")
@@ -207,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--port", type=int, help="feed port (default FEED_PORT)")
     watch.add_argument("--token", help="feed token (default FEED_TOKEN)")
     watch.set_defaults(func=cmd_watch)
+
+    dev = sub.add_parser("dev", help="embedded local stack with demo data (Ctrl-C stops it)")
+    dev.add_argument("--reset", action="store_true", help="delete the stack's data first")
+    dev.add_argument("--dir", default=".reactor", help="where the stack keeps its state")
+    dev.set_defaults(func=cmd_dev)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
     dlq.add_argument("action", choices=["list", "replay", "purge"])
