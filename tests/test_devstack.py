@@ -42,7 +42,8 @@ def test_dev_stack_demo_then_restart_reuses_the_data(tmp_path: Path) -> None:
         port = int((home / "pg-port").read_text())
         url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         with psycopg.connect(url) as conn:
-            statuses: dict[int, str] = dict(conn.execute("SELECT amount::int, status FROM public.payments"))
+            statuses: dict[int, str] = dict(
+                conn.execute("SELECT amount::int, status FROM public.payments"))
             assert statuses == {3500: "completed", 4200: "failed"}
             listen = conn.execute("SHOW listen_addresses").fetchone()
             assert listen == ("127.0.0.1",)  # never beyond loopback
