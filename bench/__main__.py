@@ -310,6 +310,30 @@ def feed_load(url: str, n: int = 10_000) -> Result:
             "clients_dropped": dropped}
 
 
+def pdf_render(url: str, n: int = 50) -> Result:
+    """Median time to render a typical checkup report (Russian, four domains)."""
+    from datetime import UTC, datetime
+
+    from reactor.paths import TEMPLATES_DIR
+    from reactor.services.pdf import ReportData, Score, find_fonts, prepare_fonts, render_report
+
+    fonts = prepare_fonts(find_fonts(Path("/usr/share/fonts/truetype/dejavu")),
+                          Path(tempfile.gettempdir()) / "reactor-fonts")
+    data = ReportData("a1", "Маша Петрова", "Анна Петрова", datetime.now(UTC), [
+        Score("Эмоциональное состояние", 12, 20, "moderate"), Score("Поведение", 6, 20, "low"),
+        Score("Внимание и концентрация", 17, 20, "high"), Score("Сон", 8, 20, "low")],
+        "Маша в целом хорошо справляется; стоит обратить внимание на концентрацию.",
+        ["Обсудить со специалистом трудности с концентрацией.", "Режим сна и прогулки."])
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        render_report(data, locale="ru", fonts=fonts, templates_dir=TEMPLATES_DIR,
+                      app_name="Family Mind")
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"scenario": f"PDF report render, {n} runs", "median_ms":
+            round(statistics.median(times), 1), "p90_ms": round(pct(times, 90), 1)}
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo", encoding="utf-8") as info:
@@ -332,6 +356,7 @@ SCENARIOS: dict[str, Callable[[str], Result]] = {
     "old": old_design,
     "smtp": smtp,
     "feed": feed_load,
+    "pdf": pdf_render,
 }
 
 
