@@ -38,36 +38,42 @@ class AnyMessage(MessageModel):
     pass
 
 
-class NoopProcessor(Processor[AnyMessage]):
+class Counted:
+    """Counts finished jobs; `done` is set when `target` of them have finished."""
+
+    count: ClassVar[int] = 0
+    target: ClassVar[int] = 0
+    done: ClassVar[trio.Event]
+
+    @classmethod
+    def expect(cls, target: int) -> None:
+        """Call inside trio.run, before the jobs start."""
+        cls.count, cls.target, cls.done = 0, target, trio.Event()
+
+    @classmethod
+    def tick(cls) -> None:
+        cls.count += 1
+        if cls.count == cls.target:
+            cls.done.set()
+
+
+class NoopProcessor(Counted, Processor[AnyMessage]):
     """Does nothing but note when it started (for the latency run)."""
 
     queue = "analytics_queue"
     model = AnyMessage
     concurrency = 100
     started_at: ClassVar[dict[int, float]] = {}
-    count: ClassVar[int] = 0
-    target: ClassVar[int] = 0
-    done: ClassVar[trio.Event]
 
     async def handle(self, job: Job[AnyMessage]) -> None:
-        cls = type(self)
-        cls.started_at[job.msg_id] = time.perf_counter()
-        cls.count += 1
-        if cls.count == cls.target:
-            cls.done.set()
+        type(self).started_at[job.msg_id] = time.perf_counter()
+        self.tick()
 
 
-class CountingAnalytics(AnalyticsProcessor):
-    count: ClassVar[int] = 0
-    target: ClassVar[int] = 0
-    done: ClassVar[trio.Event]
-
+class CountingAnalytics(Counted, AnalyticsProcessor):
     async def handle(self, job: Job[Any]) -> None:
         await super().handle(job)
-        cls = type(self)
-        cls.count += 1
-        if cls.count == cls.target:
-            cls.done.set()
+        self.tick()
 
 
 def settings(url: str, **env: Any) -> Any:
@@ -98,8 +104,6 @@ def wake_latency(url: str, n: int = 500, gap_s: float = 0.01) -> Result:
     """Commit → handler start, one message at a time, fallback poll at 60 s."""
     reset(url)
     NoopProcessor.started_at = {}
-    NoopProcessor.count = 0
-    NoopProcessor.target = n
     committed: dict[int, float] = {}
 
     def sender() -> None:
@@ -110,7 +114,7 @@ def wake_latency(url: str, n: int = 500, gap_s: float = 0.01) -> Result:
                 time.sleep(gap_s)
 
     async def main() -> None:
-        NoopProcessor.done = trio.Event()
+        NoopProcessor.expect(n)
         reactor = Reactor(settings(url), processors={NoopProcessor.queue: NoopProcessor})
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(reactor.run, handle_signals=False))
@@ -126,15 +130,13 @@ def wake_latency(url: str, n: int = 500, gap_s: float = 0.01) -> Result:
             "max_ms": round(max(lat), 2)}
 
 
-def throughput(url: str, processor: type[Any], n: int, label: str, **env: Any) -> Result:
+def throughput(url: str, processor: type[NoopProcessor | CountingAnalytics], n: int, label: str, **env: Any) -> Result:
     """A burst of n messages committed first, then drained by one process."""
     reset(url)
     fill(url, n)
-    processor.count = 0
-    processor.target = n
 
     async def main() -> float:
-        processor.done = trio.Event()
+        processor.expect(n)
         reactor = Reactor(settings(url, **env), processors={processor.queue: processor})
         async with trio.open_nursery() as nursery:
             t0 = time.perf_counter()
@@ -209,17 +211,10 @@ def smtp(url: str, n: int = 2000) -> Result:
 
     from reactor.processors.email import EmailProcessor
 
-    class CountingEmail(EmailProcessor):
-        count: ClassVar[int] = 0
-        target: ClassVar[int] = 0
-        done: ClassVar[trio.Event]
-
+    class CountingEmail(Counted, EmailProcessor):
         async def handle(self, job: Job[Any]) -> None:
             await super().handle(job)
-            cls = type(self)
-            cls.count += 1
-            if cls.count == cls.target:
-                cls.done.set()
+            self.tick()
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "aiosmtpd", "-n", "-l",
@@ -235,11 +230,8 @@ def smtp(url: str, n: int = 2000) -> Result:
                     "'@example.com', 'template', 'checkup_completed', 'locale', 'ru', "
                     "'variables', jsonb_build_object('full_name', 'Анна', 'assessment_id', i))) "
                     "FROM generate_series(1, %s) i", (n,))
-            CountingEmail.count = 0
-            CountingEmail.target = n
-
             async def main(pool: int = pool) -> float:
-                CountingEmail.done = trio.Event()
+                CountingEmail.expect(n)
                 env = {"EMAIL_PROVIDER": "smtp", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": port,
                        "SMTP_SECURITY": "none", "SMTP_FROM": "noreply@example.com",
                        "SMTP_POOL_SIZE": pool}
@@ -271,14 +263,12 @@ def feed_load(url: str, n: int = 10_000) -> Result:
     for clients in (0, 10):
         reset(url)
         fill(url, n)
-        NoopProcessor.count = 0
-        NoopProcessor.target = n
         feed_port = free_port()
         proc = None
 
         async def main(clients: int = clients, feed_port: int = feed_port) -> float:
             nonlocal proc
-            NoopProcessor.done = trio.Event()
+            NoopProcessor.expect(n)
             reactor = Reactor(settings(url, FEED_PORT=feed_port, METRICS_PORT=0),
                               processors={NoopProcessor.queue: NoopProcessor})
             reactor.drainers[NoopProcessor.queue]._wake_pending = False  # wait for the clients
