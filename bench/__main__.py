@@ -130,7 +130,8 @@ def wake_latency(url: str, n: int = 500, gap_s: float = 0.01) -> Result:
             "max_ms": round(max(lat), 2)}
 
 
-def throughput(url: str, processor: type[NoopProcessor | CountingAnalytics], n: int, label: str, **env: Any) -> Result:
+def throughput(url: str, processor: type[NoopProcessor | CountingAnalytics], n: int,
+               label: str, **env: Any) -> Result:
     """A burst of n messages committed first, then drained by one process."""
     reset(url)
     fill(url, n)
