@@ -77,10 +77,6 @@ QUEUE_METRICS: LiteralString = """
 SELECT queue_name::text, queue_length, oldest_msg_age_sec, total_messages
   FROM pgmq.metrics_all()
 """
-DLQ_READ_ALL: LiteralString = """
-SELECT msg_id, read_ct, enqueued_at, message
-  FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
-"""
 DELETE_MANY: LiteralString = "SELECT pgmq.delete(%(queue)s, %(ids)s::bigint[])"
 
 # -- processors -----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from reactor import status
+from reactor import queries, status
 from reactor.db import Database, DatabaseUnavailable
 from reactor.feed import token_ok
 from reactor.metrics import Metrics
@@ -71,7 +71,7 @@ def create_app(ctx: WebContext) -> Starlette:
         else:
             with trio.move_on_after(HEALTH_DB_TIMEOUT_S) as scope:
                 try:
-                    await ctx.db.run(lambda c: c.execute("SELECT 1").fetchone())
+                    await ctx.db.run(lambda c: c.execute(queries.PING).fetchone())
                 except DatabaseUnavailable as exc:
                     reason = f"the database does not answer: {exc}"
             if scope.cancelled_caught:
