@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import psycopg
 import trio
 from psycopg.types.json import Jsonb
@@ -127,3 +131,18 @@ async def eventually(condition: Callable[[], Any], within_s: float = 10,
         while not (result := condition()):  # noqa: ASYNC110 - polling outside state
             await trio.sleep(every_s)
     return result
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path,
+                 within_s: float = 30) -> None:
+    """Block until a `reactor run` process answers /healthz with 200 (sync tests)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)

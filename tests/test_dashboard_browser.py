@@ -7,14 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 
 from reactor.pgcluster import free_port
+from tests.harness import wait_healthy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
@@ -38,15 +37,7 @@ def test_dashboard_shows_a_message_enqueued_after_the_page_loaded(
     proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=env, stdout=log,
                             stderr=log, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "reactor.log").read_text()
-            time.sleep(0.1)
+        wait_healthy(http_port, proc, tmp_path / "reactor.log")
         # Playwright's sync API runs an asyncio loop of its own; trio-asyncio (the SMTP
         # tests) leaves its policy installed for the whole process, so restore the default.
         asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())

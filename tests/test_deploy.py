@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from reactor.config import Settings
 from reactor.paths import HOME
 from reactor.pgcluster import free_port
+from tests.harness import wait_healthy
 
 DEPLOY = HOME / "deploy"
 VENV_BIN = Path(sys.executable).parent
@@ -30,16 +30,7 @@ def run_until_healthy(argv: list[str], env: dict[str, str], port: int, cwd: Path
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, cwd=cwd)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_healthy(port, proc, log)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

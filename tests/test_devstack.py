@@ -21,6 +21,17 @@ def start(cwd: Path, log: Path) -> subprocess.Popen[bytes]:
                                 stderr=out, env={"PATH": os.environ["PATH"]})
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C, as a person would; the stack must exit cleanly."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for(condition: object, what: str, log: Path, within_s: float = 90) -> None:
     deadline = time.monotonic() + within_s
     while not condition():  # type: ignore[operator]
@@ -47,12 +58,8 @@ def test_dev_stack_demo_then_restart_reuses_the_data(tmp_path: Path) -> None:
             assert statuses == {3500: "completed", 4200: "failed"}
             listen = conn.execute("SHOW listen_addresses").fetchone()
             assert listen == ("127.0.0.1",)  # never beyond loopback
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
     mails = len(list((home / "outbox").glob("*.eml")))
     log2 = tmp_path / "dev2.log"
@@ -61,11 +68,7 @@ def test_dev_stack_demo_then_restart_reuses_the_data(tmp_path: Path) -> None:
         wait_for(lambda: "demo data from last run" in log2.read_text(), "second start", log2)
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT count(*) FROM public.profiles").fetchone() == (2,)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert len(list((home / "outbox").glob("*.eml"))) == mails  # nothing sent twice
     shutil.rmtree(DevStack(home).cluster_dir(), ignore_errors=True)
