@@ -62,8 +62,23 @@ READ: LiteralString = """
 SELECT msg_id, read_ct, enqueued_at, message
   FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
 """
-# For the reactor's own bookkeeping transactions only (see queues.archive_then_read).
-ASYNC_COMMIT: LiteralString = "SET LOCAL synchronous_commit = off"
+# Archive what finished, then read the next batch: one statement, so one round trip
+# and one commit. set_config(..., true) turns synchronous_commit off for this
+# statement's own transaction only (see queues.archive_then_read for why that is
+# safe). The read is LATERAL on `pre` (the `0 * archived` term) so that Postgres
+# archives before it reads; both run in the same snapshot, and the archived
+# messages are still invisible, so the read cannot take them again.
+ARCHIVE_THEN_READ: LiteralString = """
+SELECT r.msg_id, r.read_ct, r.enqueued_at, r.message
+  FROM (SELECT set_config('synchronous_commit', 'off', true) AS async_commit,
+               (SELECT count(*) FROM pgmq.archive(%(queue)s, %(ids)s::bigint[]))::int
+                   AS archived) AS pre,
+       LATERAL pgmq.read(%(queue)s, %(vt)s + 0 * pre.archived, %(qty)s) AS r
+"""
+ARCHIVE_ASYNC: LiteralString = """
+SELECT set_config('synchronous_commit', 'off', true),
+       (SELECT count(*) FROM pgmq.archive(%(queue)s, %(ids)s::bigint[]))
+"""
 ARCHIVE_MANY: LiteralString = "SELECT pgmq.archive(%(queue)s, %(ids)s::bigint[])"
 # Retry later / release now / extend a lease. One statement for many ids,
 # using only the single-message set_vt that pgmq 1.4.4 already has.
