@@ -6,9 +6,11 @@ import email.policy
 import io
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import trio
 from pypdf import PdfReader
 
 from reactor.config import ConfigError
@@ -147,3 +149,44 @@ def test_bad_results_entries_are_skipped() -> None:
     assert data.recommendations == []
     assert report_data("a", None, None, None).scores == []
 
+
+
+async def test_reports_are_also_upserted_into_supabase_storage(
+        database_url: str, tmp_path: Path) -> None:
+    """A local stand-in for the Storage REST API receives the PDF (upsert, service key)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from reactor.web import serve_http
+
+    uploads: list[dict[str, Any]] = []
+
+    async def upload(request: Request) -> Response:
+        uploads.append({"path": request.path_params["path"], "body": await request.body(),
+                        "auth": request.headers.get("authorization"),
+                        "upsert": request.headers.get("x-upsert"),
+                        "type": request.headers.get("content-type")})
+        return JSONResponse({"Key": f"reports/{request.path_params['path']}"})
+
+    storage = Starlette(routes=[Route("/storage/v1/object/reports/{path:path}", upload,
+                                      methods=["POST"])])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = f.profile(conn)
+        checkup = f.assessment(conn, user, status="completed", results=RESULTS)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, storage, "127.0.0.1", 0)
+        async with running_reactor(database_url, REPORTS_DIR=str(tmp_path),
+                                   SUPABASE_URL=f"http://127.0.0.1:{port}",
+                                   SUPABASE_SERVICE_ROLE_KEY="service-role-key-for-tests"
+                                   ) as reactor:
+            with reactor.bus.subscribe() as sub:
+                await wait_for(sub, lambda e: e["type"] == "job.succeeded"
+                               and e["queue"] == "report_generation_queue", within_s=15)
+        nursery.cancel_scope.cancel()
+    [sent] = uploads
+    assert sent["path"] == f"{user}/{checkup}.pdf"
+    assert sent["body"] == (tmp_path / str(user) / f"{checkup}.pdf").read_bytes()
+    assert (sent["auth"], sent["upsert"], sent["type"]) == (
+        "Bearer service-role-key-for-tests", "true", "application/pdf")
