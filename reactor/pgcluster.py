@@ -193,8 +193,3 @@ class PgCluster:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
-
-    def database_exists(self, name: str) -> bool:
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        return row is not None

@@ -108,10 +108,6 @@ class Drainer:
         if self._workers_scope is not None:
             self._workers_scope.cancel()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     # -- the loop --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain until stopped; survives database outages."""
@@ -297,8 +293,7 @@ class Drainer:
                 await self._retry(message, describe_error(exc), started)
             else:
                 self._done.append(msg_id)
-                bus.publish("job.succeeded", self.queue, msg_id, message.attempt,
-                            round((trio.current_time() - started) * 1000, 3))
+                bus.publish("job.succeeded", self.queue, msg_id, message.attempt, _ms(started))
         except trio.Cancelled:
             if self._timed_out is not None and self._timed_out[0] is message:
                 finished = False  # the worker records the retry, then finishes it
