@@ -64,9 +64,14 @@ class QueueDepth:
     total: int
 
 
+def _messages(queue: str, rows: list[tuple[Any, ...]]) -> list[Message]:
+    """Rows of (msg_id, read_ct, enqueued_at, message), as every reading query selects them."""
+    return [Message(queue, r[0], r[1], r[2], r[3]) for r in rows]
+
+
 def read(conn: psycopg.Connection, queue: str, vt: int, qty: int) -> list[Message]:
     rows = conn.execute(queries.READ, {"queue": queue, "vt": vt, "qty": qty}).fetchall()
-    return [Message(queue, r[0], r[1], r[2], r[3]) for r in rows]
+    return _messages(queue, rows)
 
 
 def archive(conn: psycopg.Connection, queue: str, ids: list[int]) -> None:
@@ -100,7 +105,7 @@ def archive_then_read(
     """
     rows = conn.execute(queries.ARCHIVE_THEN_READ,
                         {"queue": queue, "ids": done, "vt": vt, "qty": qty}).fetchall()
-    return [Message(queue, r[0], r[1], r[2], r[3]) for r in rows]
+    return _messages(queue, rows)
 
 
 def dead_letter(conn: psycopg.Connection, msg: Message, error: str) -> int:
@@ -146,7 +151,7 @@ def peek(conn: psycopg.Connection, queue: str, msg_id: int | None = None,
     """Messages of a queue without taking them (for the DLQ commands)."""
     rows = conn.execute(queries.PEEK.format(table=_table(queue)),
                         {"msg_id": msg_id, "limit": limit}).fetchall()
-    return [Message(queue, r[0], r[1], r[2], r[3]) for r in rows]
+    return _messages(queue, rows)
 
 
 def replay_dead_letters(conn: psycopg.Connection, queue: str, msg_id: int | None = None,
