@@ -160,7 +160,7 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
 
     def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
              reject: Sequence[str] = (), defer: Sequence[str] = (), port: int | None = None,
-             start: bool = True) -> SmtpServer:
+             start: bool = True, delay_ms: int = 0) -> SmtpServer:
         port = port or free_port()
         maildir = tmp_path / f"mail-{port}"
         argv = ["--port", str(port), "--maildir", str(maildir), "--tls", tls,
@@ -171,6 +171,8 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
             argv += ["--reject", *reject]
         if defer:
             argv += ["--defer", *defer]
+        if delay_ms:
+            argv += ["--delay-ms", str(delay_ms)]
         server = SmtpServer(port, maildir, argv)
         servers.append(server)
         return server.start() if start else server

@@ -5,7 +5,7 @@ mailer) changes asyncio for the whole process, and aiosmtpd's threaded
 Controller then fails with "Cannot switch to a different thread".
 
     python -m tests.smtp_server --port P --maildir DIR [--tls starttls|ssl --cert C --key K]
-        [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...]
+        [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...] [--delay-ms MS]
 
 Each accepted mail is written to DIR/NNNN.eml (atomically). Prints READY
 when it listens; stops on SIGTERM.
@@ -27,10 +27,12 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
-    def __init__(self, maildir: Path, reject: set[str], defer: set[str]) -> None:
+    def __init__(self, maildir: Path, reject: set[str], defer: set[str],
+                 delay_s: float = 0.0) -> None:
         self.maildir = maildir
         self.reject = reject
         self.defer = defer
+        self.delay_s = delay_s  # a slow relay: each DATA is answered this much later
         self.counter = itertools.count(1)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
@@ -43,6 +45,8 @@ class Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         n = next(self.counter)
         temp = self.maildir / f".{n:04d}.tmp"
         temp.write_bytes(envelope.original_content or envelope.content)
@@ -65,6 +69,7 @@ def main() -> None:
     parser.add_argument("--password")
     parser.add_argument("--reject", nargs="*", default=[])
     parser.add_argument("--defer", nargs="*", default=[])
+    parser.add_argument("--delay-ms", type=int, default=0)
     args = parser.parse_args()
     args.maildir.mkdir(parents=True, exist_ok=True)
 
@@ -88,7 +93,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     controller = UnthreadedController(
-        Handler(args.maildir, set(args.reject), set(args.defer)), hostname="127.0.0.1",
+        Handler(args.maildir, set(args.reject), set(args.defer), args.delay_ms / 1000), hostname="127.0.0.1",
         port=args.port, loop=loop, ssl_context=context if args.tls == "ssl" else None,
         **kwargs)
     controller.begin()  # type: ignore[no-untyped-call]

@@ -25,12 +25,15 @@ __all__ = ["EVENT_TYPES", "Event", "EventBus", "Subscription"]
 EVENT_TYPES: Final = (
     "reactor.started", "reactor.stopping", "listener.connected", "listener.lost", "wakeup",
     "job.started", "job.succeeded", "job.retrying", "job.dead_lettered", "queue.depth",
+    "health.degraded", "health.recovered",
 )
 
 # Outcomes and lifecycle go to the log at info; the per-job chatter does not.
 _LOG_LEVEL = {
     "job.started": "debug", "wakeup": "debug", "queue.depth": "debug",
     "job.retrying": "warning", "job.dead_lettered": "error", "listener.lost": "warning",
+    # health.* are logged by reactor.core.health itself, once per change.
+    "health.degraded": "debug", "health.recovered": "debug",
 }
 
 Event = dict[str, Any]
