@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install test test-fast lint bench demo system-deps clean
+.PHONY: install test test-fast test-container lint bench demo system-deps clean
 
 install: $(VENV)/.installed
 
@@ -18,11 +18,17 @@ system-deps:
 
 ## The whole suite against a throwaway Postgres (includes the ~1 min pg_cron test).
 test: install system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not container"
 
 ## Everything but the tests that wait on pg_cron's minute tick.
-test-fast: install
-	$(BIN)/pytest -m "not slow"
+test-fast: install system-deps
+	$(BIN)/pytest -m "not slow and not container"
+
+## The image: deploy/Dockerfile built and run with podman against a throwaway Postgres
+## (docs/operations.md, "The container image"). Skips where podman cannot run.
+test-container: install
+	WITH_CONTAINER=1 scripts/install-system-deps
+	$(BIN)/pytest -m container tests/test_container.py
 
 lint: install
 	$(BIN)/ruff check .
@@ -34,6 +40,7 @@ demo: install system-deps
 	$(BIN)/reactor dev
 
 bench: install system-deps
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
 clean:

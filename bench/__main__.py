@@ -1,8 +1,17 @@
-"""`python -m bench [scenario ...]`: wake latency, throughput, the old design.
+"""`python -m bench [scenario ...]`: the reactor beside its peers, mail, PDF, memory.
 
 Runs against a private Postgres cluster with stock durability (fsync on) on
 this machine, started under a temporary directory and removed afterwards.
-Prints a Markdown table to paste into docs/benchmarks.md.
+Prints Markdown tables to paste into docs/benchmarks.md. Scenarios:
+
+- peers: jobs/s of PgQueuer, the bare pgmq loop and the reactor (bench/peers.py)
+- wake: commit → handler start, one job every 20 ms, PgQueuer vs the reactor
+- mail: the email pipeline against a 40 ms relay and a local sink (bench/mail.py)
+- pdf: render time of the standard and the largest report
+- idle: CPU of `reactor run` with nothing to do
+- analytics, old, feed: the analytics handler, the old Node design, feed clients
+- memory (long, only when named): RSS after 100,000 and 1,000,000 jobs
+- profile (only when named): per-message counts and a py-spy profile of a drain
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any, ClassVar
 import psycopg
 import trio
 
+from bench import mail, peers, profile, resources
 from reactor import queues
 from reactor.config import load_settings
 from reactor.core.app import Reactor
@@ -99,37 +109,7 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
-# -- scenarios -----------------------------------------------------------------------
-def wake_latency(url: str, n: int = 500, gap_s: float = 0.01) -> Result:
-    """Commit → handler start, one message at a time, fallback poll at 60 s."""
-    reset(url)
-    NoopProcessor.started_at = {}
-    committed: dict[int, float] = {}
-
-    def sender() -> None:
-        with psycopg.connect(url, autocommit=True) as conn:
-            for _ in range(n):
-                row = conn.execute("SELECT public.enqueue('analytics_queue', '{}')").fetchone()
-                committed[row[0]] = time.perf_counter()  # type: ignore[index]
-                time.sleep(gap_s)
-
-    async def main() -> None:
-        NoopProcessor.expect(n)
-        reactor = Reactor(settings(url), processors={NoopProcessor.queue: NoopProcessor})
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(reactor.run, handle_signals=False))
-            await trio.to_thread.run_sync(sender)
-            with trio.fail_after(30):
-                await NoopProcessor.done.wait()
-            reactor.stop()
-
-    trio.run(main)
-    lat = [(NoopProcessor.started_at[i] - t) * 1000 for i, t in committed.items()]
-    return {"scenario": f"wake latency, {n} msgs one by one, poll 60 s",
-            "p50_ms": round(pct(lat, 50), 2), "p99_ms": round(pct(lat, 99), 2),
-            "max_ms": round(max(lat), 2)}
-
-
+# -- scenarios ---------------------------------------------------------------------------
 def throughput(url: str, processor: type[NoopProcessor | CountingAnalytics], n: int,
                label: str, **env: Any) -> Result:
     """A burst of n messages committed first, then drained by one process."""
@@ -153,22 +133,6 @@ def throughput(url: str, processor: type[NoopProcessor | CountingAnalytics], n: 
     assert left == (0,), left
     return {"scenario": label, "messages": n, "seconds": round(elapsed, 2),
             "msgs_per_s": round(n / elapsed)}
-
-
-def bare_loop(url: str, n: int = 20_000) -> Result:
-    """pgmq.read(100) + pgmq.archive(ids) on one connection: the floor of any worker."""
-    reset(url)
-    fill(url, n)
-    with psycopg.connect(url, autocommit=True) as conn:
-        t0 = time.perf_counter()
-        while True:
-            msgs = queues.read(conn, "analytics_queue", 30, 100)
-            if not msgs:
-                break
-            queues.archive(conn, "analytics_queue", [m.msg_id for m in msgs])
-        elapsed = time.perf_counter() - t0
-    return {"scenario": "bare loop read(100)+archive, no dispatch", "messages": n,
-            "seconds": round(elapsed, 2), "msgs_per_s": round(n / elapsed)}
 
 
 def old_design(url: str, n: int = 30, spread_s: float = 15.0) -> Result:
@@ -203,55 +167,6 @@ def old_design(url: str, n: int = 30, spread_s: float = 15.0) -> Result:
     lat = [(handled[i] - t) * 1000 for i, t in committed.items() if i in handled]
     return {"scenario": "old design: poll 5 s, 10 per cycle", "p50_ms": round(pct(lat, 50)),
             "p99_ms": round(pct(lat, 99)), "msgs_per_s": 2}
-
-
-def smtp(url: str, n: int = 2000) -> Result:
-    """Mails/s to a local SMTP server (aiosmtpd sink): one connection vs the pool."""
-    import subprocess
-    import sys
-
-    from reactor.processors.email import EmailProcessor
-
-    class CountingEmail(Counted, EmailProcessor):
-        async def handle(self, job: Job[Any]) -> None:
-            await super().handle(job)
-            self.tick()
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "aiosmtpd", "-n", "-l",
-                               f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Sink"])
-    time.sleep(1.0)
-    results = []
-    try:
-        for pool in (1, 3, 8):
-            with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute("DELETE FROM pgmq.q_email_queue; DELETE FROM public.email_ledger")
-                conn.execute(
-                    "SELECT pgmq.send('email_queue', jsonb_build_object('to', 'parent' || i || "
-                    "'@example.com', 'template', 'checkup_completed', 'locale', 'ru', "
-                    "'variables', jsonb_build_object('full_name', 'Анна', 'assessment_id', i))) "
-                    "FROM generate_series(1, %s) i", (n,))
-            async def main(pool: int = pool) -> float:
-                CountingEmail.expect(n)
-                env = {"EMAIL_PROVIDER": "smtp", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": port,
-                       "SMTP_SECURITY": "none", "SMTP_FROM": "noreply@example.com",
-                       "SMTP_POOL_SIZE": pool}
-                reactor = Reactor(settings(url, **env), processors={"email_queue": CountingEmail})
-                async with trio.open_nursery() as nursery:
-                    t0 = time.perf_counter()
-                    await nursery.start(partial(reactor.run, handle_signals=False))
-                    with trio.fail_after(600):
-                        await CountingEmail.done.wait()
-                    reactor.stop()
-                return time.perf_counter() - t0
-
-            elapsed = trio.run(main)
-            results.append(f"pool {pool}: {round(n / elapsed)}/s")
-    finally:
-        server.terminate()
-        server.wait()
-    return {"scenario": f"SMTP, {n} mails rendered + sent + ledgered", "mails_per_s":
-            ", ".join(results)}
 
 
 def feed_load(url: str, n: int = 10_000) -> Result:
@@ -301,28 +216,10 @@ def feed_load(url: str, n: int = 10_000) -> Result:
             "clients_dropped": dropped}
 
 
-def pdf_render(url: str, n: int = 50) -> Result:
-    """Median time to render a typical checkup report (Russian, four domains)."""
-    from datetime import UTC, datetime
-
-    from reactor.paths import TEMPLATES_DIR
-    from reactor.services.pdf import ReportData, Score, find_fonts, prepare_fonts, render_report
-
-    fonts = prepare_fonts(find_fonts(Path("/usr/share/fonts/truetype/dejavu")),
-                          Path(tempfile.gettempdir()) / "reactor-fonts")
-    data = ReportData("a1", "Маша Петрова", "Анна Петрова", datetime.now(UTC), [
-        Score("Эмоциональное состояние", 12, 20, "moderate"), Score("Поведение", 6, 20, "low"),
-        Score("Внимание и концентрация", 17, 20, "high"), Score("Сон", 8, 20, "low")],
-        "Маша в целом хорошо справляется; стоит обратить внимание на концентрацию.",
-        ["Обсудить со специалистом трудности с концентрацией.", "Режим сна и прогулки."])
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        render_report(data, locale="ru", fonts=fonts, templates_dir=TEMPLATES_DIR,
-                      app_name="Family Mind")
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"scenario": f"PDF report render, {n} runs", "median_ms":
-            round(statistics.median(times), 1), "p90_ms": round(pct(times, 90), 1)}
+def pg_version(url: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]).split()[0] if row else "?"
 
 
 def machine() -> str:
@@ -337,24 +234,37 @@ def machine() -> str:
             f"{platform.python_version()}, psycopg {pg}, trio {trio.__version__}")
 
 
-SCENARIOS: dict[str, Callable[[str], Result]] = {
-    "latency": wake_latency,
-    "bare": bare_loop,
-    "noop": lambda url: throughput(url, NoopProcessor, 20_000,
-                                   "burst 20,000, no-op handler, one process"),
+SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
+    "peers": peers.throughput,
+    "wake": peers.latency,
+    "mail": mail.mail,
+    "pdf": resources.pdf,
+    "idle": resources.idle_cpu,
     "analytics": lambda url: throughput(url, CountingAnalytics, 20_000,
                                         "burst 20,000, analytics handler, one process"),
     "old": old_design,
-    "smtp": smtp,
     "feed": feed_load,
-    "pdf": pdf_render,
+    "memory": resources.memory,
+    "profile": profile.profile,
 }
+# Not in a plain `make bench`: a million jobs take several minutes; profiling is for
+# whoever changes the drainer.
+LONG = {"memory", "profile"}
+
+
+def table(results: list[Result]) -> str:
+    """Results as a Markdown table (the keys of the first row are the columns)."""
+    columns = list(dict.fromkeys(k for row in results for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in results]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)} (default: all)")
+                        help=f"any of {', '.join(SCENARIOS)} (default: all but "
+                        f"{', '.join(sorted(LONG))})")
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -367,10 +277,14 @@ def main() -> None:
     try:
         url = cluster.url()
         migrate(url)
-        print(f"machine: {machine()}; PostgreSQL 15 on the same machine, fsync on\n")
-        for name in args.scenarios or SCENARIOS:
+        print(f"machine: {machine()}; PostgreSQL {pg_version(url)} on the same machine, "
+              f"fsync on; load average at start {os.getloadavg()[0]:.2f}\n", flush=True)
+        for name in args.scenarios or [s for s in SCENARIOS if s not in LONG]:
+            started = time.monotonic()
             result = SCENARIOS[name](url)
-            print(" | ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+            rows = result if isinstance(result, list) else [result]
+            print(f"### {name} ({time.monotonic() - started:.0f} s)\n\n{table(rows)}\n",
+                  flush=True)
     finally:
         cluster.remove()
 

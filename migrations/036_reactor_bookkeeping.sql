@@ -16,14 +16,15 @@ REVOKE ALL ON SCHEMA reactor FROM PUBLIC;
 -- outage is never taken for a worker-crasher, and one that keeps killing its
 -- worker is dead-lettered after a few deliveries in every queue.
 -- It is also the persistent record of recent failures (dashboard): the
--- reason and the attempt of the last one. Pruned by the housekeeping job.
+-- reason and the attempt of the last one (NULL for a message that was only
+-- released at shutdown). Pruned by the housekeeping job.
 CREATE TABLE IF NOT EXISTS reactor.job_failures (
     queue         text        NOT NULL,
     msg_id        bigint      NOT NULL,
     enqueued_at   timestamptz NOT NULL,
     outcomes      integer     NOT NULL DEFAULT 0,
-    last_attempt  integer     NOT NULL,
-    last_error    text        NOT NULL,
+    last_attempt  integer,              -- NULL: released at shutdown, never failed
+    last_error    text,
     dead_lettered boolean     NOT NULL DEFAULT false,
     updated_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (queue, msg_id)

@@ -70,6 +70,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reactor.core.app import Reactor, SchemaNotReady
+    from reactor.startup import DatabaseRefused
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format_effective)
@@ -79,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(str(exc), 2) from None
     try:
         trio.run(reactor.run)
-    except* SchemaNotReady as group:
+    except* (SchemaNotReady, DatabaseRefused) as group:
         raise CliError(str(group.exceptions[0]), 2) from None
     return 0
 
@@ -99,6 +100,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
+    """Dead letters. Two ids, never confused: `msg` is the original message's id (what
+    events, logs and the dashboard show), `dlq` the dead letter's own id in <queue>_dlq."""
     settings = _settings()
     queue = _queue(args.queue)
     if args.action == "list":
@@ -106,21 +109,54 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                                                            limit=args.limit))
         if args.json:
             for m in letters:
-                print(json.dumps({"msg_id": m.msg_id, "enqueued_at": m.enqueued_at.isoformat(),
-                                  **(m.body if isinstance(m.body, dict) else {"body": m.body})},
+                body = m.body if isinstance(m.body, dict) else {"body": m.body}
+                print(json.dumps({**body, "dlq_msg_id": m.msg_id,
+                                  "msg_id": body.get("source_msg_id"),
+                                  "enqueued_at": m.enqueued_at.isoformat(),
+                                  "error": None if body.get("error") is None
+                                  else mask_emails_in(str(body["error"]))},
                                  ensure_ascii=False, default=str))
             return 0
         if not letters:
             print(f"no dead letters in {queue}")
+            return 0
+        print(f"{'dlq id':>8}  {'msg id':>8}  {'dead-lettered at':<19}  {'tries':>5}  reason")
         for m in letters:
             body = m.body if isinstance(m.body, dict) else {}
-            print(f"{m.msg_id:>8}  {m.enqueued_at:%Y-%m-%d %H:%M:%S}  "
-                  f"attempts={body.get('attempts')}  source={body.get('source_msg_id')}  "
+            source = body.get("source_msg_id")
+            print(f"{m.msg_id:>8}  {source if source is not None else '-':>8}  "
+                  f"{m.enqueued_at:%Y-%m-%d %H:%M:%S}  {body.get('attempts') or '-':>5}  "
                   f"{mask_emails_in(str(body.get('error')))}")
+        print(f"replay one: reactor dlq replay {queue} --id DLQ_ID (or --msg-id MSG_ID)")
         return 0
     if args.action == "replay":
-        ids = _with_db(settings, lambda c: queues.replay_dead_letters(c, queue, args.id))
-        print(f"replayed {len(ids)} message(s) onto {queue}")
+        if args.id is not None and args.msg_id is not None:
+            raise CliError("give --id (dead-letter id) or --msg-id (original message id), "
+                           "not both")
+
+        def replay(conn: psycopg.Connection) -> list[tuple[int, int | None, int]]:
+            letters = queues.peek(conn, queues.dlq_name(queue), args.id, limit=1_000_000)
+            if args.msg_id is not None:
+                letters = [m for m in letters if isinstance(m.body, dict)
+                           and m.body.get("source_msg_id") == args.msg_id]
+            done = []
+            for letter in letters:
+                source = letter.body.get("source_msg_id") if isinstance(letter.body, dict) \
+                    else None
+                for new_id in queues.replay_dead_letters(conn, queue, letter.msg_id):
+                    done.append((letter.msg_id, source, new_id))
+            return done
+
+        done = _with_db(settings, replay)
+        if not done and (args.id is not None or args.msg_id is not None):
+            which = f"with dlq id {args.id}" if args.id is not None else \
+                f"of message {args.msg_id}"
+            raise CliError(f"no replayable dead letter {which} in {queue}_dlq "
+                           f"(see `reactor dlq list {queue}`)")
+        for dlq_id, source, new_id in done:
+            print(f"replayed dlq #{dlq_id} (msg #{source if source is not None else '?'}) "
+                  f"onto {queue} as msg #{new_id}")
+        print(f"replayed {len(done)} message(s) onto {queue}")
         return 0
     if not args.yes:
         raise CliError(f"purge deletes every dead letter of {queue}: add --yes to confirm")
@@ -135,14 +171,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings()
     queue_rows, cron = _with_db(settings, lambda c: (queue_status(c), cron_status(c)))
     if args.json:
-        print(json.dumps({"queues": [q.as_dict() for q in queue_rows],
+        print(json.dumps({"queues": [{k: v for k, v in q.as_dict().items() if k != "throughput"}
+                                     for q in queue_rows],
                           "cron": None if cron is None else [j.as_dict() for j in cron]}))
         return 0
-    print(f"{'queue':<26} {'depth':>7} {'oldest':>8} {'done 1h':>8} {'dead':>6}")
+    # done = finished successfully; dead = dead-lettered (never counted as done);
+    # retrying = failed at least once and waiting for another try; dlq = dead letters waiting.
+    width = max(26, *(len(q.queue) for q in queue_rows))
+    print(f"{'queue':<{width}} {'depth':>6} {'retrying':>8} {'oldest':>7} {'done 1h':>8} "
+          f"{'dead 1h':>8} {'done 24h':>9} {'dead 24h':>9} {'dlq':>5}")
     for q in queue_rows:
         oldest = f"{q.oldest_age_s}s" if q.oldest_age_s is not None else "-"
-        print(f"{q.queue:<26} {q.depth:>7} {oldest:>8} {q.processed_last_hour:>8} "
-              f"{q.dead_letters:>6}")
+        print(f"{q.queue:<{width}} {q.depth:>6} {q.retrying:>8} {oldest:>7} {q.done_1h:>8} "
+              f"{q.dead_lettered_1h:>8} {q.done_24h:>9} {q.dead_lettered_24h:>9} "
+              f"{q.dead_letters:>5}")
     print()
     if cron is None:
         print("cron: pg_cron is not installed in this database (see docs/operations.md)")
@@ -167,8 +209,40 @@ def cmd_watch(args: argparse.Namespace) -> int:
         raise CliError(str(exc), 2) from None
     token = args.token or (feed.feed_token.get_secret_value() if feed.feed_token else None)
     url = feed_url(args.host or feed.feed_host, args.port or feed.feed_port, queue=args.queue,
-                   type_prefix=args.type, replay=args.replay, token=token)
-    return run_watch(url, args.json)
+                   type_prefix=args.type, replay=args.replay)
+    return run_watch(url, args.json, token=token, depth=args.depth)
+
+
+def cmd_email(args: argparse.Namespace) -> int:
+    """Resolve mails a killed worker left 'sending' (see docs/operations.md)."""
+    from reactor import queries
+
+    settings = _settings()
+    if args.action == "stuck":
+        rows = _with_db(settings, lambda c: c.execute(
+            queries.STUCK_EMAILS, {"older_than_s": args.older_than}).fetchall())
+        if not rows:
+            print("no mail is stuck in 'sending'")
+            return 0
+        print(f"{'KEY':<48} {'RECIPIENT':<28} {'TEMPLATE':<26} SINCE")
+        for key, recipient, template, since in rows:
+            print(f"{key:<48} {mask_emails_in(recipient):<28} {template:<26} "
+                  f"{since:%Y-%m-%d %H:%M:%S}")
+        return 0
+    if not args.key or args.verdict is None:
+        raise CliError("reactor email resolve KEY --sent|--resend: name the ledger key "
+                       "(from the dead letter's error or `reactor email stuck`) and a verdict")
+    status = "sent" if args.verdict == "sent" else "failed"
+    row = _with_db(settings, lambda c: c.execute(
+        queries.RESOLVE_EMAIL, {"key": args.key, "status": status}).fetchone())
+    if row is None:
+        raise CliError(f"no mail with ledger key {args.key!r} is in 'sending': nothing to "
+                       "resolve (`reactor email stuck` lists them)")
+    what = ("recorded as sent: a replay archives it without sending" if status == "sent"
+            else "marked for resending: replay its dead letter (`reactor dlq replay "
+            "email_queue`) to send it")
+    print(f"{args.key}: {row[1]} to {mask_emails_in(row[0])} {what}")
+    return 0
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -212,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="raw JSON lines, for piping")
     watch.add_argument("--host", help="feed host (default FEED_HOST)")
     watch.add_argument("--port", type=int, help="feed port (default FEED_PORT)")
-    watch.add_argument("--token", help="feed token (default FEED_TOKEN)")
+    watch.add_argument("--token", help="feed token (default FEED_TOKEN; sent in a header)")
+    watch.add_argument("--depth", action="store_true",
+                       help="print every queue.depth tick (default: only when a depth changes)")
     watch.set_defaults(func=cmd_watch)
 
     dev = sub.add_parser("dev", help="embedded local stack with demo data (Ctrl-C stops it)")
@@ -220,10 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--dir", default=".reactor", help="where the stack keeps its state")
     dev.set_defaults(func=cmd_dev)
 
+    mail = sub.add_parser("email", help="mails left 'sending' by a killed worker: stuck, resolve")
+    mail.add_argument("action", choices=["stuck", "resolve"])
+    mail.add_argument("key", nargs="?", help="the ledger key (resolve)")
+    verdict = mail.add_mutually_exclusive_group()
+    verdict.add_argument("--sent", dest="verdict", action="store_const", const="sent",
+                         help="it did arrive: never send it again")
+    verdict.add_argument("--resend", dest="verdict", action="store_const", const="resend",
+                         help="it did not arrive: the next delivery (a replay) sends it")
+    mail.add_argument("--older-than", type=int, default=300, metavar="SECONDS",
+                      help="stuck: only rows 'sending' for longer than this (default 300)")
+    mail.set_defaults(func=cmd_email)
+
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
     dlq.add_argument("action", choices=["list", "replay", "purge"])
     dlq.add_argument("queue", help=", ".join(QUEUES))
-    dlq.add_argument("--id", type=int, help="replay only this dead letter")
+    dlq.add_argument("--id", type=int, metavar="DLQ_ID",
+                     help="replay only the dead letter with this id (the 'dlq id' column)")
+    dlq.add_argument("--msg-id", type=int, metavar="MSG_ID",
+                     help="replay the dead letter of this original message id (the 'msg id' "
+                          "column, as in events and logs)")
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many")
     dlq.add_argument("--json", action="store_true", help="list as JSON lines")
     dlq.add_argument("--yes", action="store_true", help="confirm purge")

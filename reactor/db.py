@@ -4,46 +4,132 @@ psycopg's async API is asyncio-only, so the reactor uses sync connections:
 queries run in worker threads (`trio.to_thread.run_sync`) on a small pool of
 connections, and the LISTEN connection is awaited with
 `trio.lowlevel.wait_readable(fileno)` and then drained without blocking.
+
+Everything here must also work through a transaction pooler (PgBouncer or
+Supabase's Supavisor in transaction mode), where consecutive statements of
+one client may run on different server connections:
+- no session state is relied on: the statement timeout is enforced from this
+  side (a deadline per call; past it the query is cancelled on the server and
+  the call fails), never with `SET statement_timeout`, which a pooler would
+  lose or, worse, leak to other clients of the same server connection;
+- server-side prepared statements are switched off as soon as a pooler is
+  suspected (`Database.disable_prepared_statements`, called by the listener
+  when its probe does not come back) or a prepared-statement error is seen.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, LiteralString, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import psycopg
+import structlog
 import trio
+from psycopg import errors as pgerrors
 from psycopg import pq
 
 from reactor import queries
 
 __all__ = ["Database", "DatabaseUnavailable", "ListenConnection", "connect_sync",
-           "in_worker_thread"]
+           "describe_db_error", "in_worker_thread", "reason_of"]
+
+log = structlog.get_logger("reactor.db")
 
 T = TypeVar("T")
 
 # TCP keepalives notice a dead peer in ~25 s even when nothing is being sent.
 KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10,
                              "keepalives_interval": 5, "keepalives_count": 3}
+# No single statement of the reactor's may run longer than this (client-side deadline).
+STATEMENT_TIMEOUT_S = 30.0
+# psycopg's default: a statement run this many times on a connection gets prepared.
+PREPARE_THRESHOLD = 5
+# Errors that mean "a pooler shuffled our prepared statements between server connections".
+_PREPARED_STATEMENT_ERRORS = (pgerrors.InvalidSqlStatementName, pgerrors.DuplicatePreparedStatement)
 
 
 class DatabaseUnavailable(Exception):
-    """The database cannot be reached right now; retried by the caller."""
+    """The database cannot do what we ask right now; retried by the caller.
+
+    `reason` is a health reason class (reactor.core.health): database_unreachable,
+    database_read_only or database_error.
+    """
+
+    def __init__(self, message: str, reason: str = "database_unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def reason_of(exc: psycopg.Error) -> str | None:
+    """The health reason class of a database error the caller should wait out, else None.
+
+    Unreachable, read-only (a standby after failover, or default_transaction_read_only),
+    and a pooler's prepared-statement mix-ups are conditions of the database, not of
+    the statement: waiting (with backoff) is the cure.
+    """
+    if isinstance(exc, pgerrors.ReadOnlySqlTransaction):
+        return "database_read_only"
+    if isinstance(exc, psycopg.OperationalError):
+        return "database_unreachable"
+    if isinstance(exc, _PREPARED_STATEMENT_ERRORS):
+        return "database_error"
+    return None
+
+
+def describe_db_error(exc: BaseException, url: str | None = None) -> str:
+    """One line for a database error, with the URL's password scrubbed out.
+
+    libpq quotes parts of the connection string in some errors (a `%` in the
+    password that is not valid percent-encoding makes it quote the password).
+    """
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pgerrors.ReadOnlySqlTransaction):
+        text = f"the database is read-only (a standby after failover, or in recovery?): {text}"
+    return scrub(text, url)
+
+
+def scrub(text: str, url: str | None) -> str:
+    """Remove the password of `url` (raw and decoded) from `text`."""
+    if not url:
+        return text
+    try:
+        raw = urlsplit(url).password
+    except ValueError:
+        raw = None
+    if raw is None and "://" in url and "@" in url:
+        # urlsplit could not parse it: take what lies between the first ':' after the
+        # scheme and the last '@' as the password.
+        userinfo = url.split("://", 1)[1].rsplit("@", 1)[0]
+        raw = userinfo.split(":", 1)[1] if ":" in userinfo else None
+    for secret in {raw, unquote(raw) if raw else None} - {None, ""}:
+        assert secret is not None
+        text = text.replace(secret, "***")
+    return text
 
 
 def connect_sync(url: str, application_name: str = "reactor") -> psycopg.Connection:
-    """Open an autocommit connection with keepalives and the reactor's timeouts."""
-    conn = psycopg.connect(url, autocommit=True, connect_timeout=5,
+    """Open an autocommit connection with keepalives (no session settings: see above)."""
+    return psycopg.connect(url, autocommit=True, connect_timeout=5,
                            application_name=application_name, **KEEPALIVE)
-    conn.execute(queries.SESSION_SETUP)
-    return conn
 
 
-def describe_db_error(exc: BaseException) -> str:
-    """One line for a connection error, without the password of the URL."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text
+@dataclass(eq=False)
+class _Lease:
+    """A connection lent to one worker thread; the thread hands it back here.
+
+    If the caller is cancelled while the thread still runs (deadline passed, or
+    shutdown), the call is abandoned: the thread closes the connection when it
+    ends, and it never returns to the pool.
+    """
+
+    conn: psycopg.Connection | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: bool = False
+    finished: bool = False
 
 
 class Database:
@@ -53,50 +139,97 @@ class Database:
     restart costs the callers one error each, never a dead pool.
     """
 
-    def __init__(self, url: str, size: int = 4) -> None:
+    def __init__(self, url: str, size: int = 4, *,
+                 statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> None:
         self.url = url
         self.size = size
+        self.statement_timeout_s = statement_timeout_s
         self._idle: list[psycopg.Connection] = []
         self._limiter = trio.CapacityLimiter(size)
         self._closed = False
+        self._prepare_threshold: int | None = PREPARE_THRESHOLD
+
+    @property
+    def prepared_statements(self) -> bool:
+        return self._prepare_threshold is not None
+
+    def disable_prepared_statements(self, why: str) -> None:
+        """A pooler may run our statements on other server connections: prepare nothing."""
+        if self._prepare_threshold is not None:
+            self._prepare_threshold = None
+            log.info("server-side prepared statements off", why=why)
 
     async def run(self, fn: Callable[[psycopg.Connection], T]) -> T:
-        """Run `fn(conn)` in a worker thread on a pooled connection.
+        """Run `fn(conn)` in a worker thread on a pooled connection, within the deadline.
 
         Raises:
-            DatabaseUnavailable: the connection failed (the caller retries later).
+            DatabaseUnavailable: the database cannot serve us now (unreachable,
+                read-only, too slow, a pooler mix-up): the caller retries later.
             psycopg.Error: any other database error, as raised.
         """
         async with self._limiter:
-            # The worker thread may replace or drop the connection: it hands it back here.
-            slot: list[psycopg.Connection | None] = [self._idle.pop() if self._idle else None]
+            # The worker thread takes an idle connection itself: if the thread never
+            # starts (cancelled before it was scheduled), no connection is left behind.
+            lease = _Lease(None)
             try:
-                return await trio.to_thread.run_sync(self._call, slot, fn)
-            except psycopg.OperationalError as exc:
-                raise DatabaseUnavailable(describe_db_error(exc)) from exc
+                with trio.move_on_after(self.statement_timeout_s) as deadline:
+                    return await trio.to_thread.run_sync(self._call, lease, fn,
+                                                         abandon_on_cancel=True)
+                raise DatabaseUnavailable(
+                    f"the database did not answer within {self.statement_timeout_s:g}s",
+                    "database_unreachable")
+            except psycopg.Error as exc:
+                reason = reason_of(exc)
+                if reason is None:
+                    raise
+                if isinstance(exc, _PREPARED_STATEMENT_ERRORS):
+                    self.disable_prepared_statements(f"{type(exc).__name__}: a pooler?")
+                raise DatabaseUnavailable(describe_db_error(exc, self.url), reason) from exc
             finally:
-                conn = slot[0]
-                if conn is not None:
-                    if self._closed or conn.closed:
-                        conn.close()
-                    else:
-                        self._idle.append(conn)
+                self._give_back(lease, timed_out=deadline.cancelled_caught)
 
-    def _call(self, slot: list[psycopg.Connection | None],
-              fn: Callable[[psycopg.Connection], T]) -> T:
+    def _give_back(self, lease: _Lease, *, timed_out: bool) -> None:
+        with lease.lock:
+            if not lease.finished:
+                # Still running in its thread (we were cancelled): the thread closes it.
+                lease.abandoned = True
+                conn = lease.conn
+                if timed_out and conn is not None:
+                    _cancel_in_background(conn)
+                return
+        conn = lease.conn
+        if conn is None:
+            return
+        if self._closed or conn.closed:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    def _call(self, lease: _Lease, fn: Callable[[psycopg.Connection], T]) -> T:
         # In the worker thread: connect lazily, and never hand back a broken connection.
-        conn = slot[0]
-        if conn is None or conn.closed:
-            slot[0] = None
-            conn = slot[0] = connect_sync(self.url)
         try:
-            return fn(conn)
-        except BaseException:
-            idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-            if conn.broken or conn.closed or not idle:
-                conn.close()
-                slot[0] = None
-            raise
+            try:
+                lease.conn = self._idle.pop()  # atomic under the GIL
+            except IndexError:
+                lease.conn = None
+            conn = lease.conn
+            if conn is None or conn.closed:
+                lease.conn = None
+                conn = lease.conn = connect_sync(self.url)
+            conn.prepare_threshold = self._prepare_threshold
+            try:
+                return fn(conn)
+            except BaseException:
+                idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
+                if conn.broken or conn.closed or not idle:
+                    conn.close()
+                    lease.conn = None
+                raise
+        finally:
+            with lease.lock:
+                lease.finished = True
+                if lease.abandoned and lease.conn is not None:
+                    lease.conn.close()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -113,23 +246,41 @@ class Database:
                 await self.aclose()
 
 
+def _cancel_in_background(conn: psycopg.Connection) -> None:
+    """Ask the server to stop the query of an abandoned call (a thread: it is network I/O)."""
+    def cancel() -> None:
+        try:
+            conn.cancel_safe(timeout=5.0)
+        except Exception as exc:  # the connection may be gone already; nothing else to do
+            log.debug("could not cancel a timed-out query", error=type(exc).__name__)
+
+    threading.Thread(target=cancel, name="reactor-db-cancel", daemon=True).start()
+
+
 class ListenConnection:
     """A dedicated autocommit connection that LISTENs and yields notifications."""
 
-    def __init__(self, conn: psycopg.Connection) -> None:
+    def __init__(self, conn: psycopg.Connection, url: str) -> None:
         self.conn = conn
+        self.url = url
 
     @classmethod
     async def open(cls, url: str, channel_sql: LiteralString = queries.LISTEN) -> ListenConnection:
         def _open() -> psycopg.Connection:
             conn = connect_sync(url, "reactor listener")
-            conn.execute(channel_sql)
+            try:
+                conn.prepare_threshold = None  # it only ever runs LISTEN
+                conn.execute(channel_sql)
+            except BaseException:
+                conn.close()
+                raise
             return conn
 
         try:
-            return cls(await trio.to_thread.run_sync(_open))
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(describe_db_error(exc)) from exc
+            return cls(await trio.to_thread.run_sync(_open), url)
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(describe_db_error(exc, url),
+                                      reason_of(exc) or "database_error") from exc
 
     async def wait(self) -> list[str]:
         """Wait until the socket is readable; return the payloads that arrived.
@@ -144,13 +295,18 @@ class ListenConnection:
         """Payloads already received, without blocking."""
         try:
             return [n.payload for n in self.conn.notifies(timeout=0)]
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(describe_db_error(exc)) from exc
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(describe_db_error(exc, self.url),
+                                      reason_of(exc) or "database_error") from exc
 
     def close(self) -> None:
         self.conn.close()
 
 
-async def in_worker_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run CPU-bound work (rendering a PDF) off the trio thread, so nothing else stalls."""
-    return await trio.to_thread.run_sync(fn, *args)
+async def in_worker_thread(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+    """Run CPU-bound work (rendering a PDF) off the trio thread, so nothing else stalls.
+
+    With `abandon_on_cancel`, a cancelled caller (job timeout, shutdown) returns at
+    once and the thread's result is thrown away: use it for pure computations only.
+    """
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel)

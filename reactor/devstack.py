@@ -4,11 +4,13 @@ A private Postgres cluster with pg_cron under `.reactor/` (loopback only),
 migrated; the reactor with the file outbox, the feed and the dashboard; demo
 families whose consultations, checkup and payments flow through every queue.
 Ctrl-C stops everything; the data stays for the next run; `--reset` starts
-over.
+over. One stack per directory (`dev.lock`): a second `reactor dev` there
+stops at once, naming the first one's pid.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
@@ -17,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 import trio
@@ -30,7 +32,7 @@ from reactor.migrate import migrate
 from reactor.pgcluster import CRON_DATABASE, SERVER_USER, PgCluster, free_port
 from reactor.watch import format_event
 
-__all__ = ["DevStack", "run_dev"]
+__all__ = ["DevStack", "DevStackBusy", "claim", "run_dev"]
 
 DEMO_MARKER = "demo-ru@example.com"
 
@@ -113,7 +115,7 @@ def load_demo(url: str) -> bool:
                 " VALUES (%s, 'Dr. Sarah Brown', now() + interval '50 minutes', 'scheduled')",
                 (en_id,))
             assert tomorrow is not None
-            # A payment the provider confirms, and one that fails.
+            # A payment staff confirm, and one that fails.
             paid = conn.execute(
                 "INSERT INTO public.payments (user_id, appointment_id, amount, currency) "
                 "VALUES (%s, %s, 3500, 'RUB') RETURNING id", (ru_id, tomorrow[0])).fetchone()
@@ -123,6 +125,10 @@ def load_demo(url: str) -> bool:
                 "INSERT INTO public.payments (user_id, amount, currency) "
                 "VALUES (%s, 4200, 'RUB') RETURNING id", (en_id,)).fetchone()
             assert failing is not None
+        # PAYMENT_PROVIDER=manual: staff decide, as they would in the admin app (the
+        # verify queued above only checks that nothing is left for the reactor to do).
+        conn.execute("UPDATE public.payments SET status = 'completed' WHERE id = %s",
+                     (paid[0],))
         conn.execute("UPDATE public.payments SET status = 'failed', "
                      "status_reason = 'demo: card declined' WHERE id = %s", (failing[0],))
         # A completed checkup with scores: PDF report, two mails, analytics.
@@ -149,12 +155,17 @@ def load_demo(url: str) -> bool:
 
 
 def dev_settings(stack: DevStack, url: str) -> Settings:
-    return load_settings(
+    settings = load_settings(
         DATABASE_URL=url, EMAIL_PROVIDER="file", EMAIL_OUTBOX_DIR=str(stack.outbox),
-        REPORTS_DIR=str(stack.reports), PAYMENT_PROVIDER="manual", SMTP_FROM="noreply@localhost",
+        REPORTS_DIR=str(stack.reports), PAYMENT_PROVIDER="manual",
         FEED_HOST="127.0.0.1", FEED_PORT=_port_or_free(8765),
         METRICS_PORT=_port_or_free(8766), WORKER_INTERVAL_MS=5000,
         LOG_LEVEL="warning", LOG_FORMAT="console")
+    # SMTP_FROM / SMTP_FROM_NAME / SMTP_REPLY_TO from the environment or .env shape the
+    # demo mails as they will look in production; only a missing sender gets a default.
+    if settings.smtp_from is None:
+        settings = settings.model_copy(update={"smtp_from": "noreply@localhost"})
+    return settings
 
 
 async def _follow(reactor: Reactor, out: Any) -> None:
@@ -190,6 +201,38 @@ Ctrl-C stops everything; data stays in {stack.home} (reactor dev --reset starts 
 """, flush=True)
 
 
+LOCK_FILE = "dev.lock"
+
+
+class DevStackBusy(Exception):
+    """Another `reactor dev` runs on the same directory; `str()` names its pid and the fix."""
+
+
+def claim(home: Path) -> IO[str]:
+    """Hold `<home>/dev.lock` while this process lives (the kernel drops it at exit, even
+    on kill -9): two stacks on one directory would fight over its cluster and ports.
+
+    Raises:
+        DevStackBusy: naming the pid of the `reactor dev` that holds it.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    lock = (home / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise DevStackBusy(
+            f"another `reactor dev` (pid {pid}) is already running in {home}: stop it with "
+            "Ctrl-C, or give this one its own directory with --dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def run_dev(home: Path, reset: bool) -> int:
     """Start the stack; return the exit code (0 after Ctrl-C)."""
     import shutil
@@ -197,18 +240,34 @@ def run_dev(home: Path, reset: bool) -> int:
     from reactor.pgcluster import PgClusterError
 
     stack = DevStack(home.resolve())
+    try:
+        lock = claim(stack.home)  # before --reset: never wipe a running stack's data
+    except DevStackBusy as exc:
+        print(f"reactor: {exc}", file=sys.stderr)
+        return 1
     if reset:
         old = stack.cluster() if (stack.home / "pg-port").exists() else None
         if old is not None:
             old.remove()
-        shutil.rmtree(stack.home, ignore_errors=True)
+        for entry in stack.home.iterdir():
+            if entry.name != LOCK_FILE:  # the lock stays held across the reset
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
     configure_logging("warning", "console")
     try:
         cluster = stack.cluster()
         cluster.init()
-        cluster.start()
+        if cluster.running():
+            # Left behind by a `reactor dev` that was killed (kill -9): ours; reuse it.
+            print(f"reusing the Postgres server already running in {cluster.data_dir}",
+                  flush=True)
+        else:
+            cluster.start()
     except PgClusterError as exc:
         print(f"reactor: {exc}", file=sys.stderr)
+        lock.close()
         return 1
     try:
         migrate(cluster.url(CRON_DATABASE))
@@ -219,4 +278,5 @@ def run_dev(home: Path, reset: bool) -> int:
         trio.run(_main, stack, cluster)
     finally:
         cluster.stop()
+        lock.close()
     return 0

@@ -6,6 +6,15 @@ A session advisory lock serialises concurrent runs: the second one waits,
 then finds nothing left to do. Before the first migration, pgmq is made to
 exist: the extension where the server offers it, else the SQL that the
 `pgmq` PyPI package ships.
+
+Exposed on purpose, or not at all: on Supabase every new table and function
+of `public` is granted to the API roles by default, and PostgREST publishes
+it. So whatever a migration creates (functions, tables, views, sequences,
+schemas; not an extension's own objects) is locked down in the migration's
+own transaction: PUBLIC, anon and authenticated lose every privilege on it,
+and service_role keeps only EXECUTE on the SECURITY DEFINER functions of
+`public` (the SQL API) and what it was granted on tables of `public`. A
+later migration may still grant on purpose; docs/supabase.md lists what is.
 """
 
 from __future__ import annotations
@@ -66,7 +75,16 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 
 
 def _check_pg_cron(conn: psycopg.Connection) -> None:
-    row = conn.execute(queries.CRON_DATABASE_NAME).fetchone()
+    try:
+        row = conn.execute(queries.CRON_DATABASE_NAME).fetchone()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # A non-superuser needs pg_read_all_settings (Supabase's `postgres` has it
+        # through pg_monitor); migration 030 reads the same setting.
+        raise MigrationError(
+            f"role {conn.info.user} may not read cron.database_name: run `reactor migrate` "
+            "as the database owner after GRANT pg_monitor TO that role "
+            "(Supabase's postgres has it)"
+        ) from exc
     if row is None or row[0] is None:
         raise MigrationError(
             "pg_cron is not loaded: add shared_preload_libraries = 'pg_cron' and "
@@ -117,7 +135,11 @@ def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> MigrationRep
                     report.already_applied += 1
                     continue
                 with conn.transaction():
+                    conn.execute(queries.SNAPSHOT_OBJECTS)
                     conn.execute(migration.sql.encode("utf-8"))
+                    # In the same transaction: nothing a migration creates is
+                    # ever committed with the API roles' default privileges.
+                    conn.execute(queries.LOCK_DOWN_NEW_OBJECTS)
                     conn.execute(
                         queries.RECORD_MIGRATION,
                         (migration.version, migration.name, [migration.sql], migration.checksum),

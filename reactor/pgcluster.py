@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-__all__ = ["PgCluster", "PgClusterError", "find_pg_bin", "free_port"]
+__all__ = ["PgCluster", "PgClusterError", "find_pg_bin", "free_port", "start_failure_reason"]
 
 # pg_cron runs its jobs in exactly this database of the cluster.
 CRON_DATABASE = "postgres"
@@ -67,6 +68,38 @@ def _check_pg_cron(bin_dir: Path) -> None:
         )
 
 
+# "2026-11-26 12:37:24.713 UTC [21435] FATAL:  lock file ..." → "FATAL: lock file ..."
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \S+ \[\d+\] ")
+# Causes that Postgres logs below FATAL, before the FATAL that only reports the effect.
+_CAUSES = ("Address already in use", "could not bind", "Permission denied", "No space left")
+
+
+def start_failure_reason(output: str) -> str:
+    """The one line of a failed start's log that says why (with its HINT, if any).
+
+    Postgres' log of a failed start begins with version banners and ends with
+    "database system is shut down"; the cause is a FATAL or PANIC line, or a
+    lower-level line just before it (a port in use is a LOG line).
+    """
+    lines = [" ".join(_LOG_PREFIX.sub("", line).split()) for line in output.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return "no reason given in the log"
+
+    def with_hint(i: int) -> str:
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        return f"{lines[i]} ({nxt})" if nxt.startswith("HINT:") else lines[i]
+
+    for test in (lambda line: any(cause in line for cause in _CAUSES),
+                 lambda line: line.startswith(("FATAL:", "PANIC:")),
+                 lambda line: line.startswith("ERROR:"),
+                 lambda line: line.startswith("pg_ctl:")):
+        for i, line in enumerate(lines):
+            if test(line):
+                return with_hint(i)
+    return lines[-1]
+
+
 @dataclass
 class PgCluster:
     """One cluster in `base_dir` (data in base_dir/data, log in base_dir/postgres.log).
@@ -76,12 +109,15 @@ class PgCluster:
         port: TCP port on 127.0.0.1.
         durable: False turns fsync off (tests); True keeps Postgres' defaults.
         pg_cron: preload pg_cron (False only to test the refusal without it).
+        superuser: the bootstrap superuser's name (`supabase_admin` for a
+            Supabase-like cluster, where `postgres` is an ordinary role).
     """
 
     base_dir: Path
     port: int
     durable: bool = False
     pg_cron: bool = True
+    superuser: str = "postgres"
 
     def __post_init__(self) -> None:
         self.base_dir = self.base_dir.resolve()
@@ -122,7 +158,7 @@ class PgCluster:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._own(self.base_dir)
         result = self._run(
-            str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+            str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", self.superuser,
             "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8",
         )
         if result.returncode != 0:
@@ -147,17 +183,34 @@ class PgCluster:
                 conf.write(f"{key} = {value}\n")
 
     def start(self) -> None:
-        """Start the server on 127.0.0.1:port and wait until it accepts connections."""
+        """Start the server on 127.0.0.1:port and wait until it accepts connections.
+
+        Raises:
+            PgClusterError: one line, led by the log line that says why (the port is
+                taken, another server uses the data directory, …), then the log's path.
+        """
         if not self.log_file.exists():
             self.log_file.touch()
             self._own(self.log_file)
+        offset = self.log_file.stat().st_size  # only this attempt's lines count
         result = self._run(
             str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
             "-o", f"-p {self.port}", "-w", "-t", "60", "start",
         )
         if result.returncode != 0:
-            tail = self.log_file.read_text(encoding="utf-8", errors="replace")[-800:]
-            raise PgClusterError(f"postgres did not start on port {self.port}: {tail.strip()}")
+            with self.log_file.open("rb") as log:
+                log.seek(offset)
+                fresh = log.read().decode("utf-8", errors="replace")
+            reason = start_failure_reason(f"{fresh}\n{result.stderr}\n{result.stdout}")
+            raise PgClusterError(f"postgres did not start on port {self.port}: {reason} "
+                                 f"(full log: {self.log_file})")
+
+    def running(self) -> bool:
+        """A server runs on this data directory (e.g. left behind by a killed process)."""
+        if not self.initialized:
+            return False
+        return self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir),
+                         "status").returncode == 0
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (mode: smart, fast or immediate); no error if it is not running."""
@@ -175,7 +228,11 @@ class PgCluster:
 
     # -- databases -------------------------------------------------------
     def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+        return self.url_as(self.superuser, dbname)
+
+    def url_as(self, user: str, dbname: str = "postgres") -> str:
+        """The URL of `dbname` for `user` (every local login is trusted)."""
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
 
     def create_database(self, name: str, template: str | None = None) -> str:
         """CREATE DATABASE name [TEMPLATE template]; returns its URL."""

@@ -51,30 +51,43 @@ VALUES (%s, %s, %s, %s)
 """
 
 # -- connections ----------------------------------------------------------------
-SESSION_SETUP: LiteralString = "SET statement_timeout = '30s'; SET lock_timeout = '10s'"
 LISTEN: LiteralString = "LISTEN reactor_wakeup"
 NOTIFY_PROBE: LiteralString = "SELECT pg_notify('reactor_wakeup', %s)"
 PING: LiteralString = "SELECT 1"
 
 # -- queues -------------------------------------------------------------------------
-# read_ct is pgmq's count of deliveries: the attempt number of this delivery.
-READ: LiteralString = """
-SELECT msg_id, read_ct, enqueued_at, message
-  FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
+# Every query that takes messages returns, per message: msg_id, read_ct (pgmq's count
+# of deliveries: the attempt number of this one), enqueued_at, the body as TEXT (NULL
+# when it is over %(max_bytes)s: never sent to us), its size in bytes, and how many of
+# its earlier deliveries ended with an outcome the reactor recorded (reactor.job_failures:
+# a retry or a release). The body is decoded message by message in Python (queues.py),
+# so one malformed, enormous or absurdly nested body can never take down a batch.
+_TAKEN_COLUMNS = """
+SELECT r.msg_id, r.read_ct, r.enqueued_at,
+       CASE WHEN octet_length(r.body) <= %(max_bytes)s THEN r.body END,
+       octet_length(r.body), coalesce(f.outcomes, 0)
 """
+_FAILURES_JOIN = """
+  LEFT JOIN reactor.job_failures f
+         ON f.queue = %(queue)s AND f.msg_id = r.msg_id AND f.enqueued_at = r.enqueued_at
+"""
+READ: LiteralString = _TAKEN_COLUMNS + """
+  FROM (SELECT m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
+          FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s) AS m) AS r
+""" + _FAILURES_JOIN
 # Archive what finished, then read the next batch: one statement, so one round trip
 # and one commit. set_config(..., true) turns synchronous_commit off for this
 # statement's own transaction only (see queues.archive_then_read for why that is
 # safe). The read is LATERAL on `pre` (the `0 * archived` term) so that Postgres
 # archives before it reads; both run in the same snapshot, and the archived
 # messages are still invisible, so the read cannot take them again.
-ARCHIVE_THEN_READ: LiteralString = """
-SELECT r.msg_id, r.read_ct, r.enqueued_at, r.message
-  FROM (SELECT set_config('synchronous_commit', 'off', true) AS async_commit,
-               (SELECT count(*) FROM pgmq.archive(%(queue)s, %(ids)s::bigint[]))::int
-                   AS archived) AS pre,
-       LATERAL pgmq.read(%(queue)s, %(vt)s + 0 * pre.archived, %(qty)s) AS r
-"""
+ARCHIVE_THEN_READ: LiteralString = _TAKEN_COLUMNS + """
+  FROM (SELECT m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
+          FROM (SELECT set_config('synchronous_commit', 'off', true) AS async_commit,
+                       (SELECT count(*) FROM pgmq.archive(%(queue)s, %(ids)s::bigint[]))::int
+                           AS archived) AS pre,
+               LATERAL pgmq.read(%(queue)s, %(vt)s + 0 * pre.archived, %(qty)s) AS m) AS r
+""" + _FAILURES_JOIN
 ARCHIVE_ASYNC: LiteralString = """
 SELECT set_config('synchronous_commit', 'off', true),
        (SELECT count(*) FROM pgmq.archive(%(queue)s, %(ids)s::bigint[]))
@@ -85,6 +98,34 @@ ARCHIVE_MANY: LiteralString = "SELECT pgmq.archive(%(queue)s, %(ids)s::bigint[])
 SET_VT_MANY: LiteralString = """
 SELECT count(*) FROM unnest(%(ids)s::bigint[]) AS id,
        LATERAL pgmq.set_vt(%(queue)s, id, %(vt)s) AS m
+"""
+# Failed (or released at shutdown) deliveries: each message becomes visible again after
+# its own delay, and its outcome is counted in reactor.job_failures, in one statement.
+# A NULL error is a release, not a failure: it keeps the last failure's reason.
+# A row left by an earlier message with the same msg_id (a queue dropped and
+# recreated) is recognised by enqueued_at and started afresh.
+RECORD_OUTCOMES: LiteralString = """
+WITH r AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(delays)s::int[], %(attempts)s::int[],
+                         %(errors)s::text[], %(enqueued)s::timestamptz[])
+                  AS t(msg_id, delay, attempt, error, enqueued_at)
+), counted AS (
+    INSERT INTO reactor.job_failures AS f
+           (queue, msg_id, enqueued_at, outcomes, last_attempt, last_error)
+    SELECT %(queue)s, msg_id, enqueued_at, 1, attempt, error FROM r
+    ON CONFLICT (queue, msg_id) DO UPDATE SET
+        outcomes = CASE WHEN f.enqueued_at = EXCLUDED.enqueued_at THEN f.outcomes + 1 ELSE 1 END,
+        last_attempt = CASE WHEN EXCLUDED.last_error IS NULL
+                             AND f.enqueued_at = EXCLUDED.enqueued_at
+                            THEN f.last_attempt ELSE EXCLUDED.last_attempt END,
+        last_error = CASE WHEN EXCLUDED.last_error IS NULL
+                           AND f.enqueued_at = EXCLUDED.enqueued_at
+                          THEN f.last_error ELSE EXCLUDED.last_error END,
+        enqueued_at = EXCLUDED.enqueued_at, dead_lettered = false, updated_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM counted), count(*)
+  FROM r, LATERAL pgmq.set_vt(%(queue)s, r.msg_id, r.delay) AS m
 """
 SEND: LiteralString = "SELECT pgmq.send(%(queue)s, %(message)s, %(delay)s)"
 ENQUEUE: LiteralString = "SELECT public.enqueue(%(queue)s, %(message)s, %(delay)s)"
@@ -106,6 +147,42 @@ ON CONFLICT (source_msg_id) DO NOTHING
 NEXT_VISIBLE_IN = _sql.SQL(
     "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 FROM pgmq.{table}"
 )
+# Dead-letter one message: its body is copied into `<queue>_dlq` by the server (it never
+# travels through Python: it may be undecodable), the reason recorded, the original
+# archived; one statement, so atomic. An undecodable body is kept as the first 2,000
+# characters of its text under "original_text" ("original" is then null).
+DEAD_LETTER = _sql.SQL("""
+WITH letter AS (
+    SELECT pgmq.send(%(dlq)s,
+               jsonb_build_object(
+                   'original', CASE WHEN %(decodable)s THEN q.message END,
+                   'error', %(error)s::text, 'attempts', %(attempts)s::int,
+                   'failed_at', now(), 'source_msg_id', q.msg_id, 'queue', %(queue)s::text)
+               || CASE WHEN %(decodable)s THEN '{{}}'::jsonb
+                       ELSE jsonb_build_object('original_text', left(q.message::text, 2000)) END,
+               0) AS dlq_msg_id,
+           q.msg_id, q.enqueued_at
+      FROM pgmq.{table} q WHERE q.msg_id = %(msg_id)s
+), recorded AS (
+    INSERT INTO reactor.job_failures AS f
+           (queue, msg_id, enqueued_at, outcomes, last_attempt, last_error, dead_lettered)
+    SELECT %(queue)s, msg_id, enqueued_at, 1, %(attempts)s, %(error)s, true FROM letter
+    ON CONFLICT (queue, msg_id) DO UPDATE SET
+        outcomes = CASE WHEN f.enqueued_at = EXCLUDED.enqueued_at THEN f.outcomes + 1 ELSE 1 END,
+        enqueued_at = EXCLUDED.enqueued_at, last_attempt = EXCLUDED.last_attempt,
+        last_error = EXCLUDED.last_error, dead_lettered = true, updated_at = now()
+    RETURNING 1
+)
+SELECT letter.dlq_msg_id, pgmq.archive(%(queue)s, letter.msg_id), (SELECT count(*) FROM recorded)
+  FROM letter
+""")
+# "Not yet" (a payment still pending at the provider): the same body goes back on the
+# queue as a new message after the delay, and the original is archived, in one
+# statement. pgmq's read_ct starts again, so polling never looks like a crash loop.
+REQUEUE = _sql.SQL("""
+SELECT pgmq.send(%(queue)s, q.message, %(delay)s), pgmq.archive(%(queue)s, q.msg_id)
+  FROM pgmq.{table} q WHERE q.msg_id = %(msg_id)s
+""")
 # Dead letters, read without taking them (pgmq.read would bump read_ct and vt).
 PEEK: _sql.SQL = _sql.SQL(
     "SELECT msg_id, read_ct, enqueued_at, message FROM pgmq.{table}"
@@ -116,11 +193,12 @@ PEEK: _sql.SQL = _sql.SQL(
 # Claim a key for sending: a new key, or one whose earlier attempt failed.
 # No row back means someone holds it ('sending') or it was sent ('sent').
 CLAIM_EMAIL: LiteralString = """
-INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, recipient, template, status)
-VALUES (%(key)s, %(queue)s, %(msg_id)s, %(recipient)s, %(template)s, 'sending')
+INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, enqueued_at, recipient,
+                                 template, status)
+VALUES (%(key)s, %(queue)s, %(msg_id)s, %(enqueued_at)s, %(recipient)s, %(template)s, 'sending')
 ON CONFLICT (idempotency_key) DO UPDATE
    SET status = 'sending', attempts = email_ledger.attempts + 1, msg_id = EXCLUDED.msg_id,
-       updated_at = now()
+       enqueued_at = EXCLUDED.enqueued_at, updated_at = now()
  WHERE email_ledger.status = 'failed'
 RETURNING status
 """
@@ -135,6 +213,23 @@ UPDATE public.email_ledger SET status = 'failed', last_error = %(error)s, update
 """
 EMAIL_LEDGER_ROW: LiteralString = """
 SELECT status, updated_at FROM public.email_ledger WHERE idempotency_key = %(key)s
+"""
+# `reactor email resolve`: the operator's verdict on a mail left 'sending' by a worker
+# that was killed mid-send. 'sent' archives a replay without sending; 'failed' lets the
+# next delivery (a replay) claim it and send.
+RESOLVE_EMAIL: LiteralString = """
+UPDATE public.email_ledger
+   SET status = %(status)s, updated_at = now(),
+       sent_at = CASE WHEN %(status)s = 'sent' THEN now() END,
+       last_error = CASE WHEN %(status)s = 'failed' THEN 'resolved by the operator: resend'
+                         ELSE last_error END
+ WHERE idempotency_key = %(key)s AND status = 'sending'
+RETURNING recipient, template
+"""
+STUCK_EMAILS: LiteralString = """
+SELECT idempotency_key, recipient, template, updated_at FROM public.email_ledger
+ WHERE status = 'sending' AND updated_at < now() - make_interval(secs => %(older_than_s)s)
+ ORDER BY updated_at LIMIT 200
 """
 PROFILE_LOCALE_BY_EMAIL: LiteralString = """
 SELECT locale FROM public.profiles WHERE lower(email) = lower(%(email)s) LIMIT 1
@@ -163,8 +258,12 @@ RECENT_DEAD_LETTERS = _sql.SQL(
 )
 
 # -- reports ----------------------------------------------------------------------------
+# results as text (decoded with the message limits) and its size: a checkup row is
+# as untrusted as a message body.
 LOAD_CHECKUP: LiteralString = """
-SELECT a.status, a.user_id, a.completed_at, a.results, p.email, p.full_name, p.locale
+SELECT a.status, a.user_id, a.completed_at,
+       CASE WHEN octet_length(a.results::text) <= %(max_bytes)s THEN a.results::text END,
+       octet_length(a.results::text), p.email, p.full_name, p.locale
   FROM public.assessments a JOIN public.profiles p ON p.id = a.user_id
  WHERE a.id = %(assessment_id)s
 """
@@ -195,3 +294,172 @@ SELECT id FROM public.payments WHERE provider_payment_id = %(provider_payment_id
 """
 QUEUE_PAYMENT_VERIFY: LiteralString = (
     "SELECT public.queue_payment_processing(%(payment_id)s, 'verify')")
+
+# -- payment operations (issue 11, migration 037) ----------------------------------------
+# The open operation of a payment and action, or a new one (seq = last + 1): every
+# delivery, requeue and replay of the same intent gets the same seq, hence the same
+# Idempotence-Key; age_s is measured by the database from when it was first requested.
+CLAIM_PAYMENT_OPERATION: LiteralString = """
+INSERT INTO reactor.payment_operations AS o (payment_id, action, seq, amount)
+SELECT %(payment_id)s::uuid, %(action)s::text, coalesce(max(p.seq), 0) + 1, %(amount)s::numeric
+  FROM reactor.payment_operations AS p
+ WHERE p.payment_id = %(payment_id)s::uuid AND p.action = %(action)s::text
+ON CONFLICT (payment_id, action) WHERE finished_at IS NULL
+DO UPDATE SET seq = o.seq
+RETURNING o.seq, o.amount, o.provider_object_id,
+          extract(epoch FROM now() - o.requested_at)::float8 AS age_s
+"""
+RECORD_PAYMENT_CHECK: LiteralString = """
+UPDATE reactor.payment_operations
+   SET checks = checks + 1, checked_at = now(),
+       provider_object_id = coalesce(provider_object_id, %(object_id)s)
+ WHERE payment_id = %(payment_id)s AND action = %(action)s AND seq = %(seq)s
+"""
+FINISH_PAYMENT_OPERATION: LiteralString = """
+UPDATE reactor.payment_operations SET outcome = %(outcome)s, finished_at = now()
+ WHERE payment_id = %(payment_id)s AND action = %(action)s AND seq = %(seq)s
+   AND finished_at IS NULL
+"""
+# The payment reached a final status some other way (staff, another message).
+SUPERSEDE_PAYMENT_OPERATIONS: LiteralString = """
+UPDATE reactor.payment_operations SET outcome = 'superseded', finished_at = now()
+ WHERE payment_id = %(payment_id)s AND action = %(action)s AND finished_at IS NULL
+"""
+PAYMENT_BY_PROVIDER: LiteralString = """
+SELECT id FROM public.payments
+ WHERE provider = %(provider)s AND provider_payment_id = %(provider_payment_id)s
+"""
+# NULL when a verify of this payment is already queued (see migration 037).
+QUEUE_PAYMENT_VERIFY_ONCE: LiteralString = (
+    "SELECT reactor.queue_payment_verify_once(%(payment_id)s)")
+
+# == issue 12: history for `reactor status` and the dashboard (owner: status.py) =========
+# Dead letters of one queue, by original msg_id, with when they died: pending and
+# replayed dead letters (their `source_msg_id`) and reactor.job_failures (which also
+# remembers purged ones). Dead-lettering archives the original too, so "finished"
+# is the archive minus these.
+_DEAD_CTE: LiteralString = """
+WITH dead AS (
+    SELECT d.msg_id, min(d.at) AS at FROM (
+        SELECT CASE WHEN jsonb_typeof(message -> 'source_msg_id') = 'number'
+                    THEN (message ->> 'source_msg_id')::bigint END AS msg_id, enqueued_at AS at
+          FROM pgmq.{dlq}
+        UNION ALL
+        SELECT CASE WHEN jsonb_typeof(message -> 'source_msg_id') = 'number'
+                    THEN (message ->> 'source_msg_id')::bigint END, enqueued_at
+          FROM pgmq.{dlq_archive}
+        UNION ALL
+        SELECT msg_id, updated_at FROM reactor.job_failures
+         WHERE queue = %(queue)s AND dead_lettered
+    ) AS d WHERE d.msg_id IS NOT NULL GROUP BY d.msg_id
+)
+"""
+# One queue: depth, oldest age, retrying now (failed at least once, still queued),
+# finished and dead-lettered over 1 h and 24 h, dead letters waiting in <queue>_dlq,
+# and finished per bucket (epoch seconds of the bucket start → count) over the window.
+HISTORY_QUEUE = _sql.SQL(_DEAD_CTE + """
+, finished AS (
+    SELECT a.archived_at FROM pgmq.{archive} a
+     WHERE a.archived_at > now() - greatest(interval '24 hours',
+                                            make_interval(secs => %(window_s)s))
+       AND NOT EXISTS (SELECT 1 FROM dead WHERE dead.msg_id = a.msg_id)
+)
+SELECT m.queue_length, m.oldest_msg_age_sec,
+       (SELECT count(*) FROM reactor.job_failures f
+          JOIN pgmq.{table} q ON q.msg_id = f.msg_id AND q.enqueued_at = f.enqueued_at
+         WHERE f.queue = %(queue)s AND NOT f.dead_lettered AND f.last_error IS NOT NULL),
+       (SELECT count(*) FROM finished WHERE archived_at > now() - interval '1 hour'),
+       (SELECT count(*) FROM finished WHERE archived_at > now() - interval '24 hours'),
+       (SELECT count(*) FROM dead WHERE at > now() - interval '1 hour'),
+       (SELECT count(*) FROM dead WHERE at > now() - interval '24 hours'),
+       (SELECT count(*) FROM pgmq.{dlq}),
+       (SELECT coalesce(jsonb_object_agg(b.bucket, b.n), '{{}}'::jsonb) FROM (
+            SELECT (floor(extract(epoch FROM archived_at) / %(bucket_s)s)
+                    * %(bucket_s)s)::bigint AS bucket, count(*) AS n
+              FROM finished WHERE archived_at > now() - make_interval(secs => %(window_s)s)
+             GROUP BY 1) AS b)
+  FROM pgmq.metrics(%(queue)s) AS m
+""")
+# The latest failures of every queue (retries and dead letters), newest first; rows
+# of messages only released at shutdown (no error) are not failures.
+RECENT_FAILURES: LiteralString = """
+SELECT queue, msg_id, last_attempt, last_error, dead_lettered, updated_at
+  FROM reactor.job_failures
+ WHERE last_error IS NOT NULL
+ ORDER BY updated_at DESC LIMIT %(limit)s
+"""
+
+
+# -- API surface lock-down (reactor/migrate.py, migration 040, docs/supabase.md) ---------
+# What exists before a migration runs, so that what it creates can be told apart
+# (temporary, dropped at the migration's COMMIT).
+SNAPSHOT_OBJECTS: LiteralString = """
+CREATE TEMPORARY TABLE reactor_migrate_before ON COMMIT DROP AS
+SELECT 'pg_proc'::regclass AS classid, oid AS objid FROM pg_catalog.pg_proc
+UNION ALL SELECT 'pg_class'::regclass, oid FROM pg_catalog.pg_class
+UNION ALL SELECT 'pg_namespace'::regclass, oid FROM pg_catalog.pg_namespace
+"""
+# Every function, table, view, sequence and schema the migration created (not
+# an extension's member) loses every privilege of PUBLIC, anon and
+# authenticated; service_role keeps EXECUTE on the SECURITY DEFINER functions
+# of `public` (the SQL API) and its table grants in `public`, nothing else.
+LOCK_DOWN_NEW_OBJECTS: LiteralString = """
+DO $lock_down$
+DECLARE
+    o record;
+    clients text;
+    api text;
+    has_service boolean := to_regrole('service_role') IS NOT NULL;
+BEGIN
+    SELECT string_agg(quote_ident(r), ', ') INTO api
+      FROM unnest(ARRAY['anon', 'authenticated']) AS r WHERE to_regrole(r) IS NOT NULL;
+    clients := 'PUBLIC' || coalesce(', ' || api, '');
+    FOR o IN
+        SELECT p.oid::regprocedure AS fn, n.nspname,
+               p.prokind = 'f' AND p.prosecdef
+                   AND p.prorettype <> 'pg_catalog.trigger'::regtype AS entry_point
+          FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname NOT LIKE 'pg\\_temp\\_%'
+           AND NOT EXISTS (SELECT 1 FROM pg_temp.reactor_migrate_before b
+                            WHERE b.classid = 'pg_proc'::regclass AND b.objid = p.oid)
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                            WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                              AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM %s', o.fn, clients);
+        IF has_service AND o.nspname = 'public' AND o.entry_point THEN
+            EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO service_role', o.fn);
+        ELSIF has_service THEN
+            EXECUTE format('REVOKE ALL ON ROUTINE %s FROM service_role', o.fn);
+        END IF;
+    END LOOP;
+    FOR o IN
+        SELECT c.oid::regclass AS rel, n.nspname,
+               CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.relpersistence <> 't'
+           AND NOT EXISTS (SELECT 1 FROM pg_temp.reactor_migrate_before b
+                            WHERE b.classid = 'pg_class'::regclass AND b.objid = c.oid)
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                            WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                              AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s %s FROM %s', o.kind, o.rel, clients);
+        IF has_service AND o.nspname <> 'public' THEN
+            EXECUTE format('REVOKE ALL ON %s %s FROM service_role', o.kind, o.rel);
+        END IF;
+    END LOOP;
+    FOR o IN
+        SELECT n.oid::regnamespace AS nsp FROM pg_catalog.pg_namespace n
+         WHERE n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+           AND NOT EXISTS (SELECT 1 FROM pg_temp.reactor_migrate_before b
+                            WHERE b.classid = 'pg_namespace'::regclass AND b.objid = n.oid)
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                            WHERE d.classid = 'pg_namespace'::regclass AND d.objid = n.oid
+                              AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('REVOKE ALL ON SCHEMA %s FROM %s', o.nsp, clients);
+    END LOOP;
+END
+$lock_down$
+"""

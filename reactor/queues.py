@@ -6,8 +6,9 @@ set_vt, send, delete, metrics_all.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -17,7 +18,13 @@ from psycopg.types.json import Jsonb
 from reactor import queries
 from reactor.config import QUEUES
 
-__all__ = ["Message", "QueueDepth", "dlq_name", "validate_queue"]
+__all__ = ["MAX_MESSAGE_BYTES", "MAX_NESTING", "Message", "QueueDepth", "decode_body",
+           "dlq_name", "validate_queue"]
+
+# The limits a message body must keep to be processed (public.enqueue refuses bigger
+# ones: migration 036); a body over them is dead-lettered with the reason.
+MAX_MESSAGE_BYTES = 256 * 1024
+MAX_NESTING = 64
 
 
 def validate_queue(name: str) -> str:
@@ -39,13 +46,26 @@ def _table(queue: str) -> sql.Identifier:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One delivery of a pgmq message. `attempt` is pgmq's read_ct."""
+    """One delivery of a pgmq message. `attempt` is pgmq's read_ct.
+
+    `decode_error` says why the body could not be decoded (`body` is then None);
+    `outcomes` counts the earlier deliveries that ended with a recorded outcome
+    (a retry or a release), so `attempt - 1 - outcomes` deliveries ended in
+    nothing: a worker crashed or was killed while it held this message.
+    """
 
     queue: str
     msg_id: int
     attempt: int
     enqueued_at: datetime
     body: Any
+    decode_error: str | None = None
+    outcomes: int = 0
+
+    @property
+    def lost_deliveries(self) -> int:
+        """Earlier deliveries of this message that ended with no recorded outcome."""
+        return max(0, self.attempt - 1 - self.outcomes)
 
     @property
     def priority(self) -> int:
@@ -65,13 +85,63 @@ class QueueDepth:
 
 
 def _messages(queue: str, rows: list[tuple[Any, ...]]) -> list[Message]:
-    """Rows of (msg_id, read_ct, enqueued_at, message), as every reading query selects them."""
+    """Rows of (msg_id, read_ct, enqueued_at, message), as the peeking queries select them."""
     return [Message(queue, r[0], r[1], r[2], r[3]) for r in rows]
 
 
+def _taken(queue: str, rows: list[tuple[Any, ...]]) -> list[Message]:
+    """Rows of the taking queries (see queries._TAKEN_COLUMNS), each body decoded alone."""
+    messages = []
+    for msg_id, read_ct, enqueued_at, text, size, outcomes in rows:
+        body, error = decode_body(text, size)
+        messages.append(Message(queue, msg_id, read_ct, enqueued_at, body, error, outcomes))
+    return messages
+
+
+def decode_body(text: str | None, size: int | None) -> tuple[Any, str | None]:
+    """Decode one message body; returns (body, None) or (None, why it cannot be processed).
+
+    Never raises: a body is untrusted input, and one bad body must not stop the
+    others of its batch (json's C decoder recurses, so an absurdly nested body
+    raises RecursionError: caught here, and the depth is bounded anyway).
+    """
+    if text is None:
+        if size is None:
+            return None, "message has no body"
+        return None, (f"message is {size} bytes, over the limit of {MAX_MESSAGE_BYTES} "
+                      "bytes: not processed")
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        return None, f"message nests deeper than {MAX_NESTING} levels: not processed"
+    except ValueError as exc:
+        return None, f"message is not valid JSON: {exc}"
+    if _deeper_than(body, MAX_NESTING):
+        return None, f"message nests deeper than {MAX_NESTING} levels: not processed"
+    return body, None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True if `value` nests more than `limit` arrays/objects deep (iterative: no recursion)."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _take_params(queue: str, vt: int, qty: int) -> dict[str, Any]:
+    return {"queue": queue, "vt": vt, "qty": qty, "max_bytes": MAX_MESSAGE_BYTES}
+
+
 def read(conn: psycopg.Connection, queue: str, vt: int, qty: int) -> list[Message]:
-    rows = conn.execute(queries.READ, {"queue": queue, "vt": vt, "qty": qty}).fetchall()
-    return _messages(queue, rows)
+    rows = conn.execute(queries.READ, _take_params(queue, vt, qty)).fetchall()
+    return _taken(queue, rows)
 
 
 def archive(conn: psycopg.Connection, queue: str, ids: list[int]) -> None:
@@ -104,27 +174,54 @@ def archive_then_read(
     three round trips per batch.
     """
     rows = conn.execute(queries.ARCHIVE_THEN_READ,
-                        {"queue": queue, "ids": done, "vt": vt, "qty": qty}).fetchall()
-    return _messages(queue, rows)
+                        {**_take_params(queue, vt, qty), "ids": done}).fetchall()
+    return _taken(queue, rows)
 
 
-def dead_letter(conn: psycopg.Connection, msg: Message, error: str) -> int:
-    """Send to `<queue>_dlq` with the reason and archive the original, atomically."""
-    body = {
-        "original": msg.body,
-        "error": error,
-        "attempts": msg.attempt,
-        "failed_at": datetime.now(UTC).isoformat(),
-        "source_msg_id": msg.msg_id,
-        "queue": msg.queue,
-    }
-    with conn.transaction():
-        row = conn.execute(
-            queries.SEND, {"queue": dlq_name(msg.queue), "message": Jsonb(body), "delay": 0}
-        ).fetchone()
-        archive(conn, msg.queue, [msg.msg_id])
-    assert row is not None
-    return int(row[0])
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A failed (or released) delivery to record: visible again after `delay_s`."""
+
+    message: Message
+    delay_s: int
+    error: str | None  # None: released at shutdown, not a failure
+
+
+def record_outcomes(conn: psycopg.Connection, queue: str, outcomes: list[Outcome]) -> None:
+    """Make each message visible after its delay and count the outcome (one statement)."""
+    latest = {o.message.msg_id: o for o in outcomes}  # a message may be listed twice
+    if not latest:
+        return
+    items = list(latest.values())
+    conn.execute(queries.RECORD_OUTCOMES, {
+        "queue": queue,
+        "ids": [o.message.msg_id for o in items],
+        "delays": [o.delay_s for o in items],
+        "attempts": [None if o.error is None else o.message.attempt for o in items],
+        "errors": [o.error for o in items],
+        "enqueued": [o.message.enqueued_at for o in items],
+    })
+
+
+def dead_letter(conn: psycopg.Connection, msg: Message, error: str) -> int | None:
+    """Send to `<queue>_dlq` with the reason and archive the original, atomically.
+
+    The body is copied by the server, so an undecodable one is kept too (as text).
+    Returns the dead letter's msg_id, or None if the message was no longer queued
+    (another replica dead-lettered or archived it first).
+    """
+    row = conn.execute(queries.DEAD_LETTER.format(table=_table(msg.queue)), {
+        "dlq": dlq_name(msg.queue), "queue": msg.queue, "msg_id": msg.msg_id,
+        "error": error, "attempts": msg.attempt, "decodable": msg.decode_error is None,
+    }).fetchone()
+    return None if row is None else int(row[0])
+
+
+def requeue(conn: psycopg.Connection, msg: Message, delay_s: int) -> int | None:
+    """Put the same body back as a new message after `delay_s`; archive this one."""
+    row = conn.execute(queries.REQUEUE.format(table=_table(msg.queue)),
+                       {"queue": msg.queue, "msg_id": msg.msg_id, "delay": delay_s}).fetchone()
+    return None if row is None else int(row[0])
 
 
 def next_visible_in(conn: psycopg.Connection, queue: str) -> float | None:

@@ -4,6 +4,11 @@ of it for every test (`CREATE DATABASE ... TEMPLATE`: isolated and fast).
 
 pg_cron lives in the cluster's `postgres` database; the clones do not have
 it, which is what migration 030 must cope with.
+
+The database tier (SUPABASE_TIER) also runs on a Supabase-like database
+(tests/supabase_db.py: `postgres` is no superuser, Supabase's default
+privileges, pgmq and pg_cron installed by the admin): each of its tests that
+uses `database_url` or `db` runs twice, `[plain]` and `[supabase]`.
 """
 
 from __future__ import annotations
@@ -24,8 +29,19 @@ import pytest
 from reactor.logs import configure_logging
 from reactor.migrate import migrate
 from reactor.pgcluster import PgCluster, free_port
+from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 
 TEMPLATE_DB = "reactor_template"
+# Modules whose database tests run on plain Postgres and on the Supabase-like database.
+SUPABASE_TIER = frozenset({"test_schema", "test_triggers", "test_rpc", "test_cron_functions",
+                           "test_supabase_access"})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the database tier's tests on both databases (`db_flavor`)."""
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "db_flavor" in metafunc.fixturenames and module in SUPABASE_TIER:
+        metafunc.parametrize("db_flavor", ["plain", "supabase"], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +61,36 @@ def template_db(pg_cluster: PgCluster) -> str:
     return TEMPLATE_DB
 
 
+@pytest.fixture(scope="session")
+def supabase_cluster() -> Iterator[SupabaseCluster]:
+    """The Supabase-like cluster (tests/supabase_db.py), its template migrated."""
+    cluster = start_supabase_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @pytest.fixture
-def database_url(pg_cluster: PgCluster, template_db: str) -> Iterator[str]:
-    """A migrated database of this test's own."""
+def db_flavor(request: pytest.FixtureRequest) -> str:
+    """`plain` (a superuser's Postgres) or `supabase` (see pytest_generate_tests)."""
+    return str(getattr(request, "param", "plain"))
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, db_flavor: str) -> Iterator[str]:
+    """A migrated database of this test's own (on Supabase: `postgres`'s URL)."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    url = pg_cluster.create_database(name, template=template_db)
+    if db_flavor == "supabase":
+        supabase: SupabaseCluster = request.getfixturevalue("supabase_cluster")
+        url = supabase.clone(name)
+        try:
+            yield url
+        finally:
+            supabase.drop(name)
+        return
+    pg_cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    url = pg_cluster.create_database(name, template=request.getfixturevalue("template_db"))
     try:
         yield url
     finally:
@@ -82,7 +123,8 @@ def private_cluster() -> Iterator[PgCluster]:
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[psycopg.Connection]:
-    """An autocommit connection to the test's database, as the superuser."""
+    """An autocommit connection to the test's database, as the superuser
+    (on the Supabase-like database: as `postgres`, which owns it)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
 
@@ -152,6 +194,11 @@ class SmtpServer:
     def meta(self) -> list[str]:
         return [p.read_text() for p in sorted(self.maildir.glob("*.meta"))]
 
+    def sessions(self) -> list[str]:
+        """Session events: `ehlo NAME`, `quit`, `closed` (tests/smtp_server.py)."""
+        log = self.maildir / "sessions.log"
+        return log.read_text().splitlines() if log.exists() else []
+
 
 @pytest.fixture
 def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
@@ -160,7 +207,8 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
 
     def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
              reject: Sequence[str] = (), defer: Sequence[str] = (), port: int | None = None,
-             start: bool = True, delay_ms: int = 0) -> SmtpServer:
+             start: bool = True, delay_ms: int = 0,
+             idle_timeout_s: float | None = None) -> SmtpServer:
         port = port or free_port()
         maildir = tmp_path / f"mail-{port}"
         argv = ["--port", str(port), "--maildir", str(maildir), "--tls", tls,
@@ -173,6 +221,8 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
             argv += ["--defer", *defer]
         if delay_ms:
             argv += ["--delay-ms", str(delay_ms)]
+        if idle_timeout_s is not None:
+            argv += ["--idle-timeout-s", str(idle_timeout_s)]
         server = SmtpServer(port, maildir, argv)
         servers.append(server)
         return server.start() if start else server

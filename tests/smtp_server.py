@@ -6,9 +6,14 @@ Controller then fails with "Cannot switch to a different thread".
 
     python -m tests.smtp_server --port P --maildir DIR [--tls starttls|ssl --cert C --key K]
         [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...] [--delay-ms MS]
+        [--idle-timeout-s S]
 
-Each accepted mail is written to DIR/NNNN.eml (atomically). Prints READY
-when it listens; stops on SIGTERM.
+Each accepted mail is written to DIR/NNNN.eml (atomically), its envelope, TLS,
+AUTH and EHLO name to DIR/NNNN.meta. DIR/sessions.log gets one line per
+session event: `ehlo NAME`, `quit` (the client said goodbye) and `closed`
+(the connection ended, by either side; `--idle-timeout-s` makes the server
+drop an idle client like a real relay). Prints READY when it listens; stops
+on SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import UnthreadedController
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Handler:
@@ -34,6 +39,20 @@ class Handler:
         self.defer = defer
         self.delay_s = delay_s  # a slow relay: each DATA is answered this much later
         self.counter = itertools.count(1)
+
+    def session_event(self, line: str) -> None:
+        with (self.maildir / "sessions.log").open("a") as out:
+            out.write(line + "\n")
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        self.session_event(f"ehlo {hostname}")
+        return responses
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self.session_event("quit")
+        return "221 Bye"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: Any) -> str:
@@ -53,7 +72,8 @@ class Handler:
         (self.maildir / f"{n:04d}.meta").write_text(
             f"{envelope.mail_from}\n{','.join(envelope.rcpt_tos)}\n"
             f"tls={server.transport.get_extra_info('ssl_object') is not None}\n"
-            f"auth={session.authenticated}\n")
+            f"auth={session.authenticated}\n"
+            f"helo={session.host_name}\n")
         os.replace(temp, self.maildir / f"{n:04d}.eml")
         return "250 OK: queued"
 
@@ -70,6 +90,7 @@ def main() -> None:
     parser.add_argument("--reject", nargs="*", default=[])
     parser.add_argument("--defer", nargs="*", default=[])
     parser.add_argument("--delay-ms", type=int, default=0)
+    parser.add_argument("--idle-timeout-s", type=float, default=300.0)
     args = parser.parse_args()
     args.maildir.mkdir(parents=True, exist_ok=True)
 
@@ -92,8 +113,20 @@ def main() -> None:
         kwargs |= {"tls_context": context, "require_starttls": True}
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    controller = UnthreadedController(
-        Handler(args.maildir, set(args.reject), set(args.defer), args.delay_ms / 1000), hostname="127.0.0.1",
+    handler = Handler(args.maildir, set(args.reject), set(args.defer), args.delay_ms / 1000)
+
+    class RecordingSMTP(SMTP):
+        def connection_lost(self, error: Exception | None) -> None:
+            handler.session_event("closed")
+            super().connection_lost(error)
+
+    class RecordingController(UnthreadedController):
+        def factory(self) -> SMTP:
+            return RecordingSMTP(self.handler, **self.SMTP_kwargs)
+
+    kwargs["timeout"] = args.idle_timeout_s
+    controller = RecordingController(
+        handler, hostname="127.0.0.1",
         port=args.port, loop=loop, ssl_context=context if args.tls == "ssl" else None,
         **kwargs)
     controller.begin()  # type: ignore[no-untyped-call]

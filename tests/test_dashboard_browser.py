@@ -1,4 +1,8 @@
-"""The dashboard in a real headless Chromium (Debian's), driven by Playwright."""
+"""The dashboard in a real headless Chromium (Debian's), driven by Playwright.
+
+The screenshot of the dashboard after a restart is kept in `test-artifacts/`
+(git-ignored) for a human to look at.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from reactor.pgcluster import free_port
 from tests.harness import wait_healthy
@@ -25,49 +34,161 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium)")
 
 
-def test_dashboard_shows_a_message_enqueued_after_the_page_loaded(
-        database_url: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
-
+@contextmanager
+def reactor_process(database_url: str, tmp_path: Path, name: str,
+                    **env: str) -> Iterator[tuple[int, int]]:
+    """`reactor run` in a subprocess; yields (feed port, HTTP port); SIGTERM on exit."""
     feed_port, http_port = free_port(), free_port()
-    env = {"PATH": os.environ["PATH"], "DATABASE_URL": database_url, "EMAIL_PROVIDER": "file",
-           "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox"), "FEED_PORT": str(feed_port),
-           "METRICS_PORT": str(http_port), "LOG_FORMAT": "json", "MAX_ATTEMPTS": "1"}
-    log = (tmp_path / "reactor.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=env, stdout=log,
-                            stderr=log, cwd=tmp_path)
-    try:
-        wait_healthy(http_port, proc, tmp_path / "reactor.log")
-        # Playwright's sync API runs an asyncio loop of its own; trio-asyncio (the SMTP
-        # tests) leaves its policy installed for the whole process, so restore the default.
-        asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{http_port}/")
-            expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                user = conn.execute("INSERT INTO public.profiles (email, full_name, locale) "
-                                    "VALUES ('anna@example.com', 'Анна', 'ru') RETURNING id"
-                                    ).fetchone()
-                assert user is not None
-                # A consultation booked: its confirmation flows through email_queue.
-                conn.execute("INSERT INTO public.appointments (user_id, specialist_name, "
-                             "scheduled_at) VALUES (%s, 'Dr. X', now() + interval '2 days')",
-                             (user[0],))
-                [(bad,)] = conn.execute("SELECT pgmq.send('email_queue', "
-                                        "'{\"to\": \"x@example.com\", \"template\": \"nope\"}')"
-                                        ).fetchall()
-                conn.execute("SELECT pg_notify('reactor_wakeup', 'email_queue')")
-            done = page.locator('#events li[data-type="job.succeeded"][data-queue="email_queue"]')
-            expect(done.first).to_be_visible(timeout=2_000)
-            failure = page.locator(f'#failures tr[data-msg-id="{bad}"]')
-            expect(failure).to_contain_text("unknown template 'nope'", timeout=2_000)
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    environ = {"PATH": os.environ["PATH"], "DATABASE_URL": database_url,
+               "EMAIL_PROVIDER": "file", "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox"),
+               "FEED_PORT": str(feed_port), "METRICS_PORT": str(http_port),
+               "LOG_FORMAT": "json", "MAX_ATTEMPTS": "1", **env}
+    log_path = tmp_path / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=environ,
+                                stdout=log, stderr=log, cwd=tmp_path)
+        try:
+            wait_healthy(http_port, proc, log_path)
+            yield feed_port, http_port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def poll(condition: Any, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an asyncio loop of its own; trio-asyncio (the SMTP
+    # tests) leaves its policy installed for the whole process, so restore the default.
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+
+
+def test_the_dashboard_tells_what_happened_before_a_restart(
+        database_url: str, tmp_path: Path, chromium: Any) -> None:
+    from playwright.sync_api import expect
+
+    mail = {"subject": "Hi", "variables": {"full_name": "Anna", "assessment_id": "a1"},
+            "locale": "en", "to": "anna.petrova@gmail.com"}
+    with reactor_process(database_url, tmp_path, "first"), \
+            psycopg.connect(database_url, autocommit=True) as conn:
+        def send(queue: str, body: dict[str, Any]) -> int:
+            [(msg_id,)] = conn.execute("SELECT public.enqueue(%s, %s)",
+                                       (queue, Jsonb(body))).fetchall()
+            return int(msg_id)
+
+        for i in range(3):
+            send("analytics_queue", {"event": f"signup {i}"})
+        bad = send("analytics_queue", {"no_event": True})
+        send("email_queue", {**mail, "template": "checkup_completed"})
+        bad_mail = send("email_queue", {**mail, "template": "nope"})
+
+        def settled() -> bool:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM pgmq.q_analytics_queue)"
+                " + (SELECT count(*) FROM pgmq.q_email_queue),"
+                " (SELECT count(*) FROM pgmq.q_analytics_queue_dlq)"
+                " + (SELECT count(*) FROM pgmq.q_email_queue_dlq)").fetchone()
+            return row == (0, 2)
+        poll(settled)
+
+    # A new reactor, a page opened afterwards: everything comes from the database.
+    with reactor_process(database_url, tmp_path, "second") as (_, http_port):
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"http://127.0.0.1:{http_port}/")
+        expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        expect(page.get_by_test_id("done-analytics_queue")).to_have_text("3 done")
+        expect(page.get_by_test_id("dead-analytics_queue")).to_have_text("1 dead-lettered")
+        expect(page.get_by_test_id("done-email_queue")).to_have_text("1 done")
+        expect(page.get_by_test_id("dead-email_queue")).to_have_text("1 dead-lettered")
+        expect(page.get_by_test_id("chart-analytics_queue")).to_have_attribute("data-total", "3")
+        expect(page.get_by_test_id("chart-email_queue")).to_have_attribute("data-total", "1")
+        failure = page.locator(f'#failures tr[data-queue="analytics_queue"][data-msg-id="{bad}"]')
+        expect(failure).to_contain_text("event: Field required")
+        expect(failure).to_contain_text(f"msg #{bad} → dlq #")
+        expect(failure).to_contain_text("dead-lettered")
+        mail_failure = page.locator(f'#failures tr[data-queue="email_queue"]'
+                                    f'[data-msg-id="{bad_mail}"]')
+        expect(mail_failure).to_contain_text("unknown template 'nope'")
+        letter = page.locator(f'#dlq tr[data-msg-id="{bad}"]')
+        expect(letter).to_contain_text(f"msg #{bad}")
+        expect(letter).to_contain_text("dlq #")
+        assert "anna.petrova" not in page.content()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+EVIL_PAGE = """<!doctype html><html><body><script>
+window.result = {messages: 0, closed: false, fetched: null};
+const ws = new WebSocket("ws://127.0.0.1:FEED/events?replay=200");
+ws.onmessage = () => { window.result.messages += 1; };
+ws.onclose = () => { window.result.closed = true; };
+fetch("http://127.0.0.1:HTTP/api/ticket", {method: "POST", credentials: "include"})
+  .then(r => r.text()).then(t => { window.result.fetched = t; })
+  .catch(e => { window.result.fetched = "blocked: " + e; });
+</script></body></html>"""
+
+
+def test_a_foreign_page_cannot_read_the_feed_and_the_dashboard_signs_in(
+        database_url: str, tmp_path: Path, chromium: Any) -> None:
+    from playwright.sync_api import expect
+
+    token = "dashboard-token-1234567890"
+    site = tmp_path / "evil"
+    site.mkdir()
+    evil_port = free_port()
+    with reactor_process(database_url, tmp_path, "token", FEED_TOKEN=token) as (
+            feed_port, http_port):
+        # The operator signs in once; the token never appears in a URL.
+        page = chromium.new_page()
+        page.goto(f"http://127.0.0.1:{http_port}/")
+        expect(page.locator("#signin")).to_be_visible()
+        page.fill("#token", "wrong")
+        page.click("#signin button")
+        expect(page.locator("#signin-error")).to_contain_text("wrong token")
+        page.fill("#token", token)
+        page.click("#signin button")
+        expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        assert token not in page.url
+        # A stranger's page, opened in the same (signed-in) browser.
+        (site / "index.html").write_text(EVIL_PAGE.replace("FEED", str(feed_port))
+                                         .replace("HTTP", str(http_port)))
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(evil_port),
+                                   "--bind", "127.0.0.1", "--directory", str(site)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            evil = chromium.new_page()
+            poll(lambda: _answers(evil_port))
+            evil.goto(f"http://127.0.0.1:{evil_port}/index.html")
+            evil.wait_for_function("window.result.closed && window.result.fetched !== null",
+                                   timeout=10_000)
+            result = evil.evaluate("window.result")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    assert result["messages"] == 0
+    assert result["fetched"].startswith("blocked")
+
+
+def _answers(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -8,11 +8,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,7 +52,7 @@ def test_dockerfile_command_and_healthcheck_work(database_url: str, tmp_path: Pa
     assert cmd == ["reactor", "run"]
     assert "USER 10001" in text
     port = free_port()
-    check = [part.replace(":8766/", f":{port}/") for part in check]
+    assert "os.environ.get('METRICS_PORT')" in check[-1]  # follows the setting, not 8766
     env = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "DATABASE_URL": database_url,
            "METRICS_PORT": str(port), "FEED_PORT": "0", "EMAIL_PROVIDER": "file",
            "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox"), "REPORTS_DIR": str(tmp_path / "r")}
@@ -117,3 +119,120 @@ def test_env_example_names_every_setting_with_placeholders_only() -> None:
 @pytest.mark.parametrize("name", [".env", ".reactor/"])
 def test_local_state_is_never_committed(name: str) -> None:
     assert name in (HOME / ".gitignore").read_text().splitlines()
+
+
+# -- docker-compose.yml -------------------------------------------------------------------
+def compose_config(tmp_path: Path, env_file: str) -> dict[str, Any]:
+    """deploy/docker-compose.yml as `docker-compose config` resolves and validates it
+    (the compose schema, interpolation, env_file), in a copy of the repository layout."""
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.fail("docker-compose is not installed: scripts/install-system-deps "
+                    "(apt-get install -y docker-compose)")
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(DEPLOY / "docker-compose.yml", tmp_path / "deploy" / "docker-compose.yml")
+    (tmp_path / ".env").write_text(env_file)
+    env = {"PATH": os.environ["PATH"], "POSTGRES_PASSWORD": "pw-for-the-test"}
+    result = subprocess.run([tool, "-f", "deploy/docker-compose.yml", "--profile", "tools",
+                             "config"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    # docker-compose prints YAML; its own interpreter has PyYAML (the project's venv has not).
+    python = Path(tool).read_text().splitlines()[0].removeprefix("#!").split()
+    as_json = subprocess.run([*python, "-c", "import json, sys, yaml; "
+                              "json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
+                             input=result.stdout, capture_output=True, text=True, timeout=60,
+                             check=True)
+    config: dict[str, Any] = json.loads(as_json.stdout)
+    return config
+
+
+def env_example_as_compose_reads_it() -> str:
+    """.env.example with its inline comments removed (as `docker compose` v2 reads an env
+    file; v1 would keep them in the values)."""
+    from dotenv import dotenv_values
+
+    values = dotenv_values(HOME / ".env.example")
+    return "".join(f"{key}={value or ''}\n" for key, value in values.items())
+
+
+def test_compose_file_is_valid_and_matches_the_image(tmp_path: Path) -> None:
+    config = compose_config(tmp_path, env_example_as_compose_reads_it())
+    services = config["services"]
+    assert set(services) == {"db", "migrate", "reactor"}
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    image_cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    exposed = set(re.search(r"^EXPOSE (.*)$", dockerfile, re.M).group(1).split())  # type: ignore[union-attr]
+    image_volume = json.loads(re.search(r"^VOLUME (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+
+    for name in ("migrate", "reactor"):
+        service = services[name]
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert Path(service["build"]["context"]) == tmp_path  # the repository root
+        url = service["environment"]["DATABASE_URL"]
+        assert url == "postgresql://postgres:pw-for-the-test@db:5432/postgres"  # direct, not 6543
+        assert service["depends_on"]["db"]["condition"] == "service_healthy"
+    assert services["migrate"]["command"] == ["reactor", "migrate"]
+    assert services["migrate"]["profiles"] == ["tools"]  # a one-off, not started by `up`
+
+    reactor = services["reactor"]
+    env = reactor["environment"]
+    assert reactor.get("command", image_cmd) == image_cmd == ["reactor", "run"]
+    assert "healthcheck" not in reactor  # the image's own HEALTHCHECK (/healthz on METRICS_PORT)
+    published = {port["target"] if isinstance(port, dict) else port.rsplit(":", 1)[1]
+                 for port in reactor["ports"]}
+    assert {str(p).split("/")[0] for p in published} == {env["FEED_PORT"], env["METRICS_PORT"]}
+    assert {env["FEED_PORT"], env["METRICS_PORT"]} == {p.split("/")[0] for p in exposed}
+    for port in reactor["ports"]:
+        assert str(port).startswith("127.0.0.1:") or port.get("host_ip") == "127.0.0.1"
+    [volume] = reactor["volumes"]
+    mount = volume["target"] if isinstance(volume, dict) else volume.split(":")[1]
+    assert [mount] == image_volume == ["/var/lib/reactor"]
+    for setting in ("REPORTS_DIR", "EMAIL_OUTBOX_DIR"):  # on the volume, writable by uid 10001
+        assert env[setting].startswith("/var/lib/reactor/"), (setting, env[setting])
+    grace = float(reactor["stop_grace_period"].removesuffix("s"))
+    assert grace > float(env.get("SHUTDOWN_GRACE_S", "10"))
+    assert env["FEED_HOST"] == "0.0.0.0"  # reachable through the published port
+    assert "test" in services["db"]["healthcheck"]
+    readme = (HOME / "README.md").read_text()
+    for command in ("docker compose -f deploy/docker-compose.yml run --rm migrate",
+                    "docker compose -f deploy/docker-compose.yml up -d",
+                    "docker build -f deploy/Dockerfile"):
+        assert command in readme, command
+
+
+def test_compose_file_names_the_missing_password() -> None:
+    tool = shutil.which("docker-compose")
+    assert tool is not None, "docker-compose is not installed: scripts/install-system-deps"
+    env = {"PATH": os.environ["PATH"]}
+    result = subprocess.run([tool, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert result.returncode != 0
+    assert "set POSTGRES_PASSWORD in .env" in result.stderr
+
+
+# -- requirements.lock -------------------------------------------------------------------
+def test_requirements_lock_pins_every_dependency_with_hashes() -> None:
+    """The image installs deploy/requirements.lock only: a dependency added to pyproject
+    without re-locking would be missing from the image."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = (DEPLOY / "requirements.lock").read_text()
+    pins: dict[str, str] = {}
+    for entry in re.findall(r"^([A-Za-z0-9][^\s;\\]*==[^\s;\\]+)[^\n]*\\\n((?:\s+--hash=.*\n)+)",
+                            lock, re.M):
+        name, version = entry[0].split("==")
+        assert "sha256:" in entry[1], name
+        pins[canonicalize_name(name)] = version
+    pyproject = tomllib.loads((HOME / "pyproject.toml").read_text())
+    wanted = [*pyproject["project"]["dependencies"], *pyproject["build-system"]["requires"]]
+    for line in wanted:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in deploy/requirements.lock: run scripts/lock-requirements"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} does not satisfy {requirement}: run scripts/lock-requirements")
+    assert "--require-hashes" in (DEPLOY / "Dockerfile").read_text()

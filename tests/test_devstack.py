@@ -1,18 +1,24 @@
-"""Acceptance: `reactor dev` in a fresh directory produces mails, a PDF and live events."""
+"""`reactor dev`: demo data in a fresh directory, one stack per directory, and Postgres
+start failures that lead with their reason."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from reactor.devstack import DevStack
+from reactor.pgcluster import PgCluster, PgClusterError, free_port
 
 
 def start(cwd: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -72,3 +78,75 @@ def test_dev_stack_demo_then_restart_reuses_the_data(tmp_path: Path) -> None:
         stop(proc)
     assert len(list((home / "outbox").glob("*.eml"))) == mails  # nothing sent twice
     shutil.rmtree(DevStack(home).cluster_dir(), ignore_errors=True)
+
+
+def test_a_second_dev_is_refused_naming_the_first_and_a_killed_one_is_recovered(
+        tmp_path: Path) -> None:
+    home = tmp_path / ".reactor"
+    log = tmp_path / "dev.log"
+    first = start(tmp_path, log)
+    try:
+        wait_for(lambda: "dashboard  http://127.0.0.1:" in log.read_text(), "banner", log)
+        for extra in ([], ["--reset"]):  # --reset must not wipe the running stack either
+            second = subprocess.run([sys.executable, "-m", "reactor", "dev", *extra],
+                                    cwd=tmp_path, capture_output=True, text=True, check=False,
+                                    timeout=60, env={"PATH": os.environ["PATH"]})
+            assert second.returncode == 1
+            [line] = second.stderr.strip().splitlines()
+            assert f"another `reactor dev` (pid {first.pid}) is already running" in line
+            assert "--dir" in line
+        assert list((home / "reports").glob("*/*.pdf"))
+        # kill -9 leaves its Postgres running: the next start takes it over.
+        first.kill()
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    log2 = tmp_path / "dev2.log"
+    again = start(tmp_path, log2)
+    try:
+        wait_for(lambda: "demo data from last run" in log2.read_text(), "restart", log2)
+        assert "reusing the Postgres server already running" in log2.read_text()
+    finally:
+        stop(again)
+    cluster = DevStack(home).cluster()
+    assert not cluster.running()  # Ctrl-C stopped the server it took over
+    shutil.rmtree(cluster.base_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def stopped_cluster() -> Iterator[PgCluster]:
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-start-")), free_port())
+    cluster.init()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def reason_of(exc: PgClusterError, port: int) -> str:
+    [line] = str(exc).splitlines()  # one line, the reason first
+    prefix = f"postgres did not start on port {port}: "
+    assert line.startswith(prefix)
+    return line.removeprefix(prefix)
+
+
+def test_a_postgres_start_failure_leads_with_the_line_that_says_why(
+        stopped_cluster: PgCluster) -> None:
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", stopped_cluster.port))
+        taken.listen()
+        with pytest.raises(PgClusterError) as port_taken:
+            stopped_cluster.start()
+    assert reason_of(port_taken.value, stopped_cluster.port).startswith(
+        'LOG: could not bind IPv4 address "127.0.0.1": Address already in use')
+    stopped_cluster.start()
+    twin = PgCluster(stopped_cluster.base_dir, free_port())
+    with pytest.raises(PgClusterError) as same_dir:
+        twin.start()
+    reason = reason_of(same_dir.value, twin.port)
+    assert reason.startswith('FATAL: lock file "postmaster.pid" already exists')
+    assert "Is another postmaster" in reason
+    assert str(stopped_cluster.log_file) in reason

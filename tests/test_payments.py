@@ -11,17 +11,30 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from reactor import queues
+from reactor.config import YOOKASSA_NETWORKS, ConfigError, load_settings
+from reactor.errors import PermanentError
+from reactor.services.payments import YooKassaProvider
 from reactor.web import serve_http
 from tests import factories as f
 from tests.harness import running_reactor, sql, wait_for
 
 SHOP, SECRET = "123456", "test_secret_key"
+HOOK = "/webhooks/yookassa"
+LOOPBACK = {"YOOKASSA_WEBHOOK_NETWORKS": "127.0.0.1/32"}  # the tests' "provider network"
+QUEUE = "payment_processing_queue"
+
+
+def yid(n: int) -> str:
+    """A provider id in YooKassa's format."""
+    return f"2d8d0ecb-000f-5000-9000-{n:012x}"
 
 
 @dataclass
@@ -44,6 +57,7 @@ class FakeYooKassa:
             body = await request.body()
             self.calls.append({"key": key, "auth": request.headers.get("authorization"),
                                "idempotence_key": request.headers.get("idempotence-key"),
+                               "path": request.url.path, "query": request.url.query,
                                "json": (await request.json()) if body else None})
             return self.answer(key)
 
@@ -57,21 +71,38 @@ class FakeYooKassa:
             payload = await request.json()
             return await record(request, f"REFUND {payload.get('payment_id')}")
 
+        async def get_refund(request: Request) -> Response:
+            return await record(request, f"GET_REFUND {request.path_params['rid']}")
+
+        async def anything_else(request: Request) -> Response:
+            return await record(request, f"OTHER {request.url.path}")
+
         return Starlette(routes=[
             Route("/v3/payments/{pid}", get_payment),
             Route("/v3/payments/{pid}/capture", capture, methods=["POST"]),
             Route("/v3/refunds", refunds, methods=["POST"]),
+            Route("/v3/refunds/{rid}", get_refund),
+            Route("/{rest:path}", anything_else, methods=["GET", "POST"]),
         ])
+
+    def keys(self) -> list[str]:
+        return [c["key"] for c in self.calls]
 
 
 def on_payments(type_: str) -> Callable[[dict[str, Any]], bool]:
     """Events of the payment queue only (the triggers also feed analytics_queue)."""
-    return lambda e: e["type"] == type_ and e["queue"] == "payment_processing_queue"
+    return lambda e: e["type"] == type_ and e["queue"] == QUEUE
 
 
-def payment_body(pid: str, status: str, **extra: Any) -> dict[str, Any]:
+def payment_body(pid: str, status: str, value: str = "3500.00", currency: str = "RUB",
+                 **extra: Any) -> dict[str, Any]:
     return {"id": pid, "status": status, "paid": status == "succeeded",
-            "amount": {"value": "3500.00", "currency": "RUB"}, **extra}
+            "amount": {"value": value, "currency": currency}, **extra}
+
+
+def refund_body(rid: str, pid: str, status: str, value: str = "3500.00") -> dict[str, Any]:
+    return {"id": rid, "payment_id": pid, "status": status,
+            "amount": {"value": value, "currency": "RUB"}}
 
 
 @asynccontextmanager
@@ -87,14 +118,15 @@ async def provider_and_reactor(database_url: str, fake: FakeYooKassa,
         nursery.cancel_scope.cancel()
 
 
-def pending_payment(database_url: str, pid: str, status: str = "pending") -> tuple[Any, Any]:
+def pending_payment(database_url: str, pid: str, status: str = "pending", *,
+                    amount: str = "3500.00", provider: str = "yookassa") -> tuple[Any, Any]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         user = f.profile(conn)
         appointment = f.appointment(conn, user, starts_in=timedelta(days=2),
                                     status="pending_payment")
-        payment = f.payment(conn, user, appointment, status=status)
-        conn.execute("UPDATE public.payments SET provider = 'yookassa', provider_payment_id = %s "
-                     "WHERE id = %s", (pid, payment))
+        payment = f.payment(conn, user, appointment, status=status, amount=amount)
+        conn.execute("UPDATE public.payments SET provider = %s, provider_payment_id = %s "
+                     "WHERE id = %s", (provider, pid, payment))
         conn.execute("DELETE FROM pgmq.q_email_queue")
     return payment, appointment
 
@@ -103,9 +135,33 @@ async def verify(database_url: str, payment: Any, action: str = "verify") -> Non
     await sql(database_url, "SELECT public.queue_payment_processing(%s, %s)", (payment, action))
 
 
+async def mails(database_url: str) -> list[str]:
+    return [m["template"] for (m,) in await sql(
+        database_url, "SELECT message FROM pgmq.q_email_queue UNION ALL "
+                      "SELECT message FROM pgmq.a_email_queue")]
+
+
+async def queued_verifies(database_url: str) -> int:
+    [(n,)] = await sql(database_url, "SELECT count(*) FROM pgmq.q_payment_processing_queue "
+                                     "WHERE message->>'action' = 'verify'")
+    return int(n)
+
+
+async def replay(database_url: str) -> list[int]:
+    def run() -> list[int]:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            return queues.replay_dead_letters(conn, QUEUE)
+    return await trio.to_thread.run_sync(run)
+
+
+def notification(pid: str, event: str = "payment.succeeded") -> dict[str, Any]:
+    return {"type": "notification", "event": event, "object": payment_body(pid, "succeeded")}
+
+
 async def test_succeeded_payment_marks_the_consultation_paid(database_url: str) -> None:
-    fake = FakeYooKassa({"GET pay_1": [(200, payment_body("pay_1", "succeeded"))]})
-    payment, appointment = pending_payment(database_url, "pay_1")
+    pid = yid(1)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "succeeded"))]})
+    payment, appointment = pending_payment(database_url, pid)
     async with provider_and_reactor(database_url, fake) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
@@ -116,19 +172,19 @@ async def test_succeeded_payment_marks_the_consultation_paid(database_url: str) 
                                     (appointment,))
     assert status == "scheduled"
     assert paid_at is not None
-    templates = [m["template"] for (m,) in await sql(
-        database_url, "SELECT message FROM pgmq.q_email_queue UNION ALL "
-                      "SELECT message FROM pgmq.a_email_queue")]
-    assert templates == ["payment_confirmation"]  # sent by the trigger, not the processor
+    assert await mails(database_url) == ["payment_confirmation"]  # by the trigger
     [call] = fake.calls
     assert call["auth"] == "Basic " + base64.b64encode(f"{SHOP}:{SECRET}".encode()).decode()
+    assert await sql(database_url, "SELECT action, seq, outcome, checks FROM "
+                                   "reactor.payment_operations") == [("verify", 1, "succeeded", 1)]
 
 
 async def test_canceled_payment_fails_with_the_reason(database_url: str) -> None:
-    body = payment_body("pay_2", "canceled", cancellation_details={
+    pid = yid(2)
+    body = payment_body(pid, "canceled", cancellation_details={
         "party": "payment_network", "reason": "insufficient_funds"})
-    fake = FakeYooKassa({"GET pay_2": [(200, body)]})
-    payment, _ = pending_payment(database_url, "pay_2")
+    fake = FakeYooKassa({f"GET {pid}": [(200, body)]})
+    payment, _ = pending_payment(database_url, pid)
     async with provider_and_reactor(database_url, fake) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
@@ -138,10 +194,11 @@ async def test_canceled_payment_fails_with_the_reason(database_url: str) -> None
 
 
 async def test_pending_is_asked_again_until_it_succeeds(database_url: str) -> None:
-    fake = FakeYooKassa({"GET pay_3": [(200, payment_body("pay_3", "pending")),
-                                       (200, payment_body("pay_3", "waiting_for_capture")),
-                                       (200, payment_body("pay_3", "succeeded"))]})
-    payment, _ = pending_payment(database_url, "pay_3")
+    pid = yid(3)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "pending")),
+                                        (200, payment_body(pid, "waiting_for_capture")),
+                                        (200, payment_body(pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid)
     async with provider_and_reactor(database_url, fake, MAX_ATTEMPTS=1) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
@@ -150,23 +207,37 @@ async def test_pending_is_asked_again_until_it_succeeds(database_url: str) -> No
     assert "payment pending; asking again in 1s" in later[0]["error"]
     assert "waiting_for_capture" in later[1]["error"]  # more checks than MAX_ATTEMPTS: fine
     assert await sql(database_url, "SELECT status FROM public.payments") == [("completed",)]
+    # One intent, however many messages carried it.
+    assert await sql(database_url, "SELECT seq, checks FROM reactor.payment_operations") == [
+        (1, 3)]
 
 
-async def test_still_pending_after_the_max_age_is_dead_lettered(database_url: str) -> None:
-    fake = FakeYooKassa({"GET pay_4": [(200, payment_body("pay_4", "pending"))]})
-    payment, _ = pending_payment(database_url, "pay_4")
+async def test_the_deadline_counts_from_the_request_not_the_payment(database_url: str) -> None:
+    pid = yid(4)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "pending"))]})
+    payment, _ = pending_payment(database_url, pid)
     await sql(database_url, "UPDATE public.payments SET created_at = now() - interval '2 days'")
-    async with provider_and_reactor(database_url, fake) as reactor:
+    async with provider_and_reactor(database_url, fake, RETRY_BASE_S=3) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
-            [event] = await wait_for(sub, on_payments("job.dead_lettered"))
-    assert "still pending after" in event["error"]
+            # An old payment is not given up on its first check...
+            [retry] = await wait_for(sub, on_payments("job.retrying"))
+            # ...only once the check itself has been pending for longer than the max age.
+            await sql(database_url, "UPDATE reactor.payment_operations "
+                                    "SET requested_at = now() - interval '2 days'")
+            [event] = await wait_for(sub, on_payments("job.dead_lettered"), within_s=15)
+    assert "asking again in 3s" in retry["error"]
+    assert "still pending after 48.0 h" in event["error"]
+    assert await sql(database_url, "SELECT outcome FROM reactor.payment_operations") == [
+        ("expired",)]
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
 
 
 async def test_server_error_then_success(database_url: str) -> None:
-    fake = FakeYooKassa({"GET pay_5": [(500, {"type": "error"}),
-                                       (200, payment_body("pay_5", "succeeded"))]})
-    payment, _ = pending_payment(database_url, "pay_5")
+    pid = yid(5)
+    fake = FakeYooKassa({f"GET {pid}": [(500, {"type": "error"}),
+                                        (200, payment_body(pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid)
     async with provider_and_reactor(database_url, fake) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
@@ -178,8 +249,9 @@ async def test_server_error_then_success(database_url: str) -> None:
 
 async def test_bad_credentials_are_a_named_configuration_error_and_retried(
         database_url: str) -> None:
-    fake = FakeYooKassa({"GET pay_6": [(401, {"type": "error", "code": "invalid_credentials"})]})
-    payment, _ = pending_payment(database_url, "pay_6")
+    pid = yid(6)
+    fake = FakeYooKassa({f"GET {pid}": [(401, {"type": "error", "code": "invalid_credentials"})]})
+    payment, _ = pending_payment(database_url, pid)
     async with provider_and_reactor(database_url, fake, MAX_ATTEMPTS=1) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
@@ -191,7 +263,7 @@ async def test_bad_credentials_are_a_named_configuration_error_and_retried(
 
 async def test_unknown_to_the_provider_or_to_us_is_dead_lettered(database_url: str) -> None:
     fake = FakeYooKassa()
-    payment, _ = pending_payment(database_url, "pay_missing")
+    payment, _ = pending_payment(database_url, yid(7))
     async with provider_and_reactor(database_url, fake) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
@@ -203,37 +275,40 @@ async def test_unknown_to_the_provider_or_to_us_is_dead_lettered(database_url: s
 
 
 async def test_capture_sends_a_stable_idempotence_key(database_url: str) -> None:
-    fake = FakeYooKassa({"CAPTURE pay_7": [(503, {"type": "error"}),
-                                           (200, payment_body("pay_7", "succeeded"))]})
-    payment, _ = pending_payment(database_url, "pay_7")
+    pid = yid(8)
+    fake = FakeYooKassa({f"CAPTURE {pid}": [(503, {"type": "error"}),
+                                            (200, payment_body(pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid)
     async with provider_and_reactor(database_url, fake) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment, "capture")
             await wait_for(sub, on_payments("job.succeeded"), within_s=10)
     first, second = fake.calls
-    assert first["idempotence_key"]
-    assert first["idempotence_key"] == second["idempotence_key"]
+    assert first["idempotence_key"] == second["idempotence_key"] == f"{payment}:capture:1"
     assert first["json"] == {"amount": {"value": "3500.00", "currency": "RUB"}}
     assert await sql(database_url, "SELECT status FROM public.payments") == [("completed",)]
 
 
 async def test_refund_of_a_completed_payment(database_url: str) -> None:
-    fake = FakeYooKassa({"REFUND pay_8": [(200, {"id": "rf_1", "status": "succeeded",
-                                                 "payment_id": "pay_8"})]})
-    payment, _ = pending_payment(database_url, "pay_8", status="completed")
+    pid, rid = yid(9), yid(0x900)
+    fake = FakeYooKassa({f"REFUND {pid}": [(200, refund_body(rid, pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid, status="completed")
     async with provider_and_reactor(database_url, fake) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment, "refund")
             await wait_for(sub, on_payments("job.succeeded"))
     [call] = fake.calls
-    assert call["json"]["payment_id"] == "pay_8"
-    assert call["idempotence_key"]
+    assert call["json"]["payment_id"] == pid
+    assert call["idempotence_key"] == f"{payment}:refund:1"
     assert await sql(database_url, "SELECT status FROM public.payments") == [("refunded",)]
+    assert await sql(database_url, "SELECT provider_object_id, outcome FROM "
+                                   "reactor.payment_operations") == [(rid, "succeeded")]
 
 
 async def test_a_final_status_never_moves_backwards(database_url: str) -> None:
-    fake = FakeYooKassa({"GET pay_9": [(200, payment_body("pay_9", "canceled"))]})
-    payment, _ = pending_payment(database_url, "pay_9", status="completed")
+    pid = yid(10)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "canceled"))]})
+    payment, _ = pending_payment(database_url, pid, status="completed")
     async with provider_and_reactor(database_url, fake) as reactor:
         with reactor.bus.subscribe() as sub:
             await verify(database_url, payment)
@@ -243,31 +318,294 @@ async def test_a_final_status_never_moves_backwards(database_url: str) -> None:
 
 
 async def test_webhook_queues_a_verify_and_refuses_bad_bodies(database_url: str) -> None:
-    fake = FakeYooKassa({"GET pay_10": [(200, payment_body("pay_10", "pending"))]})
-    pending_payment(database_url, "pay_10")
-    async with provider_and_reactor(database_url, fake) as reactor, \
+    pid = yid(11)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "pending"))]})
+    pending_payment(database_url, pid)
+    async with provider_and_reactor(database_url, fake, **LOOPBACK) as reactor, \
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
-        hook = "/webhooks/yookassa"
-        note = {"type": "notification", "event": "payment.succeeded",
-                "object": payment_body("pay_10", "succeeded")}
         bad = [(b"{not json", 400), (b'{"type": "notification", "event": "payment.hacked", '
-                                     b'"object": {"id": "pay_10"}}', 422),
+                                     b'"object": {"id": "x"}}', 422),
                (b'{"type": "notification", "event": "payment.succeeded"}', 422),
                (b"[]", 400), (b"x" * 70_000, 413)]
         for body, code in bad:
-            assert (await http.post(hook, content=body)).status_code == code
+            assert (await http.post(HOOK, content=body)).status_code == code
         assert await sql(database_url, "SELECT count(*) FROM pgmq.q_payment_processing_queue "
                                        "UNION ALL SELECT count(*) FROM "
                                        "pgmq.a_payment_processing_queue") == [(0,), (0,)]
-        unknown = {**note, "object": payment_body("pay_unknown", "succeeded")}
-        ignored = await http.post(hook, json=unknown)
+        ignored = await http.post(HOOK, json=notification(yid(0xbad)))
         assert ignored.json() == {"status": "ignored"}, ignored.text
         with reactor.bus.subscribe() as sub:
-            answer = await http.post(hook, json=note)
+            answer = await http.post(HOOK, json=notification(pid))
             assert (answer.status_code, answer.json()) == (200, {"status": "queued"})
-            [event] = await wait_for(sub, lambda e: e["type"] == "job.retrying"
-                                     and e["queue"] == "payment_processing_queue")
+            [event] = await wait_for(sub, on_payments("job.retrying"))
     # The body said "succeeded", but only the API's answer counts, and it says "pending".
     assert "payment pending" in event["error"]
     assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
-    assert [c["key"] for c in fake.calls] == ["GET pay_10"]
+    assert fake.keys() == [f"GET {pid}"]
+
+
+# -- no provider, no decision ---------------------------------------------------------------
+async def test_forged_webhook_under_default_settings_completes_nothing(
+        database_url: str) -> None:
+    """The attack of issue 11: an unsigned POST naming a pending YooKassa payment."""
+    pid = yid(12)
+    payment, appointment = pending_payment(database_url, pid)
+    manual, _ = pending_payment(database_url, yid(13), provider="manual")
+    async with running_reactor(database_url) as reactor, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        assert reactor.settings.payment_provider == "manual"  # the default
+        answer = await http.post(HOOK, json=notification(pid))
+        assert answer.status_code == 404
+        with reactor.bus.subscribe() as sub:
+            # Asked directly, the reactor still decides nothing.
+            await verify(database_url, payment)
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+            await verify(database_url, manual)
+            await wait_for(sub, on_payments("job.succeeded"))
+            await verify(database_url, manual, "refund")
+            [refund] = await wait_for(sub, on_payments("job.dead_lettered"))
+    assert "has provider 'yookassa' but PAYMENT_PROVIDER=manual" in dead["error"]
+    assert "PAYMENT_PROVIDER=manual cannot refund" in refund["error"]
+    assert await sql(database_url, "SELECT DISTINCT status FROM public.payments") == [
+        ("pending",)]
+    assert await sql(database_url, "SELECT status FROM public.appointments WHERE id = %s",
+                     (appointment,)) == [("pending_payment",)]
+    assert await mails(database_url) == []
+
+
+async def test_a_row_of_another_provider_is_never_verified_with_this_one(
+        database_url: str) -> None:
+    pid = yid(14)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid, provider="manual")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment)
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    assert "has provider 'manual' but PAYMENT_PROVIDER=yookassa" in dead["error"]
+    assert fake.calls == []
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
+
+
+# -- verify what was paid ------------------------------------------------------------------
+MISMATCHES: dict[str, tuple[dict[str, Any], str]] = {
+    "amount": ({"value": "1.00"}, "amount 1.00 RUB at the provider, 35000.00 RUB here"),
+    "currency": ({"value": "35000.00", "currency": "USD"},
+                 "amount 35000.00 USD at the provider, 35000.00 RUB here"),
+    "metadata": ({"value": "35000.00",
+                  "metadata": {"payment_id": "00000000-0000-0000-0000-0000000000ff"}},
+                 "metadata.payment_id 00000000-0000-0000-0000-0000000000ff at the provider"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+async def test_a_mismatch_completes_nothing_and_is_dead_lettered_with_the_reason(
+        database_url: str, case: str) -> None:
+    pid = yid(15)
+    answer, reason = MISMATCHES[case]
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "succeeded", **answer))]})
+    payment, appointment = pending_payment(database_url, pid, amount="35000.00")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment)
+            [alert] = await wait_for(sub, lambda e: e["type"] == "payment.mismatch")
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    assert reason in alert["error"]
+    assert alert["payment_id"] == str(payment)
+    assert reason in dead["error"]
+    assert "nothing was changed" in dead["error"]
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
+    assert await sql(database_url, "SELECT status FROM public.appointments WHERE id = %s",
+                     (appointment,)) == [("pending_payment",)]
+    assert await mails(database_url) == []
+    [(letter,)] = await sql(database_url,
+                            "SELECT message FROM pgmq.q_payment_processing_queue_dlq")
+    assert reason in letter["error"]  # what the operator sees in `reactor dlq list`
+
+
+async def test_a_crafted_id_never_reaches_another_url(database_url: str) -> None:
+    crafted = "../refunds/xyz?limit=1#"
+    fake = FakeYooKassa({"GET_REFUND xyz": [(200, refund_body(yid(1), yid(2), "succeeded"))]})
+    payment, _ = pending_payment(database_url, crafted)
+    completed, _ = pending_payment(database_url, crafted, status="completed")
+    async with provider_and_reactor(database_url, fake, **LOOPBACK) as reactor, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment)
+            await verify(database_url, payment, "capture")
+            await verify(database_url, completed, "refund")
+            dead = await wait_for(sub, on_payments("job.dead_lettered"), count=3)
+        answer = await http.post(HOOK, json=notification(crafted))
+        assert answer.status_code == 422
+    assert all("is not a YooKassa id" in e["error"] for e in dead), dead
+    assert fake.calls == []
+    # And the provider client itself refuses such an id before any request is made.
+    provider = YooKassaProvider(load_settings(
+        _env_file=None, DATABASE_URL=database_url, PAYMENT_PROVIDER="yookassa",
+        YOOKASSA_SHOP_ID=SHOP, YOOKASSA_SECRET_KEY=SECRET,
+        YOOKASSA_API_URL=f"http://127.0.0.1:{fake.port}/v3"))
+    try:
+        with pytest.raises(PermanentError, match="not a YooKassa id"):
+            await provider.get(crafted)
+        with pytest.raises(PermanentError, match="not a YooKassa id"):
+            await provider.get_refund("a/../b")
+    finally:
+        await provider.aclose()
+    assert fake.calls == []
+
+
+# -- exactly one refund per intent -------------------------------------------------------------
+async def test_replaying_a_dead_lettered_refund_sends_the_same_idempotence_key(
+        database_url: str) -> None:
+    pid, rid = yid(16), yid(0x1600)
+    fake = FakeYooKassa({f"REFUND {pid}": [(503, {"type": "error"}),
+                                           (200, refund_body(rid, pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid, status="completed")
+    async with provider_and_reactor(database_url, fake, MAX_ATTEMPTS=1,
+                                    OUTAGE_MAX_ATTEMPTS=1) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment, "refund")
+            await wait_for(sub, on_payments("job.dead_lettered"))
+            assert len(await replay(database_url)) == 1
+            await wait_for(sub, on_payments("job.succeeded"))
+    first, second = fake.calls
+    assert first["key"] == second["key"] == f"REFUND {pid}"
+    assert first["idempotence_key"] == second["idempotence_key"] == f"{payment}:refund:1"
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("refunded",)]
+
+
+async def test_a_pending_refund_is_polled_by_its_id_and_never_requested_twice(
+        database_url: str) -> None:
+    pid, rid = yid(17), yid(0x1700)
+    fake = FakeYooKassa({f"REFUND {pid}": [(200, refund_body(rid, pid, "pending"))],
+                         f"GET_REFUND {rid}": [(200, refund_body(rid, pid, "pending")),
+                                               (200, refund_body(rid, pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid, status="completed")
+    # A payment older than a day: the refund's own deadline counts, not the payment's age.
+    await sql(database_url, "UPDATE public.payments SET created_at = now() - interval '3 days'")
+    async with provider_and_reactor(database_url, fake, RETRY_BASE_S=3) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment, "refund")
+            [pending] = await wait_for(sub, on_payments("job.retrying"))
+            await sql(database_url, "UPDATE reactor.payment_operations "
+                                    "SET requested_at = now() - interval '2 days'")
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"), within_s=15)
+            assert len(await replay(database_url)) == 1
+            await wait_for(sub, on_payments("job.succeeded"))
+    assert "refund pending; asking again in 3s" in pending["error"]
+    assert "keeps its Idempotence-Key" in dead["error"]
+    assert fake.keys() == [f"REFUND {pid}", f"GET_REFUND {rid}", f"GET_REFUND {rid}"]
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("refunded",)]
+
+
+# -- the webhook is a hint, and a cheap one ----------------------------------------------------
+async def test_300_notifications_for_one_payment_queue_one_verify(database_url: str) -> None:
+    pid = yid(18)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "pending"))]})
+    pending_payment(database_url, pid)
+    answers: list[str] = []
+    async with provider_and_reactor(database_url, fake, RETRY_BASE_S=30,
+                                    **LOOPBACK) as reactor, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}",
+                              timeout=30) as http:
+        limit = trio.CapacityLimiter(20)
+
+        async def post() -> None:
+            async with limit:
+                answer = await http.post(HOOK, json=notification(pid))
+                assert answer.status_code == 200, answer.text
+                answers.append(answer.json()["status"])
+                assert await queued_verifies(database_url) <= 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(300):
+                nursery.start_soon(post)
+    assert answers.count("queued") == 1
+    assert answers.count("already queued") == 299
+    assert await queued_verifies(database_url) == 1
+    assert 1 <= len(fake.calls) <= 2, fake.keys()
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
+
+
+async def test_a_notification_brings_a_waiting_check_forward_at_most_once_a_minute(
+        database_url: str) -> None:
+    pid = yid(21)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "pending")),
+                                        (200, payment_body(pid, "succeeded"))]})
+    payment, _ = pending_payment(database_url, pid)
+    delayed = ("SELECT count(*) FROM pgmq.q_payment_processing_queue "
+               "WHERE read_ct = 0 AND vt > now() + interval '5 minutes'")
+    async with provider_and_reactor(database_url, fake, RETRY_BASE_S=600,
+                                    **LOOPBACK) as reactor, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        with reactor.bus.subscribe() as sub:
+            assert (await http.post(HOOK, json=notification(pid))).json() == {
+                "status": "queued"}
+            [retry] = await wait_for(sub, on_payments("job.retrying"))
+            assert "asking again in 600s" in retry["error"]
+            with trio.fail_after(10):  # the requeued check, waiting for its turn
+                while await sql(database_url, delayed) != [(1,)]:  # noqa: ASYNC110 - db state
+                    await trio.sleep(0.05)
+            # Asked a moment ago: a notification now adds nothing, not even a call.
+            assert (await http.post(HOOK, json=notification(pid))).json() == {
+                "status": "already queued"}
+            assert await sql(database_url, delayed) == [(1,)]
+            # A minute later, a notification makes the waiting check happen now.
+            await sql(database_url, "UPDATE reactor.payment_operations "
+                                    "SET checked_at = now() - interval '2 minutes'")
+            assert (await http.post(HOOK, json=notification(pid))).json() == {
+                "status": "already queued"}
+            await wait_for(sub, on_payments("job.succeeded"))
+    assert fake.keys() == [f"GET {pid}", f"GET {pid}"]
+    assert await sql(database_url, "SELECT status FROM public.payments WHERE id = %s",
+                     (payment,)) == [("completed",)]
+
+
+async def test_a_notification_from_a_non_allowed_address_is_refused(database_url: str) -> None:
+    pid = yid(19)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "succeeded"))]})
+    pending_payment(database_url, pid)
+    async with provider_and_reactor(database_url, fake) as reactor, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        # Default networks are YooKassa's; 127.0.0.1 is not one of them, and without a
+        # trusted proxy X-Forwarded-For is nobody's word.
+        for headers in ({}, {"X-Forwarded-For": "185.71.76.10"}):
+            answer = await http.post(HOOK, json=notification(pid), headers=headers)
+            assert answer.status_code == 403
+            assert "YOOKASSA_WEBHOOK_NETWORKS" in answer.json()["error"]
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.q_payment_processing_queue "
+                                   "UNION ALL SELECT count(*) FROM "
+                                   "pgmq.a_payment_processing_queue") == [(0,), (0,)]
+    assert fake.calls == []
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
+
+
+async def test_forwarded_for_is_honoured_only_from_a_trusted_proxy(database_url: str) -> None:
+    pid = yid(20)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "pending"))]})
+    pending_payment(database_url, pid)
+    async with provider_and_reactor(database_url, fake, RETRY_BASE_S=30,
+                                    WEBHOOK_TRUSTED_PROXIES="127.0.0.0/8") as reactor, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        async def status(forwarded: str | None) -> int:
+            headers = {"X-Forwarded-For": forwarded} if forwarded is not None else {}
+            return (await http.post(HOOK, json=notification(pid), headers=headers)).status_code
+
+        assert await status(None) == 403  # the proxy itself is not the provider
+        assert await status("203.0.113.9") == 403
+        assert await status("185.71.76.10, 203.0.113.9") == 403  # the client's own claim
+        assert await status("not-an-address") == 403
+        assert await status("185.71.76.10") == 200
+        assert await status("203.0.113.9, 77.75.153.5, 127.0.0.1") == 200  # two proxies
+    assert await queued_verifies(database_url) == 1
+
+
+def test_webhook_network_settings_are_checked_at_start() -> None:
+    url = "postgresql://reactor@127.0.0.1/reactor"
+    with pytest.raises(ConfigError) as error:
+        load_settings(_env_file=None, DATABASE_URL=url, WEBHOOK_TRUSTED_PROXIES="10.0.0.1,bogus")
+    assert str(error.value).startswith("invalid WEBHOOK_TRUSTED_PROXIES=")
+    assert "'bogus' is not an IP address or network" in str(error.value)
+    # Left empty in .env, the provider's own ranges apply (never "refuse everyone").
+    empty = load_settings(_env_file=None, DATABASE_URL=url, YOOKASSA_WEBHOOK_NETWORKS=" ")
+    assert empty.yookassa_webhook_networks == YOOKASSA_NETWORKS

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.policy
 import io
+import subprocess
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from reactor.config import ConfigError
 from reactor.core.app import Reactor
 from reactor.paths import TEMPLATES_DIR
 from reactor.services.pdf import ReportData, Score, find_fonts, prepare_fonts, render_report
+from reactor.services.templates import EmailRenderer
 from tests import factories as f
 from tests.harness import of_type, running_reactor, settings_for, sql, wait_for
 
@@ -137,6 +140,75 @@ def test_optional_parts_may_be_missing(tmp_path: Path) -> None:
                                             templates_dir=TEMPLATES_DIR, app_name="X"))
     assert pages >= 2
     assert f"Page {pages} of {pages}" in text
+
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+# What the wording must say in each locale: a high score means more difficulty.
+DIFFICULTY = {"ru": "признаков трудностей", "en": "signs of difficulty"}
+
+
+def report_words(locale: str) -> dict[str, Any]:
+    with (TEMPLATES_DIR / "report" / f"{locale}.toml").open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def fold(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("locale", ["ru", "en"])
+def test_the_report_explains_its_scale_and_colours(tmp_path: Path, locale: str) -> None:
+    fonts = prepare_fonts(find_fonts(Path("/usr/share/fonts/truetype/dejavu")), tmp_path)
+    words = report_words(locale)
+    with (TEMPLATES_DIR / "report" / "style.toml").open("rb") as fh:
+        colors = tomllib.load(fh)["colors"]
+    data = ReportData("a1", "Маша Петрова", None, datetime.now(UTC), [
+        Score("Внимание и концентрация", 17, 20, "high"), Score("Поведение", 6, 20, "low"),
+        Score("Сон", 11, 20, "moderate")])
+    pdf = render_report(data, locale=locale, fonts=fonts, templates_dir=TEMPLATES_DIR,
+                        app_name="Family Mind")
+    _, text, _ = pdf_text(pdf)
+    # The scale, in words: more points, more difficulty; high is not good news.
+    assert DIFFICULTY[locale] in words["scale_note"]
+    assert fold(words["legend_heading"]) in text
+    assert fold(words["scale_note"]) in text
+    for band in ("low", "moderate", "high"):
+        assert DIFFICULTY[locale].split()[-1] in words["bands"][band]  # "difficulty" each time
+        # The legend line, and the label under the bar of the one score in that band.
+        assert fold(f"{words['bands'][band]} — {words['legend'][band]}") in text
+        assert text.count(words["bands"][band]) == 2
+    # The legend's swatches are the bars' colours: each band's fill is used twice.
+    content = PdfReader(io.BytesIO(pdf)).pages[0].get_contents()
+    assert content is not None
+    ops = content.get_data().decode("latin-1")
+    for band in ("low", "moderate", "high"):
+        fill = " ".join(f"{c / 255:.4f}".rstrip("0").rstrip(".") for c in colors[band])
+        assert ops.count(f"{fill} rg") == 2, (band, fill)
+    # A rendered page for a person to look at (test-artifacts/ is not committed).
+    ARTIFACTS.mkdir(exist_ok=True)
+    source = tmp_path / "report.pdf"
+    source.write_bytes(pdf)
+    png = ARTIFACTS / f"report-{locale}"
+    subprocess.run(["pdftoppm", "-png", "-r", "80", "-singlefile", str(source), str(png)],
+                   check=True, timeout=60)
+    assert png.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_report_wording_has_the_same_parts_in_every_locale() -> None:
+    ru, en = report_words("ru"), report_words("en")
+    assert ru.keys() == en.keys()
+    assert ru["bands"].keys() == en["bands"].keys() == {"low", "moderate", "high"}
+    assert ru["legend"].keys() == en["legend"].keys() == {"low", "moderate", "high"}
+
+
+@pytest.mark.parametrize("locale", ["ru", "en"])
+def test_report_ready_mail_reads_the_scale_as_the_report_does(locale: str) -> None:
+    mail = EmailRenderer(TEMPLATES_DIR).render(
+        "report_ready", locale, {"full_name": "Анна", "assessment_id": "7a2b"})
+    high = report_words(locale)["bands"]["high"]
+    for part in (mail.text, mail.html):
+        assert DIFFICULTY[locale] in fold(part)
+        assert high in fold(part)
 
 
 def test_bad_results_entries_are_skipped() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from reactor.pgcluster import free_port
+from reactor.pgcluster import PgCluster, free_port
+from reactor.startup import refusal, url_problem
 
 
 @contextmanager
@@ -171,6 +174,120 @@ def test_unreachable_database_is_retried_and_reported_not_a_traceback(tmp_path: 
     [first, *_] = [e for e in log_lines(log) if "database unreachable" in str(e.get("event"))]
     assert first["level"] == "warning"
     assert "retry_in_s" in first
+    # What it waits for, and why: where, and what the database did.
+    assert first["event"] == "database unreachable; waiting for it to accept connections"
+    assert first["database"] == url.removeprefix("postgresql://postgres@")
+    assert "connection refused" in str(first["reason"])
+
+
+def test_a_silent_database_at_start_is_waited_for_saying_so(tmp_path: Path) -> None:
+    log = tmp_path / "reactor.log"
+    # Accepts TCP connections (the kernel completes the handshake) and never answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
+        with reactor_process(url, log) as proc:
+            wait_until(lambda: any("database unreachable" in str(e.get("event"))
+                                   for e in log_lines(log)), within_s=60, what="a wait line")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    [first, *_] = [e for e in log_lines(log) if "database unreachable" in str(e.get("event"))]
+    assert first["reason"] == "no answer within the connect timeout"
+
+
+def test_a_database_that_comes_up_later_is_used_once_it_does(
+        private_cluster: PgCluster, tmp_path: Path) -> None:
+    log = tmp_path / "reactor.log"
+    private_cluster.stop()
+    with reactor_process(private_cluster.url(), log) as proc:
+        wait_until(lambda: any("database unreachable" in str(e.get("event"))
+                               for e in log_lines(log)), what="a wait line")
+        private_cluster.start()
+        wait_until(lambda: any(e.get("event") == "reactor.started" for e in log_lines(log)),
+                   within_s=60, what="start once the database is up")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.fixture(scope="module")
+def password_cluster() -> Iterator[PgCluster]:
+    """A cluster that asks TCP clients for a password (the shared one trusts everyone)."""
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-auth-")), free_port())
+    cluster.init()
+    (cluster.data_dir / "pg_hba.conf").write_text(
+        "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+    cluster.start()
+    try:
+        with psycopg.connect(host=str(cluster.data_dir), port=cluster.port, user="postgres",
+                             dbname="postgres", autocommit=True) as conn:
+            conn.execute("ALTER ROLE postgres PASSWORD 'right%s3cret'")
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("wrong password", 'rejected the password of user "postgres": check USER and PASSWORD'),
+    ("missing database", 'the database "no_such_db" in DATABASE_URL does not exist'),
+    ("missing role", 'the user "no_such_role" in DATABASE_URL does not exist'),
+    ("invalid host", 'the host "bad..host" in DATABASE_URL is not a valid host name'),
+    ("bad percent", "the password in DATABASE_URL has a '%' that does not start a "
+                    "percent-encoding (%XX): write a literal % as %25"),
+])
+def test_what_waiting_cannot_fix_stops_run_with_one_line_and_exit_2(
+        password_cluster: PgCluster, pg_cluster: PgCluster, tmp_path: Path, case: str,
+        expected: str) -> None:
+    auth, trust = password_cluster.port, pg_cluster.port
+    url, secrets = {
+        "wrong password": (f"postgresql://postgres:wrong-s3cret@127.0.0.1:{auth}/postgres",
+                           ["wrong-s3cret"]),
+        "missing database": (f"postgresql://postgres:right%25s3cret@127.0.0.1:{auth}/no_such_db",
+                             ["right%s3cret", "right%25s3cret"]),
+        "missing role": (f"postgresql://no_such_role:any-s3cret@127.0.0.1:{trust}/postgres",
+                         ["any-s3cret"]),
+        "invalid host": ("postgresql://postgres:any-s3cret@bad..host:5432/postgres",
+                         ["any-s3cret"]),
+        # libpq would quote this whole password in its error.
+        "bad percent": (f"postgresql://postgres:s3cret%zz@127.0.0.1:{auth}/postgres",
+                        ["s3cret"]),
+    }[case]
+    result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
+                            text=True, env={"PATH": os.environ["PATH"], "EMAIL_PROVIDER": "file",
+                                            "DATABASE_URL": url},
+                            cwd=tmp_path, check=False, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    for secret in secrets:
+        assert secret not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    # psycopg's own resolver and libpq's, word for word.
+    ("failed to resolve host 'db.example': [Errno -2] Name or service not known",
+     'the host "db.example" in DATABASE_URL is unknown'),
+    ('could not translate host name "db.example" to address: Name or service not known',
+     'the host "db.example" in DATABASE_URL is unknown'),
+    ("failed to resolve host 'db': [Errno -3] Temporary failure in name resolution", None),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  '
+     "the database system is starting up", None),
+    ('connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+     "fe_sendauth: no password supplied", "asks for a password and DATABASE_URL has none"),
+    ('connection failed: connection to server at "10.0.0.5", port 5432 failed: FATAL:  no '
+     'pg_hba.conf entry for host "10.0.0.9", user "app", database "app", no encryption',
+     "(no pg_hba.conf entry): allow it in pg_hba.conf"),
+])
+def test_start_failures_are_told_apart_by_what_waiting_can_fix(
+        error: str, expected: str | None) -> None:
+    # A real name lookup would leave this machine: the messages are classified as they come.
+    line = refusal(psycopg.OperationalError(error), "postgresql://app:pw@db.example:5432/app")
+    if expected is None:
+        assert line is None
+    else:
+        assert line is not None
+        assert expected in line
 
 
 def test_unmigrated_database_is_refused_naming_the_fix(
@@ -181,3 +298,15 @@ def test_unmigrated_database_is_refused_naming_the_fix(
                             cwd=tmp_path, check=False, timeout=30)
     assert result.returncode == 2
     assert "run `reactor migrate`" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://app:p%40ss%25word@db.example:5432/app",
+    "postgresql://app:pw@[::1]:5432/app",
+    "postgresql://app:pw@h1:5432,h2:5433/app?target_session_attrs=read-write",
+    "postgresql://app@/app?host=/var/run/postgresql",
+    "postgresql://app@пример.рф/app",
+    "host=db.example user=app password=p%zz dbname=app",  # key=value: no URL decoding
+])
+def test_valid_database_urls_are_not_refused(url: str) -> None:
+    assert url_problem(url) is None

@@ -85,3 +85,54 @@ def test_links_appear_only_with_app_base_url() -> None:
     assert "https://app.example.com/appointments/9f1c" in with_url.render(
         "appointment_confirmation", "en", variables).html
     assert "<a href" not in without.render("appointment_confirmation", "en", variables).html
+
+
+# -- what users read: money, layout, footer ----------------------------------------------
+
+@pytest.mark.parametrize(("locale", "currency", "amount", "expected"), [
+    ("en", "RUB", "4200", "RUB\xa04,200.00"),  # CLDR currency spacing, not "RUB4,200.00"
+    ("ru", "RUB", "4200", "4\xa0200,00\xa0₽"),
+    ("en", "USD", "4200.5", "$4,200.50"),
+    ("ru", "EUR", "-12.5", "-12,50\xa0€"),
+    ("en", "CHF", "-12.5", "-CHF\xa012.50"),
+])
+def test_money_reads_as_the_locale_writes_it(renderer: EmailRenderer, locale: str,
+                                             currency: str, amount: str, expected: str) -> None:
+    variables = {**{n: VALUES[n] for n in REQUIRED_VARIABLES["payment_failed"]},
+                 "amount": amount, "currency": currency}
+    mail = renderer.render("payment_failed", locale, variables)
+    assert expected in mail.text
+    assert expected in mail.html
+
+
+FOOTER_REPLY = {"en": "Questions? Reply to this email", "ru": "Просто ответьте на это письмо"}
+FOOTER_NO_REPLY = {"en": "replies to it are not read", "ru": "ответы на него не читаются"}
+
+
+@pytest.mark.parametrize("reply_to", [None, "support@family.example"])
+@pytest.mark.parametrize("app_url", [None, "https://app.example.com"])
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("template", sorted(REQUIRED_VARIABLES))
+def test_text_parts_share_one_layout_and_the_footer_matches_reply_to(
+        template: str, locale: str, app_url: str | None, reply_to: str | None) -> None:
+    renderer = EmailRenderer(TEMPLATES_DIR, app_base_url=app_url, reply_to=reply_to)
+    mail = renderer.render(template, locale,
+                           {name: VALUES[name] for name in REQUIRED_VARIABLES[template]})
+    text = mail.text
+    assert text.endswith("\n")
+    assert not text.endswith("\n\n")
+    assert "\n\n\n" not in text  # paragraphs are separated by exactly one blank line
+    body, signature, footer = text.rsplit("\n\n", 2)
+    assert signature == "— Family Mind"  # the signature has a blank line before it
+    assert body.splitlines()[0] in ("Hello Анна Петрова,", "Здравствуйте, Анна Петрова!")
+    for part in (footer, mail.html):
+        if reply_to:
+            assert FOOTER_REPLY[locale] in part
+            assert reply_to in part
+            assert FOOTER_NO_REPLY[locale] not in part
+        else:
+            # Never invite a reply to the no-reply sender.
+            assert FOOTER_NO_REPLY[locale] in part
+            assert FOOTER_REPLY[locale] not in part
+        if app_url and not reply_to:
+            assert app_url in part

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
+import psycopg
 import structlog
 import trio
 
@@ -19,10 +20,11 @@ from reactor import queues
 from reactor.config import Settings
 from reactor.core.drainer import Drainer, DrainSettings
 from reactor.core.events import EventBus
+from reactor.core.health import Health
 from reactor.core.listener import Listener
 from reactor.core.retry import RetryPolicy
 from reactor.db import Database, DatabaseUnavailable
-from reactor.feed import check_feed_exposure, serve_feed
+from reactor.feed import Access, check_feed_exposure, serve_feed
 from reactor.metrics import Metrics
 from reactor.migrate import pending_migrations
 from reactor.processors import PROCESSORS, Processor
@@ -46,7 +48,9 @@ class Reactor:
                  processors: Mapping[str, type[Processor[Any]]] | None = None) -> None:
         self.settings = settings
         self.bus = bus or EventBus()
-        self.db = Database(settings.database_url, settings.db_pool_size)
+        self.health = Health(self.bus.publish)
+        self.db = Database(settings.database_url, settings.db_pool_size,
+                           statement_timeout_s=settings.db_statement_timeout_s)
         drain_settings = DrainSettings(
             batch_size=settings.max_tasks_per_cycle,
             visibility_timeout_s=settings.visibility_timeout_s,
@@ -54,16 +58,18 @@ class Reactor:
             policy=RetryPolicy(base_s=settings.retry_base_s, max_s=settings.retry_max_s,
                                max_attempts=settings.max_attempts,
                                outage_attempts=settings.outage_max_attempts),
+            max_lost_deliveries=settings.max_lost_deliveries,
         )
         self.drainers = {
-            queue: Drainer(cls(settings, self.db), self.db, self.bus, drain_settings)
+            queue: Drainer(self._processor(cls), self.db, self.bus, drain_settings, self.health)
             for queue, cls in (processors if processors is not None else PROCESSORS).items()
         }
         self.listener = Listener(settings.database_url, self.db, self.bus,
                                  {q: d.wake for q, d in self.drainers.items()},
-                                 probe_every_s=settings.listener_probe_s)
+                                 probe_every_s=settings.listener_probe_s, health=self.health)
         self.token = settings.feed_token.get_secret_value() if settings.feed_token else None
         check_feed_exposure(settings.feed_host, self.token)
+        self.access = Access.from_settings(settings)
         self.metrics = Metrics(lambda: self.bus.subscriber_count)
         self.bus.sinks.append(self.metrics.observe)
         self.feed_port = 0
@@ -71,6 +77,11 @@ class Reactor:
         self._services: trio.Nursery | None = None
         self._stopping = False
         self._started = False
+
+    def _processor(self, cls: type[Processor[Any]]) -> Processor[Any]:
+        processor = cls(self.settings, self.db)
+        processor.bus = self.bus  # processors publish their own events (e.g. payment checks)
+        return processor
 
     async def run(self, *, task_status: trio.TaskStatus[Reactor] = trio.TASK_STATUS_IGNORED,
                   handle_signals: bool = True) -> None:
@@ -85,7 +96,8 @@ class Reactor:
             await services.start(self.listener.run)
             services.start_soon(self._report_depths)
             self.feed_port = await services.start(
-                serve_feed, self.bus, self.settings.feed_host, self.settings.feed_port, self.token)
+                serve_feed, self.bus, self.settings.feed_host, self.settings.feed_port, self.token,
+                self.access)
             self.http_port = await services.start(
                 serve_http, create_app(self._web_context()), self.settings.feed_host,
                 self.settings.metrics_port)
@@ -103,10 +115,16 @@ class Reactor:
         return WebContext(db=self.db, metrics=self.metrics, token=self.token,
                           feed_port=lambda: self.feed_port,
                           listener_connected=lambda: self.listener.connected,
+                          health=self.health, access=self.access,
                           extra_routes=routes)
 
     async def _check_database(self) -> None:
-        """Wait for the database (reported, with backoff); refuse an unmigrated one."""
+        """Wait for a database that is still starting (reported, with backoff); stop at
+        once on what waiting cannot fix (startup.DatabaseRefused: wrong password, missing
+        database or role, unknown host); refuse an unmigrated one."""
+        from reactor.startup import wait_for_database  # (kept local: app.py is shared)
+
+        await wait_for_database(self.settings.database_url)
         backoff = 0.5
         while True:
             try:
@@ -157,6 +175,6 @@ class Reactor:
                 for depth in await self.db.run(queues.depths):
                     self.bus.publish("queue.depth", depth.queue, depth=depth.depth,
                                      oldest_age_s=depth.oldest_age_s)
-            except DatabaseUnavailable:
-                pass  # the listener and drainers report outages
+            except (DatabaseUnavailable, psycopg.Error):
+                pass  # a periodic report: the listener and drainers report outages
             await trio.sleep(DEPTH_EVERY_S)

@@ -1,34 +1,49 @@
-"""One drainer per queue: read a batch, run the handlers, archive, repeat until
-the queue is empty; then sleep until a wake-up, the next visible message, or
-the fallback poll.
+"""One drainer per queue: read a batch, run the handlers, record the outcomes,
+repeat until the queue is empty; then sleep until a wake-up, the next visible
+message, or the fallback poll.
 
-Reads and archives are batched and share one trip to a worker thread, so a
-burst of notifications costs a few reads, not one read per notification.
-Failures follow the policy of DESIGN.md: permanent → dead letter now;
-anything else → retry with backoff through pgmq.set_vt, dead letter after
-MAX_ATTEMPTS deliveries.
+Reads and the bookkeeping of finished jobs are batched and share trips to a
+worker thread, so a burst of notifications costs a few reads, not one read
+per notification. Failures follow the policy of DESIGN.md: permanent → dead
+letter now; "not yet" (RetryLater) → the same body again later as a new
+message; anything else → retry with backoff through pgmq.set_vt, dead letter
+after MAX_ATTEMPTS deliveries.
+
+Two rules keep it standing:
+- A job's outcome is *settled* exactly once, synchronously, by whoever sees it
+  first (its worker, the timeout, the shutdown): settling only appends to the
+  drainer's lists, and the read loop writes them to the database. A job that
+  finishes after its timeout (a shielded SMTP conversation) is therefore
+  counted once, whatever order things happen in.
+- No database error of the drainer's own bookkeeping ends it: each is reported
+  to Health (logged once, published, shown on /healthz), waited out with
+  capped backoff, and the bookkeeping is kept until the database takes it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
 import structlog
 import trio
 
 from reactor import queues
 from reactor.core.events import EventBus
+from reactor.core.health import Health
 from reactor.core.retry import RetryPolicy
-from reactor.db import Database, DatabaseUnavailable
+from reactor.db import Database, DatabaseUnavailable, describe_db_error
 from reactor.processors.base import PermanentError, Processor, RetryableError, RetryLater
-from reactor.queues import Message
+from reactor.queues import Message, Outcome
 
 __all__ = ["DrainSettings", "Drainer"]
 
 log = structlog.get_logger("reactor.drainer")
+
+T = TypeVar("T")
 
 # After a failed database call the drainer waits this long, doubling, up to the cap.
 DB_BACKOFF_START_S = 0.1
@@ -37,6 +52,9 @@ DB_BACKOFF_MAX_S = 10.0
 MIN_IDLE_S = 0.05
 # Finished messages are archived at least this often while others still run.
 FLUSH_EVERY_S = 1.0
+# On the way out, the last bookkeeping may take this long before it is given up
+# (what it would have recorded is redelivered later: effects are idempotent).
+FINAL_FLUSH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,9 @@ class DrainSettings:
     visibility_timeout_s: int
     poll_interval_s: float
     policy: RetryPolicy
+    # Deliveries that ended with no outcome (the worker crashed or was killed while it
+    # held the message) after which a message is dead-lettered as a likely crasher.
+    max_lost_deliveries: int = 3
 
 
 def describe_error(exc: BaseException) -> str:
@@ -53,42 +74,57 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+@dataclass(eq=False)
+class _Job:
+    """One delivery, from the read until its outcome is settled."""
+
+    message: Message
+    read_at: float
+    started: float | None = None
+    deadline: float = math.inf
+    worker: trio.CancelScope | None = None
+    timed_out: bool = False
+    settled: bool = False
+
+
 class Drainer:
     """Drains one queue with one processor. Owned by the Reactor's nursery.
 
-    `concurrency` long-lived workers take messages from a bounded channel
-    that the read loop fills, highest priority first. Up to one batch beyond
-    the busy workers may wait there (prefetched, its leases kept alive), so
-    priority decides what runs next even when every worker is busy.
+    `concurrency` long-lived workers take jobs from a bounded channel that the
+    read loop fills, highest priority first. Up to one batch beyond the busy
+    workers may wait there (prefetched, its leases kept alive), so priority
+    decides what runs next even when every worker is busy.
     """
 
     def __init__(self, processor: Processor[Any], db: Database, bus: EventBus,
-                 settings: DrainSettings) -> None:
+                 settings: DrainSettings, health: Health | None = None) -> None:
         self.processor = processor
         self.queue = processor.queue
         self.db = db
         self.bus = bus
+        self.health = health or Health()
         self.cfg = settings
         self.concurrency = max(1, processor.concurrency)
         self.max_in_flight = self.concurrency + settings.batch_size
-        self.max_deliveries = processor.max_deliveries or settings.policy.most_deliveries
-        self._send, self._receive = trio.open_memory_channel[Message](self.max_in_flight)
-        self._in_flight: dict[int, tuple[Message, float]] = {}
-        # Running jobs: msg_id → (deadline, the worker's cancel scope, start time).
-        self._deadlines: dict[int, tuple[float, trio.CancelScope, float]] = {}
-        # The one job _watch has just cancelled, until its worker records the retry.
-        self._timed_out: tuple[Message, float] | None = None
+        self._send, self._receive = trio.open_memory_channel[_Job](self.max_in_flight)
+        # Read and not yet settled, by msg_id.
+        self._jobs: dict[int, _Job] = {}
+        # Settled, waiting to be written: archive / retry or release / dead-letter / requeue.
         self._done: list[int] = []
-        self._release: list[int] = []
+        self._outcomes: list[Outcome] = []
+        self._letters: list[tuple[Message, str]] = []
+        self._requeues: list[tuple[Message, int]] = []
         self._wake_pending = True  # drain once at start
         self._signal = trio.Event()
-        # A finishing job signals the read loop only when in-flight falls to this level,
+        # A settled job signals the read loop only when in-flight falls to this level,
         # so a burst does not wake the read loop once per message.
         self._signal_at_in_flight = 0
         self._stopping = False
         self._workers_scope: trio.CancelScope | None = None
         self._cancel_jobs = False
         self._backoff = DB_BACKOFF_START_S
+        self._degraded = False
+        self._source = f"drainer:{self.queue}"
         self.finished = trio.Event()
 
     # -- control (called from other tasks) --------------------------------------
@@ -110,7 +146,7 @@ class Drainer:
 
     # -- the loop --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Drain until stopped; survives database outages."""
+        """Drain until stopped; survives database outages, read-only spells and poolers."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch)
@@ -131,7 +167,8 @@ class Drainer:
                     workers.cancel_scope.cancel()  # the workers are idle now
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True) as final:
+                final.deadline = trio.current_time() + FINAL_FLUSH_S
                 await self._flush_final()
             self.finished.set()
 
@@ -143,35 +180,47 @@ class Drainer:
         """
         while True:
             with trio.CancelScope() as scope:
-                async for message in self._receive:
-                    await self._process(message, scope)
+                async for job in self._receive:
+                    job.worker = scope
+                    await self._process(job)
                 return  # the channel was closed
-            # Only _watch cancels this scope: the job it names ran out of time.
-            timed_out, self._timed_out = self._timed_out, None
-            if timed_out is not None:
-                message, started = timed_out
-                try:
-                    await self._retry(
-                        message, f"timed out after {self.processor.timeout_s:g}s", started)
-                finally:
-                    self._job_done(message)
+            # Only _watch cancels this scope, and the timed-out job has settled itself.
 
     async def _finish_in_flight(self) -> None:
         """Stopping: hand back what no worker has started, wait for the rest."""
         while True:
             try:
-                message = self._receive.receive_nowait()
+                job = self._receive.receive_nowait()
             except trio.WouldBlock:
                 break
-            del self._in_flight[message.msg_id]
-            self._release.append(message.msg_id)
-        while self._in_flight:
+            self._settle_release(job)
+        while self._jobs:
             await self._wait_signal(self.cfg.visibility_timeout_s, until_in_flight=0)
 
+    async def _db(self, fn: Any) -> Any:
+        """Run a bookkeeping statement; every database error becomes DatabaseUnavailable.
+
+        The drainer's own statements are known good, so any error is a condition
+        of the database (read-only, a pooler, a dropped pgmq, permissions):
+        waited out, never allowed to end the process.
+        """
+        try:
+            result = await self.db.run(fn)
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(describe_db_error(exc, self.db.url),
+                                      "database_error") from exc
+        if self._degraded:
+            self._degraded = False
+            self._backoff = DB_BACKOFF_START_S
+            self.health.clear(self._source)
+        return result
+
     async def _db_down(self, exc: DatabaseUnavailable) -> None:
-        """Back off (capped, doubling) after a failed database call, then look again."""
-        log.warning("database unavailable", queue=self.queue, error=str(exc),
-                    retry_in_s=self._backoff)
+        """Report, back off (capped, doubling), then look again."""
+        self._degraded = True
+        self.health.report(self._source, exc.reason, str(exc))
+        log.debug("database unavailable", queue=self.queue, error=str(exc),
+                  retry_in_s=self._backoff)
         await self._wait_signal(self._backoff)
         self._backoff = min(self._backoff * 2, DB_BACKOFF_MAX_S)
         self._wake_pending = True
@@ -188,7 +237,7 @@ class Drainer:
         if self._wake_pending or self._stopping:
             return
         timeout = self.cfg.poll_interval_s
-        due = await self.db.run(lambda c: queues.next_visible_in(c, self.queue))
+        due = await self._db(lambda c: queues.next_visible_in(c, self.queue))
         if due is not None:
             timeout = min(timeout, max(due, MIN_IDLE_S))
         await self._wait_signal(timeout)
@@ -196,143 +245,162 @@ class Drainer:
             self._wake_pending = True  # woken, due, or poll: look again
 
     async def _read_loop(self) -> None:
-        """Read and dispatch until the queue is empty and every job has finished."""
+        """Read and dispatch until the queue is empty and every job has settled."""
         batch = self.cfg.batch_size
         threshold = min(batch, self.max_in_flight - 1)  # read whole batches
         empty = False
         while not self._stopping:
             if empty and not self._wake_pending:
-                if not self._in_flight:
+                if not self._jobs:
                     await self._flush()
                     return
-                # Archive what finished at least every FLUSH_EVERY_S while the rest run.
+                # Record what finished at least every FLUSH_EVERY_S while the rest run.
                 await self._wait_signal(FLUSH_EVERY_S, until_in_flight=0)
-                try:
-                    await self._flush()
-                except DatabaseUnavailable as exc:
-                    await self._db_down(exc)
+                await self._flush()
                 continue
-            free = self.max_in_flight - len(self._in_flight)
+            free = self.max_in_flight - len(self._jobs)
             if free < threshold:
                 await self._wait_signal(FLUSH_EVERY_S,
                                         until_in_flight=self.max_in_flight - threshold)
                 continue
             self._wake_pending = False
-            try:
-                messages = await self._archive_then_read(min(batch, free))
-            except DatabaseUnavailable as exc:
-                await self._db_down(exc)  # in-flight jobs carry on meanwhile
-                continue
-            self._backoff = DB_BACKOFF_START_S
+            messages = await self._flush(read=min(batch, free))
             empty = not messages
             if len(messages) > 1:
                 messages.sort(key=lambda m: (-m.priority, m.msg_id))  # FIFO within a priority
             now = trio.current_time()
             for message in messages:
-                self._in_flight[message.msg_id] = (message, now)
-                self._send.send_nowait(message)  # room is guaranteed by max_in_flight
+                job = _Job(message, now)
+                self._jobs[message.msg_id] = job
+                self._send.send_nowait(job)  # room is guaranteed by max_in_flight
             await trio.lowlevel.checkpoint()
 
-    async def _archive_then_read(self, qty: int) -> list[Message]:
+    async def _flush(self, read: int = 0) -> list[Message]:
+        """Write what settled (and read up to `read` more messages in the same trip).
+
+        Each list is emptied only after the database took it, so an outage loses
+        nothing: the next flush writes it (every write here is idempotent).
+        """
+        if self._outcomes:
+            outcomes = self._outcomes[:]
+            await self._db(lambda c: queues.record_outcomes(c, self.queue, outcomes))
+            del self._outcomes[:len(outcomes)]
+        while self._letters:
+            message, error = self._letters[0]
+            await self._db(partial(queues.dead_letter, msg=message, error=error))
+            self._letters.pop(0)
+        while self._requeues:
+            message, delay = self._requeues[0]
+            await self._db(partial(queues.requeue, msg=message, delay_s=delay))
+            self._requeues.pop(0)
         done, self._done = self._done, []
         try:
-            return await self.db.run(lambda c: queues.archive_then_read(
-                c, self.queue, done, self.cfg.visibility_timeout_s, qty))
+            if read:
+                vt = self.cfg.visibility_timeout_s
+                return await self._db(  # type: ignore[no-any-return]
+                    lambda c: queues.archive_then_read(c, self.queue, done, vt, read))
+            if done:
+                await self._db(lambda c: queues.archive_fast(c, self.queue, done))
+            return []
         except BaseException:
             self._done[:0] = done  # archived next time (archive is idempotent)
             raise
 
-    async def _flush(self) -> None:
-        if self._done:
-            done, self._done = self._done, []
-            try:
-                await self.db.run(lambda c: queues.archive_fast(c, self.queue, done))
-            except BaseException:
-                self._done[:0] = done
-                raise
-
     async def _flush_final(self) -> None:
-        """On the way out: archive what succeeded, release what was cancelled."""
-        release, self._release = self._release, []
+        """On the way out: record what settled, release what never started."""
         try:
             await self._flush()
-            if release:
-                await self.db.run(lambda c: queues.set_vt(c, self.queue, release, 0))
         except (DatabaseUnavailable, trio.Cancelled) as exc:
             # The messages reappear when their visibility timeout ends; effects are idempotent.
-            log.warning("could not record final state", queue=self.queue, error=str(exc))
+            log.warning("could not record final state; those messages will be delivered "
+                        "again", queue=self.queue, error=str(exc) or "timed out")
 
     # -- one job ---------------------------------------------------------------------
-    async def _process(self, message: Message, worker: trio.CancelScope) -> None:
-        started = trio.current_time()
-        bus = self.bus
-        msg_id = message.msg_id
-        finished = True
+    async def _process(self, job: _Job) -> None:
+        message = job.message
+        job.started = trio.current_time()
+        job.deadline = job.started + self.processor.timeout_s
+        self.bus.publish("job.started", self.queue, message.msg_id, message.attempt)
         try:
-            bus.publish("job.started", self.queue, msg_id, message.attempt)
-            self._deadlines[msg_id] = (started + self.processor.timeout_s, worker, started)
-            try:
-                try:
-                    if message.attempt > self.max_deliveries:
-                        raise PermanentError(
-                            f"delivered {message.attempt} times without an outcome; "
-                            "it may crash its worker")
-                    await self.processor.handle(self.processor.parse(message))
-                finally:
-                    self._deadlines.pop(msg_id, None)  # from here on, no timeout applies
-            except PermanentError as exc:
-                await self._dead_letter(message, str(exc), started)
-            except RetryLater as exc:
-                await self._retry(message, str(exc), started, exc.delay_s, counts=False)
-            except RetryableError as exc:
-                await self._retry(message, describe_error(exc), started, exc.delay_s,
-                                  outage=exc.outage)
-            except DatabaseUnavailable as exc:
-                await self._retry(message, describe_error(exc), started, outage=True)
-            except Exception as exc:
-                await self._retry(message, describe_error(exc), started)
-            else:
-                self._done.append(msg_id)
-                bus.publish("job.succeeded", self.queue, msg_id, message.attempt, _ms(started))
+            await self._handle(job)
         except trio.Cancelled:
-            if self._timed_out is not None and self._timed_out[0] is message:
-                finished = False  # the worker records the retry, then finishes it
+            if job.timed_out:
+                self._settle_failure(job, f"timed out after {self.processor.timeout_s:g}s")
             else:
-                self._release.append(msg_id)  # shutting down: visible again at once
+                self._settle_release(job)  # shutting down: visible again at once
             raise
-        finally:
-            if finished:
-                self._job_done(message)
 
-    def _job_done(self, message: Message) -> None:
-        del self._in_flight[message.msg_id]
-        if len(self._in_flight) <= self._signal_at_in_flight:
+    async def _handle(self, job: _Job) -> None:
+        """Run the handler and settle its outcome (the caller settles cancellations)."""
+        message = job.message
+        if message.decode_error is not None:
+            self._settle_dead(job, message.decode_error)
+            return
+        if message.lost_deliveries >= self.cfg.max_lost_deliveries:
+            self._settle_dead(job, f"{message.lost_deliveries} deliveries ended with no outcome "
+                              "(the worker crashed or was killed): it may crash its worker")
+            return
+        try:
+            await self.processor.handle(self.processor.parse(message))
+        except PermanentError as exc:
+            self._settle_dead(job, str(exc))
+        except RetryLater as exc:
+            self._settle_requeue(job, str(exc), exc.delay_s or 1)
+        except RetryableError as exc:
+            self._settle_failure(job, describe_error(exc), exc.delay_s, outage=exc.outage)
+        except DatabaseUnavailable as exc:
+            self._settle_failure(job, describe_error(exc), outage=True)
+        except Exception as exc:
+            self._settle_failure(job, describe_error(exc))
+        else:
+            if self._settle(job):
+                self._done.append(message.msg_id)
+                self.bus.publish("job.succeeded", self.queue, message.msg_id, message.attempt,
+                                 _ms(job))
+
+    # -- settling: synchronous, exactly once per delivery ---------------------------------
+    def _settle(self, job: _Job) -> bool:
+        """Claim the right to record this job's outcome; False if it was settled already."""
+        if job.settled:
+            return False
+        job.settled = True
+        del self._jobs[job.message.msg_id]
+        if len(self._jobs) <= self._signal_at_in_flight:
             self._signal.set()
+        return True
 
-    async def _retry(self, message: Message, error: str, started: float,
-                     delay_s: int | None = None, *, outage: bool = False,
-                     counts: bool = True) -> None:
+    def _settle_failure(self, job: _Job, error: str, delay_s: int | None = None, *,
+                        outage: bool = False) -> None:
+        message = job.message
         policy = self.cfg.policy
-        if counts and policy.exhausted(message.attempt, outage=outage):
-            await self._dead_letter(message, f"{error} (gave up after {message.attempt} "
-                                    "attempts)", started)
+        if policy.exhausted(message.attempt, outage=outage):
+            self._settle_dead(job, f"{error} (gave up after {message.attempt} attempts)")
+            return
+        if not self._settle(job):
             return
         delay = delay_s if delay_s is not None else policy.delay_s(message.attempt)
-        # If the database is down, it reappears when its visibility timeout ends.
-        with contextlib.suppress(DatabaseUnavailable):
-            await self.db.run(lambda c: queues.set_vt(c, self.queue, [message.msg_id], delay))
+        self._outcomes.append(Outcome(message, delay, error))
         self.bus.publish("job.retrying", self.queue, message.msg_id, message.attempt,
-                         _ms(started), error, retry_in_s=delay)
+                         _ms(job), error, retry_in_s=delay)
 
-    async def _dead_letter(self, message: Message, error: str, started: float) -> None:
-        try:
-            await self.db.run(lambda c: queues.dead_letter(c, message, error))
-        except DatabaseUnavailable as exc:
-            log.warning("could not dead-letter; it will be delivered again", queue=self.queue,
-                        msg_id=message.msg_id, error=str(exc))
+    def _settle_requeue(self, job: _Job, reason: str, delay_s: int) -> None:
+        if not self._settle(job):
             return
-        self.bus.publish("job.dead_lettered", self.queue, message.msg_id, message.attempt,
-                         _ms(started), error)
+        self._requeues.append((job.message, delay_s))
+        self.bus.publish("job.retrying", self.queue, job.message.msg_id, job.message.attempt,
+                         _ms(job), reason, retry_in_s=delay_s)
+
+    def _settle_dead(self, job: _Job, error: str) -> None:
+        if not self._settle(job):
+            return
+        self._letters.append((job.message, error))
+        self.bus.publish("job.dead_lettered", self.queue, job.message.msg_id,
+                         job.message.attempt, _ms(job), error)
+
+    def _settle_release(self, job: _Job) -> None:
+        """Shutting down: the message is visible again at once; not a failure."""
+        if self._settle(job):
+            self._outcomes.append(Outcome(job.message, 0, None))
 
     async def _watch(self) -> None:
         """Cancel jobs past their timeout; extend the leases of long ones.
@@ -347,21 +415,22 @@ class Drainer:
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
-            for msg_id, (deadline, worker, started) in list(self._deadlines.items()):
-                if now >= deadline and self._timed_out is None:
-                    self._timed_out = (self._in_flight[msg_id][0], started)
-                    del self._deadlines[msg_id]
-                    worker.cancel()
+            for job in list(self._jobs.values()):
+                if not job.timed_out and now >= job.deadline and job.worker is not None:
+                    job.timed_out = True
+                    job.worker.cancel()  # the job settles itself as a retry
             if now < next_lease:
                 continue
             next_lease = now + lease_every
-            ids = [i for i, (_, t0) in self._in_flight.items() if now - t0 >= lease_every]
+            ids = [msg_id for msg_id, job in self._jobs.items() if now - job.read_at >= lease_every]
             if ids:
                 try:
-                    await self.db.run(partial(queues.set_vt, queue=self.queue, ids=ids, seconds=vt))
+                    await self._db(partial(queues.set_vt, queue=self.queue, ids=ids, seconds=vt))
                 except DatabaseUnavailable as exc:
-                    log.warning("could not extend leases", queue=self.queue, error=str(exc))
+                    self._degraded = True
+                    self.health.report(self._source, exc.reason, str(exc))
 
 
-def _ms(started: float) -> float:
+def _ms(job: _Job) -> float:
+    started = job.started if job.started is not None else job.read_at
     return round((trio.current_time() - started) * 1000, 3)

@@ -3,6 +3,11 @@ subscribers (the websocket feed, the metrics, the tests).
 
 Publishing never blocks and never waits: each subscriber has a bounded
 buffer, and one that falls behind is dropped and told why.
+
+The replay ring (`recent`) keeps what happened (jobs, lifecycle, health), not
+state ticks: `queue.depth` and `wakeup` would push every job out of it within
+minutes on an idle reactor. Depth is state, so the bus keeps only the latest
+`queue.depth` per queue (`depths`), which the feed sends before a replay.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import trio
 
 from reactor.logs import level_enabled, mask_emails_in
 
-__all__ = ["EVENT_TYPES", "Event", "EventBus", "Subscription"]
+__all__ = ["EVENT_TYPES", "NOT_REPLAYED", "Event", "EventBus", "Subscription"]
 
 EVENT_TYPES: Final = (
     "reactor.started", "reactor.stopping", "listener.connected", "listener.lost", "wakeup",
     "job.started", "job.succeeded", "job.retrying", "job.dead_lettered", "queue.depth",
-    "health.degraded", "health.recovered",
+    "health.degraded", "health.recovered", "payment.mismatch",
 )
 
 # Outcomes and lifecycle go to the log at info; the per-job chatter does not.
@@ -35,6 +40,9 @@ _LOG_LEVEL = {
     # health.* are logged by reactor.core.health itself, once per change.
     "health.degraded": "debug", "health.recovered": "debug",
 }
+
+# Ticks that describe state or are noise: never kept in the replay ring.
+NOT_REPLAYED: Final = frozenset({"queue.depth", "wakeup"})
 
 Event = dict[str, Any]
 
@@ -62,6 +70,8 @@ class EventBus:
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _subscribers: set[Subscription] = field(default_factory=set)
     recent: deque[Event] = field(init=False)
+    # The latest queue.depth event of each queue (current state, not history).
+    depths: dict[str, Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.recent = deque(maxlen=self.ring_size)
@@ -79,7 +89,11 @@ class EventBus:
         }
         if extra:
             event.update(extra)
-        self.recent.append(event)
+        if type_ == "queue.depth":
+            if queue is not None:
+                self.depths[queue] = event
+        elif type_ not in NOT_REPLAYED:
+            self.recent.append(event)
         for sink in self.sinks:
             sink(event)
         level = _LOG_LEVEL.get(type_, "info")

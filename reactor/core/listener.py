@@ -3,9 +3,12 @@ drainer of the queue named in each notification.
 
 NOTIFY is a hint, the poll is the guarantee. At start the listener sends
 itself a probe; if it does not come back (a transaction pooler swallows
-notifications) it warns and the reactor runs on the poll alone. A probe
-after every quiet period catches a listener that died silently. On loss it
-reconnects with capped backoff, re-LISTENs, and wakes every drainer once.
+notifications) it says so once, turns server-side prepared statements off
+(a pooler would mix them up between its server connections) and the reactor
+runs on the poll alone. A probe after every quiet period catches a listener
+that died silently. On loss it reconnects with capped backoff, re-LISTENs,
+and wakes every drainer once. Nothing the database does ends the listener:
+every fault is reported to Health and waited out.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping
 
+import psycopg
 import structlog
 import trio
 
 from reactor import queries
 from reactor.core.events import EventBus
-from reactor.db import Database, DatabaseUnavailable, ListenConnection
+from reactor.core.health import Health
+from reactor.db import Database, DatabaseUnavailable, ListenConnection, describe_db_error
 
 __all__ = ["Listener"]
 
@@ -27,15 +32,21 @@ log = structlog.get_logger("reactor.listener")
 PROBE_PREFIX = "probe:"
 RECONNECT_START_S = 0.1
 RECONNECT_MAX_S = 10.0
+POOLER_ADVICE = (
+    "notifications do not arrive: DATABASE_URL probably goes through a transaction pooler "
+    "(PgBouncer/Supavisor in transaction mode, e.g. Supabase port 6543); running on the "
+    "fallback poll alone (WORKER_INTERVAL_MS) with prepared statements off. For instant "
+    "wake-ups use a direct connection (port 5432 of the database) or session mode")
 
 
 class Listener:
     def __init__(self, url: str, db: Database, bus: EventBus,
                  wake: Mapping[str, Callable[[], None]], *, probe_every_s: float = 30.0,
-                 probe_timeout_s: float = 2.0) -> None:
+                 probe_timeout_s: float = 2.0, health: Health | None = None) -> None:
         self.url = url
         self.db = db
         self.bus = bus
+        self.health = health or Health()
         self.wake = wake
         self.probe_every_s = probe_every_s
         self.probe_timeout_s = probe_timeout_s
@@ -60,26 +71,26 @@ class Listener:
                 self.connected = True
                 backoff = RECONNECT_START_S
                 self.bus.publish("listener.connected")
+                self.health.clear("listener")
                 self._wake_all()  # anything committed while we were away
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive, conn)
-                    self.notifications_work = await self._check_probe()
-                    if not self.notifications_work:
-                        log.warning(
-                            "notifications do not arrive: DATABASE_URL probably goes through a "
-                            "transaction pooler; running on the fallback poll alone (use a "
-                            "direct or session-mode connection for instant wake-ups)")
+                    arrived = await self._probe()
+                    if arrived is False:
+                        self._notifications_lost()
+                    elif arrived:
+                        self.notifications_work = True
                     if not started:
                         started = True
                         task_status.started()
                     await self._probe_loop()
-            except* DatabaseUnavailable as group:
+            except* (DatabaseUnavailable, psycopg.Error) as group:
                 exc = group.exceptions[0]
+                detail = (str(exc) if isinstance(exc, DatabaseUnavailable)
+                          else describe_db_error(exc, self.url))
                 if self.connected:
-                    self.bus.publish("listener.lost", error=str(exc))
-                else:
-                    log.warning("database unreachable; retrying", error=str(exc),
-                                retry_in_s=backoff)
+                    self.bus.publish("listener.lost", error=detail)
+                self.health.report("listener", "listener_down", detail)
                 self.connected = False
                 if not started:
                     started = True
@@ -105,15 +116,30 @@ class Listener:
                     self.bus.publish("wakeup", payload)
             self._quiet_deadline = trio.current_time() + self.probe_every_s
 
-    async def _check_probe(self) -> bool:
-        """NOTIFY ourselves through the pool; True if it arrives on the listener in time."""
+    def _notifications_lost(self) -> None:
+        """Said once per change: the reactor now runs on the poll, without prepared statements."""
+        self.notifications_work = False
+        self.db.disable_prepared_statements("notifications do not arrive (a pooler?)")
+        self.health.report("notifications", "pooler", POOLER_ADVICE)
+
+    async def _probe(self) -> bool | None:
+        """NOTIFY ourselves through the pool: True if it arrives on the listener in time,
+        False if not, None if it could not be sent (the database is down or read-only:
+        the drainers report that; nothing is concluded about notifications)."""
         self._probe_token = secrets.token_hex(8)
         self._probe_seen = trio.Event()
         payload = f"{PROBE_PREFIX}{self._probe_token}"
-        await self.db.run(lambda c: c.execute(queries.NOTIFY_PROBE, (payload,)))
+        try:
+            await self.db.run(lambda c: c.execute(queries.NOTIFY_PROBE, (payload,)))
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            log.debug("could not send the listener probe", error=str(exc))
+            return None
         with trio.move_on_after(self.probe_timeout_s):
             await self._probe_seen.wait()
-        return self._probe_seen.is_set()
+        if self._probe_seen.is_set():
+            self.health.clear("notifications")
+            return True
+        return False
 
     async def _probe_loop(self) -> None:
         """After each quiet period, check that notifications still arrive."""
@@ -122,10 +148,12 @@ class Listener:
             await trio.sleep_until(self._quiet_deadline)
             if trio.current_time() < self._quiet_deadline:
                 continue  # something arrived meanwhile: the connection is alive
-            ok = await self._check_probe()
-            if not ok and self.notifications_work:
+            arrived = await self._probe()
+            if arrived is False and self.notifications_work:
                 raise DatabaseUnavailable("the probe notification did not come back")
-            if ok and not self.notifications_work:
+            if arrived and not self.notifications_work:
                 log.info("notifications arrive now; wake-ups are instant again")
-            self.notifications_work = self.notifications_work or ok
+                self.notifications_work = True
+            if arrived is False and not self.notifications_work:
+                self._notifications_lost()
             self._quiet_deadline = trio.current_time() + self.probe_every_s

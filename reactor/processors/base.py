@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from reactor.core.events import EventBus
 from reactor.errors import PermanentError, RetryableError, RetryLater
 
 if TYPE_CHECKING:
@@ -53,20 +54,22 @@ class Processor(Generic[M]):
 
     Subclasses set `queue`, `model`, and implement `handle`. `concurrency`
     bounds the jobs of this queue in flight in one process; `timeout_s`
-    cancels a stuck job (it is then retried).
+    cancels a stuck job (it is then retried). A message whose deliveries keep
+    ending with no outcome (its worker crashes) is dead-lettered by the drainer
+    after MAX_LOST_DELIVERIES, in every queue.
     """
 
     queue: ClassVar[str]
     model: type[M]
     concurrency: ClassVar[int] = 50
     timeout_s: ClassVar[float] = 60.0
-    # Deliveries after which a message is taken for a worker-crasher (None: from the policy).
-    max_deliveries: ClassVar[int | None] = None
 
     def __init__(self, settings: Settings, db: Database) -> None:
         """Check the processor's settings here (raise ConfigError): this runs before start."""
         self.settings = settings
         self.db = db
+        # The reactor's event bus (set by the Reactor); a private one until then.
+        self.bus = EventBus()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

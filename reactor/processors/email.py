@@ -25,6 +25,7 @@ from reactor.config import Settings
 from reactor.db import Database
 from reactor.paths import TEMPLATES_DIR
 from reactor.processors.base import Job, MessageModel, PermanentError, Processor
+from reactor.queues import Message
 from reactor.services.mailer import (
     Attachment,
     Mailer,
@@ -86,7 +87,8 @@ class EmailProcessor(Processor[EmailMessage]):
         check_mail_settings(settings)
         self.renderer = EmailRenderer(TEMPLATES_DIR, timezone=settings.app_timezone,
                                       app_name=settings.app_name,
-                                      app_base_url=settings.app_base_url)
+                                      app_base_url=settings.app_base_url,
+                                      reply_to=settings.smtp_reply_to)
         self.mailer: Mailer | None = None
 
     @asynccontextmanager
@@ -100,13 +102,14 @@ class EmailProcessor(Processor[EmailMessage]):
 
     async def handle(self, job: Job[EmailMessage]) -> None:
         msg = job.message
-        key = msg.idempotency_key or f"{self.queue}:{job.msg_id}"
+        key = msg.idempotency_key or unkeyed_ledger_key(job.delivery)
         locale = msg.locale or await self._profile_locale(msg.to) or "ru"
         rendered = self.renderer.render(msg.template, locale, msg.variables, msg.subject)
         attachments = [await self._attachment(ref) for ref in msg.attachments]
         sender = self.settings.smtp_from or "noreply@localhost"
         email = build_message(sender=sender, sender_name=self.settings.smtp_from_name,
-                              to=msg.to, email=rendered, attachments=attachments)
+                              to=msg.to, email=rendered, attachments=attachments,
+                              reply_to=self.settings.smtp_reply_to)
 
         prior = await self.db.run(lambda c: claim(c, key, job, msg))
         if prior == "sent":
@@ -114,7 +117,9 @@ class EmailProcessor(Processor[EmailMessage]):
         if prior == "sending":
             raise PermanentError(
                 f"delivery state unknown: a worker stopped while sending (ledger key {key}); "
-                "check the SMTP server's log, then replay from the DLQ if it was not delivered")
+                "check the SMTP server's log, then run `reactor email resolve "
+                f"{key} --sent` (it arrived) or `--resend` (it did not) and replay the dead "
+                "letter")
         assert self.mailer is not None, "EmailProcessor used outside running()"
         # Shielded: shutdown must not cut a conversation whose outcome we then cannot know.
         with trio.CancelScope(shield=True):
@@ -145,13 +150,25 @@ class EmailProcessor(Processor[EmailMessage]):
         return Attachment(ref.filename or path.name, content, ref.content_type)
 
 
+def unkeyed_ledger_key(delivery: Message) -> str:
+    """The ledger key of a mail queued without one: the message's identity.
+
+    pgmq msg ids start again at 1 when a queue is dropped and recreated, so the
+    key carries the enqueue time too (microseconds): an old ledger row can never
+    make a new mail look sent.
+    """
+    micros = int(delivery.enqueued_at.timestamp() * 1_000_000)
+    return f"{delivery.queue}:{delivery.msg_id}:{micros}"
+
+
 def claim(conn: psycopg.Connection, key: str, job: Job[EmailMessage],
           msg: EmailMessage) -> str | None:
     """Claim the ledger key; None if ours to send, else the holder's status."""
     with conn.transaction():
         row = conn.execute(queries.CLAIM_EMAIL, {
             "key": key, "queue": job.delivery.queue, "msg_id": job.msg_id,
-            "recipient": msg.to, "template": msg.template}).fetchone()
+            "enqueued_at": job.delivery.enqueued_at, "recipient": msg.to,
+            "template": msg.template}).fetchone()
         if row is not None:
             return None
         existing = conn.execute(queries.EMAIL_LEDGER_ROW, {"key": key}).fetchone()

@@ -1,37 +1,64 @@
-"""payment_processing_queue: confirm payments with the provider.
+"""payment_processing_queue: payments change on the provider's word only.
 
-Only the provider's answer changes a payment: `succeeded` → completed,
-`canceled` → failed (with the reason), `pending`/`waiting_for_capture` → ask
-again later with growing intervals until PAYMENT_VERIFY_MAX_AGE, then
-dead-letter "still pending". The status update fires the payment trigger
-(migration 032), which sends the mails and marks the consultation paid; this
-processor sends no mail. A final status never moves backwards.
+PAYMENT_PROVIDER=manual (the default): staff decide. The reactor calls no
+provider and never changes a payment's status; a `verify` leaves the row as
+it is, a capture or refund is dead-lettered ("do it by hand"), and no
+provider webhook is served (404).
 
-It also serves `POST /webhooks/yookassa`: the notification's body is never
-trusted, it only makes us ask the API (a `verify`).
+PAYMENT_PROVIDER=yookassa: a payment is `completed` only when YooKassa's
+payment object agrees with our row: same id, same amount and currency, and
+(when the provider has it) `metadata.payment_id` equal to our row id.
+`canceled` → failed (with the reason); `pending`/`waiting_for_capture` → ask
+again later, at intervals that grow with the operation's age, until
+PAYMENT_VERIFY_MAX_AGE, then dead-letter "still pending". A disagreement
+changes nothing: it is dead-lettered with the reason and published as a
+`payment.mismatch` event. A row of another provider is never checked with
+this one. The status update fires the payment trigger (migration 032),
+which sends the mails and marks the consultation paid; this processor sends
+no mail. A final status never moves backwards.
+
+Every verify, capture and refund is an operation recorded in
+`reactor.payment_operations` (migration 037): its Idempotence-Key
+("<payment id>:<action>:<seq>") and its deadline belong to the operation,
+so a redelivery, a requeue or a `reactor dlq replay` repeats the same key,
+and a pending refund is then polled by its own id.
+
+It also serves `POST /webhooks/yookassa` (YooKassa only): accepted only from
+YOOKASSA_WEBHOOK_NETWORKS (X-Forwarded-For only from WEBHOOK_TRUSTED_PROXIES),
+the body is never trusted, and it queues a `verify` unless one is queued.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 import structlog
+import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from reactor import queries
-from reactor.config import Settings
+from reactor.config import Settings, parse_networks
 from reactor.db import Database, DatabaseUnavailable
 from reactor.errors import PermanentError, RetryLater
 from reactor.processors.base import Job, MessageModel, Processor
-from reactor.services.payments import PaymentProvider, ProviderPayment, open_provider
+from reactor.services.payments import (
+    PaymentProvider,
+    ProviderObject,
+    check_yookassa_id,
+    open_provider,
+)
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["PaymentMessage", "PaymentProcessor"]
 
@@ -40,13 +67,36 @@ log = structlog.get_logger("reactor.payments")
 WEBHOOK_MAX_BYTES = 64 * 1024
 WEBHOOK_EVENTS = {"payment.succeeded", "payment.waiting_for_capture", "payment.canceled"}
 IGNORED_EVENTS = {"refund.succeeded"}  # refunds are ours: their API answer already counted
-CHECK_MAX_S = 3600  # a pending payment is asked at least hourly (from RETRY_BASE_S up)
+REFUSED_REMEMBERED = 1000  # distinct refused senders warned about, then debug only
+WEBHOOK_DB_BUDGET_S = 5.0  # answer the provider fast; it retries a 503 for a day
+CHECK_MAX_S = 3600  # a pending operation is asked at least hourly
+CHECK_AGE_FACTOR = 0.25  # ...and otherwise after a quarter of its age: ~60 calls a day at most
+
+Action = Literal["verify", "capture", "refund"]
+IPAddress = IPv4Address | IPv6Address
 
 
 class PaymentMessage(MessageModel):
     payment_id: UUID
-    action: Literal["verify", "capture", "refund"] = "verify"
+    action: Action = "verify"
     amount: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One intent on one payment, as recorded in reactor.payment_operations."""
+
+    payment_id: UUID
+    action: Action
+    seq: int
+    amount: Decimal | None
+    object_id: str | None  # the refund's id at the provider, once known
+    age_s: float  # since it was first requested (database clock)
+
+    @property
+    def idempotence_key(self) -> str:
+        """The same for every delivery of the intent; never depends on a msg_id."""
+        return f"{self.payment_id}:{self.action}:{self.seq}"
 
 
 class PaymentProcessor(Processor[PaymentMessage]):
@@ -54,81 +104,240 @@ class PaymentProcessor(Processor[PaymentMessage]):
     model = PaymentMessage
     concurrency = 10
     timeout_s = 60.0
-    max_deliveries = 10_000  # "still pending" is asked again for up to a day
 
     def __init__(self, settings: Settings, db: Database) -> None:
         super().__init__(settings, db)
-        self.provider: PaymentProvider = open_provider(settings)  # ConfigError if keys missing
+        self.provider: PaymentProvider | None = open_provider(settings)  # ConfigError: keys
+        self.sources = parse_networks(settings.yookassa_webhook_networks)
+        self.proxies = parse_networks(settings.webhook_trusted_proxies)
+        self._refused_seen: set[str] = set()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await self.provider.aclose()
+            if self.provider is not None:
+                await self.provider.aclose()
 
     async def handle(self, job: Job[PaymentMessage]) -> None:
         msg = job.message
+        pid = msg.payment_id
         row = await self.db.run(lambda c: c.execute(
-            queries.LOAD_PAYMENT, {"payment_id": msg.payment_id}).fetchone())
+            queries.LOAD_PAYMENT, {"payment_id": pid}).fetchone())
         if row is None:
-            raise PermanentError(f"payment {msg.payment_id} does not exist in public.payments")
-        status, amount, currency, _provider, provider_id, created_at = row
-        external_id = provider_id or (str(msg.payment_id)
-                                      if self.settings.payment_provider == "manual" else None)
-        if external_id is None:
-            raise PermanentError(f"payment {msg.payment_id} has no provider_payment_id")
-        key = f"{self.queue}:{job.msg_id}:{msg.action}"  # the same on every redelivery
+            raise PermanentError(f"payment {pid} does not exist in public.payments")
+        status, amount, currency, row_provider, provider_id, _created_at = row
+        provider = self.provider
+        if provider is None:
+            self._manual(msg, row_provider)
+            return
+        if row_provider != provider.name:
+            raise PermanentError(
+                f"payment {pid} has provider {row_provider!r} but PAYMENT_PROVIDER="
+                f"{provider.name}: it is never checked with another provider; set its "
+                "status by hand, or correct payments.provider and replay it")
+        if not provider_id:
+            raise PermanentError(f"payment {pid} has no provider_payment_id")
+        check_yookassa_id(provider_id)
 
         if msg.action == "refund":
             if status == "refunded":
+                await self._supersede(pid, "refund")
                 return
             if status != "completed":
-                raise PermanentError(f"payment {msg.payment_id} is {status}: only a completed "
+                raise PermanentError(f"payment {pid} is {status}: only a completed "
                                      "payment can be refunded")
-            refund = await self.provider.refund(external_id, msg.amount or amount, currency, key)
-            if refund.status == "succeeded":
-                await self._set(msg.payment_id, "refunded", None)
-                return
-            if refund.status == "canceled":
-                raise PermanentError(f"refund canceled: {refund.reason or 'no reason given'}")
-            raise self._later(job, created_at, "refund still pending")
+            op = await self._claim(pid, "refund", msg.amount or amount)
+            await self._refund(job, provider, op, provider_id, currency)
+            return
 
         if status != "pending":
+            await self._supersede(pid, msg.action)
             return  # already final: never moved backwards, nothing to ask
         if msg.action == "capture":
-            answer = await self.provider.capture(external_id, msg.amount or amount, currency, key)
+            op = await self._claim(pid, "capture", msg.amount or amount)
+            assert op.amount is not None
+            if op.object_id is None:
+                answer = await provider.capture(provider_id, op.amount, currency,
+                                                op.idempotence_key)
+            else:  # captured before: ask how it went, never capture twice
+                answer = await provider.get(provider_id)
+            await self._record_check(op, answer.id)
+            expected = op.amount
         else:
-            answer = await self.provider.get(external_id)
-        await self._apply(job, msg.payment_id, answer, created_at)
-
-    async def _apply(self, job: Job[PaymentMessage], payment_id: UUID, answer: ProviderPayment,
-                     created_at: datetime) -> None:
+            op = await self._claim(pid, "verify", amount)
+            answer = await provider.get(provider_id)
+            await self._record_check(op, None)
+            expected = amount
+        await self._agree(job, op, answer, provider_id, expected, currency)
         if answer.status == "succeeded":
-            await self._set(payment_id, "completed", None)
+            await self._finish(op, "succeeded", "completed")
         elif answer.status == "canceled":
-            await self._set(payment_id, "failed", answer.reason or "canceled by the provider")
+            await self._finish(op, "canceled", "failed",
+                               answer.reason or "canceled by the provider")
         else:
-            raise self._later(job, created_at, f"payment {answer.status}")
+            raise await self._later(op, f"payment {answer.status}")
 
-    def _later(self, job: Job[PaymentMessage], created_at: datetime, what: str) -> Exception:
-        age = (datetime.now(UTC) - created_at).total_seconds()
-        if age > self.settings.payment_verify_max_age_s:
-            return PermanentError(f"still pending after {age / 3600:.1f} h "
-                                  f"(PAYMENT_VERIFY_MAX_AGE={self.settings.payment_verify_max_age_s}s)")
-        first = self.settings.retry_base_s
-        delay = max(1, round(min(CHECK_MAX_S, first * 2 ** max(0, job.delivery.attempt - 1))))
+    def _manual(self, msg: PaymentMessage, row_provider: str) -> None:
+        """No provider configured: the status the database holds is the decision."""
+        if row_provider != "manual":
+            raise PermanentError(
+                f"payment {msg.payment_id} has provider {row_provider!r} but PAYMENT_PROVIDER="
+                f"manual: the reactor never decides it; set PAYMENT_PROVIDER={row_provider} "
+                "(with its keys) and replay it, or set its status by hand")
+        if msg.action != "verify":
+            raise PermanentError(
+                f"PAYMENT_PROVIDER=manual cannot {msg.action} payment {msg.payment_id}: do it "
+                "with the provider by hand, then set payments.status")
+        log.debug("manual payments: the status is set by staff", payment_id=str(msg.payment_id))
+
+    async def _refund(self, job: Job[PaymentMessage], provider: PaymentProvider,
+                      op: Operation, provider_id: str, currency: str) -> None:
+        assert op.amount is not None
+        if op.object_id is None:
+            refund = await provider.refund(provider_id, op.amount, currency,
+                                           op.idempotence_key)
+        else:  # requested before (maybe by a message now dead-lettered): poll that refund
+            refund = await provider.get_refund(op.object_id)
+        try:
+            refund_id: str | None = check_yookassa_id(refund.id, "refund id")
+        except PermanentError:
+            refund_id = None  # asked again with the same key, the provider names it again
+        await self._record_check(op, refund_id)
+        await self._agree(job, op, refund, provider_id, op.amount, currency)
+        if refund.status == "succeeded":
+            await self._finish(op, "succeeded", "refunded")
+        elif refund.status == "canceled":
+            await self._finish(op, "canceled")
+            raise PermanentError(f"refund canceled: {refund.reason or 'no reason given'}")
+        else:
+            raise await self._later(op, "refund pending")
+
+    async def _agree(self, job: Job[PaymentMessage], op: Operation, answer: ProviderObject,
+                     provider_id: str, amount: Decimal, currency: str) -> None:
+        """Dead-letter (and announce) a provider object that is not the one we mean."""
+        problems = []
+        if op.action == "refund":
+            if answer.payment_ref != provider_id:
+                problems.append(f"refund of payment {answer.payment_ref} at the provider, "
+                                f"of {provider_id} here")
+        elif answer.id != provider_id:
+            problems.append(f"id {answer.id[:80]} at the provider, {provider_id} here")
+        if answer.amount != amount or answer.currency != currency:
+            there = (f"{answer.amount:.2f} {answer.currency}" if answer.amount is not None
+                     else "no amount")
+            problems.append(f"amount {there} at the provider, {amount:.2f} {currency} here")
+        if (op.action != "refund" and answer.payment_ref is not None
+                and answer.payment_ref != str(op.payment_id)):
+            problems.append(f"metadata.payment_id {answer.payment_ref[:80]} at the provider, "
+                            f"{op.payment_id} here")
+        if not problems:
+            return
+        reason = "; ".join(problems)
+        if op.action == "verify":
+            # Nothing moved: a later verify starts afresh. A capture or refund stays open,
+            # so a replay repeats its Idempotence-Key instead of moving money twice.
+            await self._finish(op, "mismatch")
+        self.bus.publish("payment.mismatch", self.queue, job.msg_id, job.delivery.attempt,
+                         error=reason, payment_id=str(op.payment_id), action=op.action,
+                         provider_payment_id=provider_id)
+        raise PermanentError(f"payment {op.payment_id} does not match the provider's "
+                             f"{op.action}: {reason}; nothing was changed")
+
+    async def _later(self, op: Operation, what: str) -> Exception:
+        """Ask again after a quarter of the operation's age; give up after the max age."""
+        age = op.age_s
+        limit = self.settings.payment_verify_max_age_s
+        if age > limit:
+            if op.action == "verify":
+                await self._finish(op, "expired")
+                hint = ""
+            else:
+                hint = (f"; the {op.action} keeps its Idempotence-Key: `reactor dlq replay "
+                        f"{self.queue}` asks the provider again")
+            return PermanentError(f"{what}: still pending after {age / 3600:.1f} h "
+                                  f"(PAYMENT_VERIFY_MAX_AGE={limit}s){hint}")
+        delay = max(1, round(min(CHECK_MAX_S, max(self.settings.retry_base_s,
+                                                  age * CHECK_AGE_FACTOR))))
         return RetryLater(f"{what}; asking again in {delay}s", delay)
 
-    async def _set(self, payment_id: UUID, status: str, reason: str | None) -> None:
-        await self.db.run(lambda c: c.execute(queries.SET_PAYMENT_STATUS, {
-            "payment_id": payment_id, "status": status, "reason": reason}))
+    # -- the operations ledger ------------------------------------------------------------
+    async def _claim(self, pid: UUID, action: Action, amount: Decimal) -> Operation:
+        row = await self.db.run(lambda c: c.execute(queries.CLAIM_PAYMENT_OPERATION, {
+            "payment_id": pid, "action": action, "amount": amount}).fetchone())
+        assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
+        seq, op_amount, object_id, age_s = row
+        return Operation(pid, action, seq, op_amount, object_id, float(age_s))
+
+    async def _record_check(self, op: Operation, object_id: str | None) -> None:
+        await self.db.run(lambda c: c.execute(queries.RECORD_PAYMENT_CHECK, {
+            "payment_id": op.payment_id, "action": op.action, "seq": op.seq,
+            "object_id": object_id}))
+
+    async def _finish(self, op: Operation, outcome: str, status: str | None = None,
+                      reason: str | None = None) -> None:
+        """Close the operation and set the payment's status, in one transaction."""
+        def run(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                if status is not None:
+                    conn.execute(queries.SET_PAYMENT_STATUS, {
+                        "payment_id": op.payment_id, "status": status, "reason": reason})
+                conn.execute(queries.FINISH_PAYMENT_OPERATION, {
+                    "payment_id": op.payment_id, "action": op.action, "seq": op.seq,
+                    "outcome": outcome})
+        await self.db.run(run)
+
+    async def _supersede(self, pid: UUID, action: Action) -> None:
+        await self.db.run(lambda c: c.execute(queries.SUPERSEDE_PAYMENT_OPERATIONS, {
+            "payment_id": pid, "action": action}))
 
     # -- provider notifications -----------------------------------------------------------
     def routes(self) -> list[Any]:
+        """Served only when YooKassa is the provider (else a forged one meets a 404)."""
+        if self.provider is None or self.provider.name != "yookassa":
+            return []
         return [Route("/webhooks/yookassa", self._webhook, methods=["POST"])]
 
+    def source_of(self, request: Request) -> IPAddress | None:
+        """The address a request came from: the peer, or the X-Forwarded-For hop named
+        by the last trusted proxy (WEBHOOK_TRUSTED_PROXIES). None when unknowable."""
+        peer = _address(request.client.host if request.client else None)
+        if peer is None or not _within(peer, self.proxies):
+            return peer
+        hops = [hop.strip() for value in request.headers.getlist("x-forwarded-for")
+                for hop in value.split(",")]
+        source = peer
+        for hop in reversed(hops):
+            address = _address(hop)
+            if address is None:
+                return None  # a hop we cannot read: trust nothing beyond it
+            source = address
+            if not _within(address, self.proxies):
+                break
+        return source
+
+    def _refused(self, request: Request, source: IPAddress | None) -> None:
+        """A warning the first time a sender is refused (a proxy left out of
+        WEBHOOK_TRUSTED_PROXIES shows up at once); then quiet, so a flood of
+        forged requests cannot flood the log."""
+        peer = request.client.host if request.client else "?"
+        key = f"{peer}>{source}"
+        if key in self._refused_seen or len(self._refused_seen) >= REFUSED_REMEMBERED:
+            log.debug("notification refused", peer=peer, source=str(source))
+            return
+        self._refused_seen.add(key)
+        log.warning("notification refused: not from YOOKASSA_WEBHOOK_NETWORKS; if the peer is "
+                    "your reverse proxy, add it to WEBHOOK_TRUSTED_PROXIES",
+                    peer=peer, source=str(source))
+
     async def _webhook(self, request: Request) -> Response:
+        source = self.source_of(request)
+        if source is None or not _within(source, self.sources):
+            self._refused(request, source)
+            return JSONResponse({"error": "notifications are accepted only from "
+                                 "YOOKASSA_WEBHOOK_NETWORKS (behind a reverse proxy: list "
+                                 "it in WEBHOOK_TRUSTED_PROXIES)"}, status_code=403)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > WEBHOOK_MAX_BYTES:
             return JSONResponse({"error": "body too large"}, status_code=413)
@@ -147,25 +356,48 @@ class PaymentProcessor(Processor[PaymentMessage]):
         if event in IGNORED_EVENTS:
             return JSONResponse({"status": "ignored"})
         if event not in WEBHOOK_EVENTS:
-            return JSONResponse({"error": f"unknown event {event!r}"}, status_code=422)
+            return JSONResponse({"error": f"unknown event {str(event)[:60]!r}"},
+                                status_code=422)
         obj = note.get("object")
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
             return JSONResponse({"error": "object.id is missing"}, status_code=422)
-        provider_id = obj["id"][:100]
-
-        def enqueue(conn: Any) -> bool:
-            row = conn.execute(queries.PAYMENT_BY_PROVIDER_ID,
-                               {"provider_payment_id": provider_id}).fetchone()
-            if row is None:
-                return False
-            conn.execute(queries.QUEUE_PAYMENT_VERIFY, {"payment_id": row[0]})
-            return True
-
         try:
-            queued = await self.db.run(enqueue)
-        except DatabaseUnavailable:
+            provider_id = check_yookassa_id(obj["id"], "object.id")
+        except PermanentError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+
+        def enqueue(conn: psycopg.Connection) -> str:
+            with conn.transaction():
+                row = conn.execute(queries.PAYMENT_BY_PROVIDER, {
+                    "provider": "yookassa", "provider_payment_id": provider_id}).fetchone()
+                if row is None:
+                    return "ignored"
+                queued = conn.execute(queries.QUEUE_PAYMENT_VERIFY_ONCE,
+                                      {"payment_id": row[0]}).fetchone()
+                return "queued" if queued is not None and queued[0] is not None \
+                    else "already queued"
+
+        outcome: str | None = None
+        with trio.move_on_after(WEBHOOK_DB_BUDGET_S), suppress(DatabaseUnavailable):
+            outcome = await self.db.run(enqueue)
+        if outcome is None:
             return JSONResponse({"error": "try again"}, status_code=503)  # the provider retries
-        if not queued:
+        if outcome == "ignored":
             log.info("notification for an unknown payment ignored", notification=event)
-            return JSONResponse({"status": "ignored"})
-        return JSONResponse({"status": "queued"})
+        return JSONResponse({"status": outcome})
+
+
+def _address(text: str | None) -> IPAddress | None:
+    if not text:
+        return None
+    try:
+        address = ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _within(address: IPAddress, networks: tuple[Any, ...]) -> bool:
+    return any(address.version == net.version and address in net for net in networks)

@@ -42,6 +42,16 @@ __all__ = ["ReportMessage", "ReportProcessor", "report_data"]
 
 STORAGE_TIMEOUT_S = 30.0
 
+# What a report may hold. Rendering is CPU-bound and cannot be interrupted, so the
+# input is capped to keep every render short (the worst accepted report renders in
+# about a second here: docs/operations.md); a checkup beyond these is dead-lettered
+# with the reason, never rendered. A real checkup is far below them.
+MAX_RESULTS_BYTES = 64 * 1024
+MAX_SCORES = 40
+MAX_RECOMMENDATIONS = 30
+MAX_TEXT_CHARS = 1000      # the summary, a recommendation, a name
+MAX_DOMAIN_CHARS = 120     # a score's domain: one line beside its bar
+
 
 class ReportMessage(MessageModel):
     assessment_id: UUID
@@ -64,11 +74,38 @@ def report_data(assessment_id: str, results: Any, parent_name: str | None,
         band: Band = item["band"] if item.get("band") in ("low", "moderate", "high") \
             else "moderate"
         scores.append(Score(str(item["domain"]), score, top, band))
-    recommendations = [str(r) for r in results.get("recommendations") or [] if r]
+    raw_recommendations = results.get("recommendations") or []
+    if not isinstance(raw_recommendations, list):
+        raw_recommendations = []
+    recommendations = [str(r) for r in raw_recommendations if r]
     summary = results.get("summary")
     child = results.get("child_name")
     return ReportData(assessment_id, str(child) if child else None, parent_name, completed_at,
                       scores, str(summary) if summary else None, recommendations)
+
+
+def check_report_size(data: ReportData) -> None:
+    """Refuse a report too big to render in bounded time (see MAX_* above).
+
+    Raises:
+        PermanentError: naming what is over which limit.
+    """
+    if len(data.scores) > MAX_SCORES:
+        raise PermanentError(f"checkup has {len(data.scores)} scores, more than the "
+                             f"{MAX_SCORES} a report shows: not rendered")
+    if len(data.recommendations) > MAX_RECOMMENDATIONS:
+        raise PermanentError(f"checkup has {len(data.recommendations)} recommendations, more "
+                             f"than the {MAX_RECOMMENDATIONS} a report shows: not rendered")
+    texts = [data.summary or "", data.child_name or "", data.parent_name or "",
+             *data.recommendations]
+    longest = max(map(len, texts))
+    if longest > MAX_TEXT_CHARS:
+        raise PermanentError(f"checkup has a text of {longest} characters, more than the "
+                             f"{MAX_TEXT_CHARS} a report shows: not rendered")
+    domain = max((len(s.domain) for s in data.scores), default=0)
+    if domain > MAX_DOMAIN_CHARS:
+        raise PermanentError(f"checkup has a domain name of {domain} characters, more than "
+                             f"the {MAX_DOMAIN_CHARS} a report shows: not rendered")
 
 
 class ReportProcessor(Processor[ReportMessage]):
@@ -93,19 +130,31 @@ class ReportProcessor(Processor[ReportMessage]):
     async def handle(self, job: Job[ReportMessage]) -> None:
         msg = job.message
         row = await self.db.run(lambda c: c.execute(
-            queries.LOAD_CHECKUP, {"assessment_id": msg.assessment_id}).fetchone())
+            queries.LOAD_CHECKUP,
+            {"assessment_id": msg.assessment_id, "max_bytes": MAX_RESULTS_BYTES}).fetchone())
         if row is None:
             raise PermanentError(f"checkup {msg.assessment_id} does not exist")
-        status, user_id, completed_at, results, email, full_name, locale = row
+        status, user_id, completed_at, results_text, results_bytes, email, full_name, locale = row
+        if results_bytes is not None and results_bytes > MAX_RESULTS_BYTES:
+            raise PermanentError(f"checkup results are {results_bytes} bytes, more than the "
+                                 f"{MAX_RESULTS_BYTES} a report shows: not rendered")
+        results, problem = queues.decode_body(results_text, results_bytes) \
+            if results_text is not None else (None, None)
+        if problem:
+            raise PermanentError(f"checkup results cannot be read: {problem}")
         if status != "completed":
             raise PermanentError(f"checkup {msg.assessment_id} is {status}, not completed")
         if user_id != msg.user_id:
             raise PermanentError(f"checkup {msg.assessment_id} belongs to another user")
         data = report_data(str(msg.assessment_id), results, full_name, completed_at)
+        check_report_size(data)
         assert self.fonts is not None, "ReportProcessor used outside running()"
+        # Abandoned on timeout or shutdown: the render is a pure computation, and the
+        # caps above bound how long the thread goes on after that.
         pdf = await in_worker_thread(lambda: render_report(
             data, locale=locale, fonts=self.fonts, templates_dir=TEMPLATES_DIR,  # type: ignore[arg-type]
-            app_name=self.settings.app_name, timezone=self.settings.app_timezone))
+            app_name=self.settings.app_name, timezone=self.settings.app_timezone),
+            abandon_on_cancel=True)
         relative = f"{user_id}/{msg.assessment_id}.pdf"
         await self._store(relative, pdf)
         if self.settings.supabase_url and self.storage_key:

@@ -9,18 +9,20 @@ permanent and carries the server's reply.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import ipaddress
+import re
+import secrets
 import ssl
+import unicodedata
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.header import Header
-from email.mime.application import MIMEApplication
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import aiosmtplib
 import structlog
@@ -31,10 +33,18 @@ from reactor.config import ConfigError, Settings
 from reactor.errors import PermanentError, RetryableError
 from reactor.services.templates import RenderedEmail
 
-__all__ = ["Attachment", "FileMailer", "Mailer", "OutgoingMail", "SmtpMailer", "build_message",
-           "check_mail_settings", "classify", "open_mailer"]
+__all__ = ["Attachment", "FileMailer", "Mailer", "OutgoingMail", "SmtpMailer", "ascii_filename",
+           "build_message", "check_mail_settings", "classify", "helo_name", "open_mailer"]
 
 log = structlog.get_logger("reactor.mailer")
+
+# RFC 5322 §2.1.1: header lines SHOULD stay within 78 characters; RFC 2047 §2: an
+# encoded word is at most 75. Spam filters score mails that ignore either.
+MAX_LINE: Final = 78
+MAX_ENCODED_WORD: Final = 75
+# A pooled connection idle longer than this is checked with NOOP before it carries a
+# mail, so a connection the server closed costs a reconnect, never a failed send.
+PROBE_AFTER_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,44 +75,217 @@ class Mailer(Protocol):
         ...
 
 
-def build_message(*, sender: str, sender_name: str | None, to: str, email: RenderedEmail,
-                  attachments: Sequence[Attachment] = ()) -> OutgoingMail:
-    """multipart/alternative (text + HTML), in multipart/mixed when there are attachments;
-    Message-ID, Date, and a From whose display name is RFC 2047-encoded.
+# -- headers -----------------------------------------------------------------------------
 
-    Built with the email package's compat32 MIME classes: the modern
-    EmailMessage API costs milliseconds per header, which caps a mailer at
-    tens of mails a second. A CR or LF in a header value is refused here, so
-    it never reaches the wire.
+def _encoded_words(text: str, first_budget: int) -> list[str]:
+    """RFC 2047 B-encoded words, each whole characters and at most 75 long.
+
+    The first word also fits `first_budget` (what is left of the first line).
+    """
+    words: list[str] = []
+    budget = min(first_budget, MAX_ENCODED_WORD)
+    chunk, size = "", 0  # size: UTF-8 octets of chunk; base64 makes 4 of every 3
+    for char in text:
+        octets = len(char.encode())
+        if chunk and 12 + 4 * ((size + octets + 2) // 3) > budget:
+            # Break after a space where there is one, so a reader that (wrongly) puts
+            # a space between encoded words still shows whole words.
+            cut = chunk.rfind(" ") + 1 or len(chunk)
+            words.append(f"=?utf-8?b?{base64.b64encode(chunk[:cut].encode()).decode()}?=")
+            chunk, budget = chunk[cut:], MAX_ENCODED_WORD
+            size = len(chunk.encode())
+            if chunk and 12 + 4 * ((size + octets + 2) // 3) > budget:  # no room after all
+                words.append(f"=?utf-8?b?{base64.b64encode(chunk.encode()).decode()}?=")
+                chunk, size = "", 0
+        chunk += char
+        size += octets
+    words.append(f"=?utf-8?b?{base64.b64encode(chunk.encode()).decode()}?=")
+    return words
+
+
+def _fold(name: str, tokens: Sequence[str]) -> str:
+    """`Name: t1 t2 …`, folded before a token where the line would pass 78."""
+    line = f"{name}:"
+    lines: list[str] = []
+    for token in tokens:
+        if len(line) + 1 + len(token) > MAX_LINE and line.strip() != f"{name}:":
+            lines.append(line)
+            line = ""
+        line += f" {token}"
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def _unstructured(name: str, value: str) -> str:
+    """A header such as Subject: plain ASCII folded at spaces, else encoded words."""
+    if not value:
+        return f"{name}:"
+    words = value.split(" ")
+    plain = value.isascii() and "=?" not in value and all(
+        word and len(word) + 1 + (len(name) + 1 if i == 0 else 0) <= MAX_LINE
+        for i, word in enumerate(words))
+    if plain:
+        return _fold(name, words)
+    return _fold(name, _encoded_words(value, MAX_LINE - len(name) - 2))
+
+
+def _mailbox(name: str, display: str | None, address: str) -> str:
+    """From/Reply-To: the display name quoted (ASCII) or RFC 2047-encoded."""
+    if not display:
+        return _fold(name, [address])
+    if display.isascii() and "=?" not in display:
+        phrase = formataddr((display, address)).rpartition(" <")[0]
+        if len(name) + 2 + len(phrase) <= MAX_LINE:
+            return _fold(name, [phrase, f"<{address}>"])
+    return _fold(name, [*_encoded_words(display, MAX_LINE - len(name) - 2), f"<{address}>"])
+
+
+# -- attachments ---------------------------------------------------------------------------
+
+_RU_LATIN: Final = dict(zip(
+    "абвгдеёжзийклмнопрстуфхцчшщъыьэюя",
+    ["a", "b", "v", "g", "d", "e", "e", "zh", "z", "i", "y", "k", "l", "m", "n", "o", "p",
+     "r", "s", "t", "u", "f", "kh", "ts", "ch", "sh", "shch", "", "y", "", "e", "yu", "ya"],
+    strict=True))
+_UNSAFE_IN_QUOTES: Final = re.compile(r'[^A-Za-z0-9 !#$%&\'()*+,\-.:;<=>?@\[\]^_`{|}~]')
+_ATTR_CHAR: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                              b"0123456789!#$&+-.^_`|~")
+_MAX_PLAIN_NAME: Final = 60
+
+
+def ascii_filename(name: str) -> str:
+    """An ASCII stand-in for a file name, for mail readers that ignore RFC 2231.
+
+    Russian is transliterated, accents are dropped, anything else becomes `_`;
+    the extension is kept when the name is shortened.
+    """
+    out = []
+    for char in unicodedata.normalize("NFC", name):
+        lower = char.lower()
+        if char in "\u2010\u2011\u2012\u2013\u2014\u2015\u2212":  # dashes and minus
+            out.append("-")
+        elif lower in _RU_LATIN:
+            latin = _RU_LATIN[lower]
+            out.append(latin.capitalize() if char != lower else latin)
+        else:
+            out.append(unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+                       or "_")
+    text = _UNSAFE_IN_QUOTES.sub("_", "".join(out)).strip()
+    stem, dot, ext = text.rpartition(".")
+    if not dot:
+        stem, ext = text, ""
+    ext = ext[:10]
+    stem = stem.strip(" _") or "attachment"
+    stem = stem[: _MAX_PLAIN_NAME - len(ext) - 1]
+    return f"{stem}.{ext}" if ext else stem
+
+
+def _name_params(attribute: str, filename: str) -> list[str]:
+    """`attribute="ascii"`, preceded by RFC 2231 continuations when the name is not
+    plain ASCII (readers that know RFC 2231 show the real name, others the fallback)."""
+    fallback = ascii_filename(filename)
+    plain = f'{attribute}="{fallback}"'
+    if fallback == filename:
+        return [plain]
+    params: list[str] = []
+    segment = "utf-8''"
+    for char in filename:
+        encoded = "".join(chr(b) if b in _ATTR_CHAR else f"%{b:02X}" for b in char.encode())
+        # " attribute*NN*=" + segment + ";" must stay within one 78-column line.
+        if len(segment) + len(encoded) > MAX_LINE - len(attribute) - 8:
+            params.append(f"{attribute}*{len(params)}*={segment}")
+            segment = ""
+        segment += encoded
+    params.append(f"{attribute}*{len(params)}*={segment}")
+    return [*params, plain]
+
+
+def _param_header(name: str, value: str, params: Sequence[str]) -> str:
+    """`Name: value;` then one parameter a line, so every line stays short."""
+    return "\n ".join([f"{name}: {value}" + (";" if params else ""),
+                       *[p + (";" if i < len(params) - 1 else "") for i, p in enumerate(params)]])
+
+
+# -- bodies --------------------------------------------------------------------------------
+
+def _text_part(subtype: str, text: str) -> list[str]:
+    """7bit when the text is short-lined ASCII, else quoted-printable: never base64,
+    which spam filters hold against text parts (rspamd MIME_BASE64_TEXT)."""
+    if text.isascii() and "\r" not in text and all(len(line) <= MAX_LINE
+                                                    for line in text.split("\n")):
+        encoding, body = "7bit", text
+    else:
+        encoding = "quoted-printable"
+        body = binascii.b2a_qp(text.encode(), istext=True).decode("ascii")
+    return [f'Content-Type: text/{subtype}; charset="utf-8"',
+            f"Content-Transfer-Encoding: {encoding}", "", body.rstrip("\n")]
+
+
+def _attachment_part(item: Attachment) -> list[str]:
+    maintype, _, subtype = item.content_type.partition("/")
+    content_type = f"{maintype or 'application'}/{subtype or 'octet-stream'}"
+    return [_param_header("Content-Type", content_type, _name_params("name", item.filename)),
+            "Content-Transfer-Encoding: base64",
+            _param_header("Content-Disposition", "attachment",
+                          _name_params("filename", item.filename)),
+            "", base64.encodebytes(item.content).decode("ascii").rstrip("\n")]
+
+
+def _multipart(subtype: str, parts: Sequence[list[str]]) -> list[str]:
+    # "=_" never occurs in quoted-printable or base64 text, so the boundary cannot either.
+    boundary = f"=_{secrets.token_hex(12)}"
+    lines = [_param_header("Content-Type", f"multipart/{subtype}", [f'boundary="{boundary}"']),
+             ""]
+    for part in parts:
+        lines += [f"--{boundary}", *part]
+    lines += [f"--{boundary}--", ""]
+    return lines
+
+
+def build_message(*, sender: str, sender_name: str | None, to: str, email: RenderedEmail,
+                  attachments: Sequence[Attachment] = (),
+                  reply_to: str | None = None) -> OutgoingMail:
+    """multipart/alternative (text + HTML), in multipart/mixed when there are attachments.
+
+    Written out by hand rather than by the email package: its compat32 generator
+    base64-encodes every UTF-8 part and folds encoded words past RFC 2047's
+    limits, and the modern EmailMessage API costs milliseconds per header. Here
+    text is 7bit or quoted-printable, every header line is at most 78 characters,
+    attachment names carry an ASCII fallback, and `Auto-Submitted` keeps
+    out-of-office replies away from the no-reply sender. A CR or LF in a header
+    value is refused, so it never reaches the wire.
     """
     for name, value in (("To", to), ("Subject", email.subject), ("From", sender),
-                        ("SMTP_FROM_NAME", sender_name or "")):
+                        ("SMTP_FROM_NAME", sender_name or ""), ("Reply-To", reply_to or "")):
         if "\r" in value or "\n" in value:
             raise PermanentError(f"{name} contains CR or LF: refused")
+    for item in attachments:
+        if any(unicodedata.category(c) == "Cc" for c in item.filename):
+            raise PermanentError(f"attachment name {item.filename!r} contains control characters")
     domain = sender.rpartition("@")[2] or "localhost"
     message_id = make_msgid(domain=domain)
-    alternative = MIMEMultipart("alternative")
-    alternative.attach(MIMEText(email.text, "plain", "utf-8"))
-    alternative.attach(MIMEText(email.html, "html", "utf-8"))
-    root: MIMEMultipart = alternative
+    body = _multipart("alternative", [_text_part("plain", email.text),
+                                      _text_part("html", email.html)])
     if attachments:
-        root = MIMEMultipart("mixed")
-        root.attach(alternative)
-        for item in attachments:
-            maintype, _, subtype = item.content_type.partition("/")
-            part = MIMEApplication(item.content, _subtype=subtype or "octet-stream") \
-                if maintype == "application" else MIMEText(item.content.decode(), subtype)
-            part.add_header("Content-Disposition", "attachment",
-                            filename=("utf-8", "", item.filename))
-            root.attach(part)
-    root["From"] = formataddr((sender_name, sender), charset="utf-8") if sender_name else sender
-    root["To"] = to
-    # compat32 accepts a Header object and folds its encoded words properly.
-    root["Subject"] = email.subject if email.subject.isascii() \
-        else Header(email.subject, "utf-8")  # type: ignore[assignment]
-    root["Date"] = format_datetime(datetime.now(UTC))
-    root["Message-ID"] = message_id
-    return OutgoingMail(sender, to, message_id, root.as_bytes())
+        body = _multipart("mixed", [body, *[_attachment_part(a) for a in attachments]])
+    headers = [
+        _mailbox("From", sender_name, sender),
+        _fold("To", [to]),
+        *([_fold("Reply-To", [reply_to])] if reply_to else []),
+        _unstructured("Subject", email.subject),
+        f"Date: {format_datetime(datetime.now(UTC))}",
+        f"Message-ID: {message_id}",
+        "MIME-Version: 1.0",
+        "Auto-Submitted: auto-generated",
+        # Exchange and Outlook ignore Auto-Submitted; this asks them the same.
+        "X-Auto-Response-Suppress: OOF, AutoReply",
+    ]
+    try:
+        raw = "\n".join([*headers, *body]).encode("ascii")
+    except UnicodeEncodeError:
+        raise PermanentError("an address contains non-ASCII characters: "
+                             "use the ASCII (punycode) form") from None
+    return OutgoingMail(sender, to, message_id, raw)
 
 
 def classify(exc: BaseException) -> PermanentError | RetryableError:
@@ -132,12 +315,57 @@ def classify(exc: BaseException) -> PermanentError | RetryableError:
     return RetryableError(f"SMTP connection failed: {type(exc).__name__}: {exc}", outage=True)
 
 
+_HOST_LABEL: Final = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_ADDRESS: Final = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+$")
+
+
+def helo_name(settings: Settings) -> str:
+    """The EHLO name: SMTP_HELO_NAME, else the domain of SMTP_FROM.
+
+    Never `socket.getfqdn()`: that is `localhost` or a container ID, which
+    relays refuse (reject_non_fqdn_helo_hostname) and spam filters score.
+    """
+    if settings.smtp_helo_name:
+        return settings.smtp_helo_name.strip().rstrip(".").lower()
+    return (settings.smtp_from or "").rpartition("@")[2].strip().rstrip(".").lower()
+
+
+def _not_fully_qualified(name: str) -> str | None:
+    """Why `name` is not a fully qualified host name or address literal, else None."""
+    if name.startswith("[") and name.endswith("]"):
+        literal = name[1:-1]
+        try:
+            ipaddress.IPv6Address(literal[5:]) if literal[:5].lower() == "ipv6:" \
+                else ipaddress.IPv4Address(literal)
+        except ValueError:
+            return "not an address literal such as [192.0.2.1]"
+        return None
+    labels = name.split(".")
+    if not name:
+        return "it is empty"
+    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return "not a valid host name"
+    if len(labels) < 2:
+        return "it has no domain part"
+    if labels[-1] in ("localhost", "localdomain") or labels[0] == "localhost":
+        return "it is a local name"
+    if labels[-1].isdigit():
+        return "an IP address needs brackets, e.g. [192.0.2.1]"
+    return None
+
+
 def check_mail_settings(settings: Settings) -> None:
     """Refuse at start-up what would fail every mail later.
 
     Raises:
         ConfigError: naming the variable and the fix.
     """
+    if settings.smtp_reply_to is not None and not _ADDRESS.match(settings.smtp_reply_to):
+        raise ConfigError("SMTP_REPLY_TO is not an email address: set it to the address "
+                          "that answers replies, e.g. support@example.com, or leave it unset")
+    if settings.smtp_from is not None and not _ADDRESS.match(settings.smtp_from):
+        raise ConfigError("SMTP_FROM is not an email address: set it to the sender address, "
+                          "e.g. noreply@example.com (the display name goes in SMTP_FROM_NAME)")
     if settings.email_provider == "file":
         return
     if not settings.smtp_host:
@@ -150,16 +378,32 @@ def check_mail_settings(settings: Settings) -> None:
         raise ConfigError("SMTP_USER is set but SMTP_PASS is not: set both, or neither")
     if settings.smtp_ca_file and not settings.smtp_ca_file.is_file():
         raise ConfigError(f"SMTP_CA_FILE={settings.smtp_ca_file} does not exist")
+    name = helo_name(settings)
+    problem = _not_fully_qualified(name)
+    if problem:
+        source = "SMTP_HELO_NAME" if settings.smtp_helo_name else \
+            "SMTP_HELO_NAME (default: the domain of SMTP_FROM)"
+        raise ConfigError(f"{source} {name!r} is not a fully qualified host name ({problem}): "
+                          "set SMTP_HELO_NAME to this host's public DNS name, "
+                          "e.g. mail.example.com")
 
 
 class SmtpMailer:
-    """A small pool of persistent SMTP connections, reconnected on failure."""
+    """A small pool of persistent SMTP connections.
+
+    A connection goes back to the pool after each mail; one idle for
+    SMTP_POOL_IDLE_S is closed with QUIT by `reap_idle` (servers otherwise
+    time it out and log it), and one the server closed is replaced before it
+    carries a mail.
+    """
 
     def __init__(self, settings: Settings) -> None:
         check_mail_settings(settings)
         self.settings = settings
         self.security = settings.smtp_security_effective
-        self._idle: list[aiosmtplib.SMTP] = []
+        self.helo_name = helo_name(settings)
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, idle since)
+        self._went_idle = trio.Event()
         self._slots = trio.Semaphore(settings.smtp_pool_size)
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -176,6 +420,7 @@ class SmtpMailer:
             tls_context=self._tls_context() if self.security != "none" else None,
             username=s.smtp_user,
             password=s.smtp_pass.get_secret_value() if s.smtp_pass else None,
+            local_hostname=self.helo_name,
         )
 
     async def _connect(self) -> aiosmtplib.SMTP:
@@ -190,19 +435,63 @@ class SmtpMailer:
             raise classify(exc) from None
         return client
 
+    async def _checkout(self) -> aiosmtplib.SMTP:
+        """A pooled connection that still works, else a new one.
+
+        One idle for a while is asked NOOP first: if the server has closed it
+        (its idle timeout, a restart), that costs a reconnect, not a failed send.
+        """
+        while self._idle:
+            client, since = self._idle.pop()  # the most recently used: the others may expire
+            if client.is_connected and trio.current_time() - since < PROBE_AFTER_S:
+                return client
+            if client.is_connected:
+                try:
+                    await trio_asyncio.aio_as_trio(client.noop)()
+                    return client
+                except Exception as exc:
+                    log.debug("pooled SMTP connection no longer answers; reconnecting",
+                              error=f"{type(exc).__name__}: {exc}")
+            await self._discard(client)
+        return await self._connect()
+
     async def send(self, mail: OutgoingMail) -> str:
         async with self._slots:
-            client = self._idle.pop() if self._idle else None
-            if client is None or not client.is_connected:
-                client = await self._connect()
+            client = await self._checkout()
             try:
                 await trio_asyncio.aio_as_trio(client.sendmail)(
                     mail.sender, [mail.recipient], mail.raw)
             except Exception as exc:
                 await self._discard(client)
                 raise classify(exc) from None
-            self._idle.append(client)
+            self._idle.append((client, trio.current_time()))
+            self._went_idle.set()
         return mail.message_id
+
+    async def reap_idle(self) -> None:
+        """Close connections idle for SMTP_POOL_IDLE_S with QUIT; runs until cancelled."""
+        idle_s = self.settings.smtp_pool_idle_s
+        while True:
+            now = trio.current_time()
+            expired = [client for client, since in self._idle if now - since >= idle_s]
+            self._idle = [(client, since) for client, since in self._idle
+                          if now - since < idle_s]
+            for client in expired:
+                await self._quit(client)
+            if self._idle:
+                await trio.sleep_until(min(since for _, since in self._idle) + idle_s)
+            else:
+                self._went_idle = trio.Event()
+                await self._went_idle.wait()
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        with trio.move_on_after(min(5.0, self.settings.smtp_timeout_s)):
+            try:
+                await trio_asyncio.aio_as_trio(client.quit)()
+                return
+            except Exception as exc:
+                log.debug("QUIT on an idle SMTP connection failed", error=str(exc))
+        await self._discard(client)
 
     async def _discard(self, client: aiosmtplib.SMTP) -> None:
         with contextlib.suppress(Exception):
@@ -210,9 +499,8 @@ class SmtpMailer:
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
-            with contextlib.suppress(Exception), trio.move_on_after(2):
-                await trio_asyncio.aio_as_trio(client.quit)()
+        for client, _ in idle:
+            await self._quit(client)
 
 
 class FileMailer:
@@ -246,9 +534,11 @@ async def open_mailer(settings: Settings) -> AsyncIterator[Mailer]:
         yield FileMailer(settings.email_outbox_dir)
         return
     mailer = SmtpMailer(settings)
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        nursery.start_soon(mailer.reap_idle)
         try:
             yield mailer
         finally:
+            nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await mailer.aclose()

@@ -1,63 +1,78 @@
-"""Payment providers: YooKassa (v3 REST API over httpx) and `manual` (no calls).
+"""Payment providers: YooKassa's v3 REST API over httpx.
 
-Only the provider's API answer ever changes a payment; a webhook body is a
-hint to ask. Failures are classified for the failure policy: 5xx, timeouts
-and connection errors retry; 401/403 is a configuration error (retried, so
-fixing the keys resumes the work); 404 is permanent.
+Only the provider's API answer ever changes a payment, and only when it
+agrees with our row; a webhook body is a hint to ask. With
+PAYMENT_PROVIDER=manual there is no provider object at all (`open_provider`
+returns None): nothing is called and nothing is decided.
+
+Failures are classified for the failure policy: 5xx, 429, timeouts and
+connection errors retry; 401/403 is a configuration error (retried, so
+fixing the keys resumes the work); 404 and other 4xx are permanent.
+Provider ids are checked against YooKassa's id format and URL-quoted before
+they go into a path, so an id taken from a row or a notification can never
+point a request at another endpoint.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import Any, Literal, Protocol
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal, Protocol, cast, get_args
+from urllib.parse import quote
 
 import httpx
 
 from reactor.config import ConfigError, Settings
 from reactor.errors import PermanentError, RetryableError
 
-__all__ = ["ManualProvider", "PaymentProvider", "ProviderPayment", "YooKassaProvider",
+__all__ = ["PaymentProvider", "ProviderObject", "YooKassaProvider", "check_yookassa_id",
            "open_provider"]
 
 ProviderStatus = Literal["pending", "waiting_for_capture", "succeeded", "canceled"]
 TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+# YooKassa payment and refund ids: 36 characters, UUID-shaped (e.g.
+# 2d8d0ecb-000f-5000-9000-1b68e7b15f3f).
+YOOKASSA_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
+                         r"-[0-9a-fA-F]{12}")
 
 
 @dataclass(frozen=True)
-class ProviderPayment:
-    """The provider's view of a payment (or of a refund)."""
+class ProviderObject:
+    """The provider's view of a payment or of a refund: what we check against our row."""
 
     id: str
     status: ProviderStatus
+    amount: Decimal | None = None
+    currency: str | None = None
     reason: str | None = None
+    # Payments: metadata.payment_id (our row id) when the app set it at creation.
+    # Refunds: the id of the payment refunded.
+    payment_ref: str | None = None
 
 
 class PaymentProvider(Protocol):
-    async def get(self, payment_id: str) -> ProviderPayment: ...
+    name: str
+
+    async def get(self, payment_id: str) -> ProviderObject: ...
     async def capture(self, payment_id: str, amount: Decimal, currency: str,
-                      idempotence_key: str) -> ProviderPayment: ...
+                      idempotence_key: str) -> ProviderObject: ...
     async def refund(self, payment_id: str, amount: Decimal, currency: str,
-                     idempotence_key: str) -> ProviderPayment: ...
+                     idempotence_key: str) -> ProviderObject: ...
+    async def get_refund(self, refund_id: str) -> ProviderObject: ...
     async def aclose(self) -> None: ...
 
 
-class ManualProvider:
-    """For the dev stack and demos: payments are confirmed by hand, nothing is called."""
+def check_yookassa_id(value: str, what: str = "provider_payment_id") -> str:
+    """The id, if it has YooKassa's format.
 
-    async def get(self, payment_id: str) -> ProviderPayment:
-        return ProviderPayment(payment_id, "succeeded")
-
-    async def capture(self, payment_id: str, amount: Decimal, currency: str,
-                      idempotence_key: str) -> ProviderPayment:
-        return ProviderPayment(payment_id, "succeeded")
-
-    async def refund(self, payment_id: str, amount: Decimal, currency: str,
-                     idempotence_key: str) -> ProviderPayment:
-        return ProviderPayment(f"refund-{payment_id}", "succeeded")
-
-    async def aclose(self) -> None:
-        return None
+    Raises:
+        PermanentError: naming the value (shortened) and the expected format.
+    """
+    if not YOOKASSA_ID.fullmatch(value):
+        raise PermanentError(f"{what} {value[:80]!r} is not a YooKassa id (expected the "
+                             "36-character form 2d8d0ecb-000f-5000-9000-1b68e7b15f3f)")
+    return value
 
 
 def _cancellation(body: dict[str, Any]) -> str | None:
@@ -67,8 +82,23 @@ def _cancellation(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _amount(body: dict[str, Any]) -> tuple[Decimal | None, str | None]:
+    amount = body.get("amount")
+    if not isinstance(amount, dict):
+        return None, None
+    currency = amount.get("currency")
+    try:
+        value = Decimal(str(amount.get("value")))
+    except InvalidOperation:
+        value = None
+    return (value if value is not None and value.is_finite() else None,
+            currency if isinstance(currency, str) else None)
+
+
 class YooKassaProvider:
-    """https://yookassa.ru/developers/api — GET /payments/{id}, POST capture, POST /refunds."""
+    """https://yookassa.ru/developers/api — payments, capture, refunds."""
+
+    name = "yookassa"
 
     def __init__(self, settings: Settings) -> None:
         if not settings.yookassa_shop_id or settings.yookassa_secret_key is None:
@@ -98,37 +128,60 @@ class YooKassaProvider:
         if code >= 400:
             raise PermanentError(f"YooKassa rejected {method} {path}: HTTP {code} "
                                  f"{response.text[:300]}")
-        body = response.json()
-        if not isinstance(body, dict) or "status" not in body:
-            raise RetryableError("YooKassa answered without a status")
+        try:
+            body = response.json()
+        except ValueError:
+            raise RetryableError(f"YooKassa answered HTTP {code} without JSON") from None
+        if not isinstance(body, dict) or body.get("status") not in get_args(ProviderStatus):
+            raise RetryableError("YooKassa answered without a known status")
         return body
 
-    def _payment(self, body: dict[str, Any]) -> ProviderPayment:
-        return ProviderPayment(str(body.get("id")), body["status"], _cancellation(body))
+    def _object(self, body: dict[str, Any], payment_ref: str | None) -> ProviderObject:
+        amount, currency = _amount(body)
+        return ProviderObject(str(body.get("id")), cast(ProviderStatus, body["status"]),
+                              amount, currency, _cancellation(body), payment_ref)
 
-    async def get(self, payment_id: str) -> ProviderPayment:
-        return self._payment(await self._call("GET", f"/payments/{payment_id}"))
+    def _payment(self, body: dict[str, Any]) -> ProviderObject:
+        metadata = body.get("metadata")
+        ref = metadata.get("payment_id") if isinstance(metadata, dict) else None
+        return self._object(body, str(ref) if ref is not None else None)
+
+    async def get(self, payment_id: str) -> ProviderObject:
+        pid = quote(check_yookassa_id(payment_id), safe="")
+        return self._payment(await self._call("GET", f"/payments/{pid}"))
 
     async def capture(self, payment_id: str, amount: Decimal, currency: str,
-                      idempotence_key: str) -> ProviderPayment:
-        body = await self._call("POST", f"/payments/{payment_id}/capture", json={
+                      idempotence_key: str) -> ProviderObject:
+        pid = quote(check_yookassa_id(payment_id), safe="")
+        body = await self._call("POST", f"/payments/{pid}/capture", json={
             "amount": {"value": f"{amount:.2f}", "currency": currency}},
             idempotence_key=idempotence_key)
         return self._payment(body)
 
     async def refund(self, payment_id: str, amount: Decimal, currency: str,
-                     idempotence_key: str) -> ProviderPayment:
+                     idempotence_key: str) -> ProviderObject:
         body = await self._call("POST", "/refunds", json={
-            "payment_id": payment_id, "amount": {"value": f"{amount:.2f}", "currency": currency}},
+            "payment_id": check_yookassa_id(payment_id),
+            "amount": {"value": f"{amount:.2f}", "currency": currency}},
             idempotence_key=idempotence_key)
-        return self._payment(body)
+        ref = body.get("payment_id")
+        return self._object(body, ref if isinstance(ref, str) else None)
+
+    async def get_refund(self, refund_id: str) -> ProviderObject:
+        rid = quote(check_yookassa_id(refund_id, "refund id"), safe="")
+        body = await self._call("GET", f"/refunds/{rid}")
+        ref = body.get("payment_id")
+        return self._object(body, ref if isinstance(ref, str) else None)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
-def open_provider(settings: Settings) -> PaymentProvider:
-    """Raises: ConfigError when the chosen provider lacks its settings."""
+def open_provider(settings: Settings) -> PaymentProvider | None:
+    """The configured provider; None for `manual` (staff decide, nothing is called).
+
+    Raises: ConfigError when the chosen provider lacks its settings.
+    """
     if settings.payment_provider == "yookassa":
         return YooKassaProvider(settings)
-    return ManualProvider()
+    return None

@@ -3,6 +3,11 @@
 Wording comes from `templates/report/<locale>.toml` and colours and sizes
 from `templates/report/style.toml`, so a wording change needs no code
 change. Cyrillic needs a Unicode TTF: DejaVu Sans (`fonts-dejavu-core`).
+
+The scale: more points mean more signs of difficulty, so a long red bar is a
+reason for attention, not good news. Every report with scores says so before
+the bars (a legend of the scale and of the colours), and the band words name
+a level *of difficulty*, in every locale.
 """
 
 from __future__ import annotations
@@ -123,6 +128,35 @@ class _Report(FPDF):
                   align="C")
 
 
+def _legend(pdf: FPDF, words: dict[str, Any], colors: dict[str, Any],
+            sizes: dict[str, Any]) -> None:
+    """How to read the bars, before them: a high score means more difficulty, which a
+    parent could otherwise take for good news (red bar, "high level")."""
+    width = pdf.epw
+    if words.get("legend_heading"):
+        pdf.set_font("DejaVu", "B", sizes["small"])
+        pdf.set_text_color(*colors["text"])
+        pdf.cell(width, 5, words["legend_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_font("DejaVu", "", sizes["small"])
+    if words.get("scale_note"):
+        pdf.multi_cell(width, 4.4, words["scale_note"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_text_color(*colors["muted"])
+    meanings = words.get("legend", {})
+    for band in ("low", "moderate", "high"):
+        y = pdf.get_y() + 0.8
+        pdf.set_fill_color(*colors[band])
+        pdf.rect(pdf.l_margin, y + 0.6, 6, 3, style="F")
+        pdf.set_xy(pdf.l_margin + 8, y)
+        label = words["bands"][band]
+        line = f"{label} — {meanings[band]}" if meanings.get(band) else label
+        pdf.multi_cell(width - 8, 4.2, line, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(2)
+    pdf.set_draw_color(*colors["bar_background"])
+    pdf.set_line_width(0.3)
+    pdf.line(pdf.l_margin, pdf.get_y(), pdf.l_margin + width, pdf.get_y())
+    pdf.ln(3)
+
+
 def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir: Path,
                   app_name: str, timezone: str = "Europe/Moscow",
                   now: datetime | None = None) -> bytes:
@@ -181,6 +215,8 @@ def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir:
     if not data.scores:
         text(sizes["body"], "muted")
         pdf.multi_cell(width, 6, words["no_scores"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    else:
+        _legend(pdf, words, colors, sizes)
     name_w, score_w = width * 0.38, width * 0.14
     bar_w = width - name_w - score_w - 4
     for score in data.scores:

@@ -8,6 +8,8 @@ retry can fix the message.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -17,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 from babel.dates import format_datetime, get_timezone_location
-from babel.numbers import format_currency
+from babel.numbers import format_currency, get_currency_symbol
 
 from reactor.errors import PermanentError
 
@@ -42,6 +44,7 @@ _DATETIME_FORMAT = {"ru": "d MMMM y, HH:mm", "en": "MMMM d, y, h:mm a"}
 _TIME_FORMAT = {"ru": "HH:mm", "en": "h:mm a"}
 
 
+
 @dataclass(frozen=True)
 class RenderedEmail:
     subject: str
@@ -64,9 +67,12 @@ class EmailRenderer:
     """Renders one template in one locale; the Jinja environment is built once."""
 
     def __init__(self, templates_dir: Path, *, timezone: str = "Europe/Moscow",
-                 app_name: str = "Family Mind", app_base_url: str | None = None) -> None:
+                 app_name: str = "Family Mind", app_base_url: str | None = None,
+                 reply_to: str | None = None) -> None:
         self.tz = ZoneInfo(timezone)
         self.app_name = app_name
+        # Where replies go (SMTP_REPLY_TO): the footer invites replies only when there is one.
+        self.reply_to = reply_to
         self.app_url = app_base_url.rstrip("/") if app_base_url else None
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(templates_dir / "email"),
@@ -105,14 +111,16 @@ class EmailRenderer:
                 f"template {template!r} needs variable(s) {', '.join(missing)}")
         env = self.env
         context = {**variables, "locale": locale, "app_name": self.app_name,
-                   "app_url": self.app_url}
+                   "app_url": self.app_url, "reply_to": self.reply_to}
         try:
             if subject is None:
                 subject = env.get_template(f"{locale}/{template}.subject.j2").render(context)
             # A variable may carry a newline; a subject line never does.
             subject = " ".join(subject.split())
             context["subject"] = subject
+            # One layout for every text part: no trailing blank lines, one final newline.
             text = env.get_template(f"{locale}/{template}.txt.j2").render(context)
+            text = text.rstrip() + "\n"
             html = env.get_template(f"{locale}/{template}.html.j2").render(context)
         except jinja2.TemplateNotFound as exc:
             raise PermanentError(f"template file missing: {exc.name}") from None
@@ -132,4 +140,14 @@ class EmailRenderer:
             amount = Decimal(str(value))
         except InvalidOperation:
             raise PermanentError(f"not an amount: {value!r}") from None
-        return format_currency(amount, str(currency or "RUB"), locale=locale)
+        code = str(currency or "RUB")
+        text = format_currency(amount, code, locale=locale)
+        # CLDR's currencySpacing, which Babel does not apply: a currency sign made of
+        # letters (RUB, CHF) is set off from the digits by a no-break space, as ICU
+        # does: "RUB 4,200.00", not "RUB4,200.00". Symbols ($, ₽) stay attached.
+        sign = get_currency_symbol(code, locale=locale)
+        if sign and not unicodedata.category(sign[-1]).startswith("S"):
+            text = re.sub(f"{re.escape(sign)}(?=\\d)", f"{sign}\u00a0", text)
+        if sign and not unicodedata.category(sign[0]).startswith("S"):
+            text = re.sub(f"(?<=\\d){re.escape(sign)}", f"\u00a0{sign}", text)
+        return text

@@ -1,0 +1,392 @@
+"""Fault injection against real components: the faults production brings every
+month must not end `reactor run`, lose a message or do anything twice.
+
+Each scenario starts from a clean database: a Postgres flipped read-only in the
+middle of a drain, a real PgBouncer in transaction mode, a poison message
+between good ones, a slow SMTP relay with jobs waiting past their timeout, and
+SIGTERM in the middle of the largest report the reactor accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import psycopg
+import pytest
+import trio
+from psycopg.types.json import Jsonb
+
+from reactor import queues
+from reactor.pgcluster import PgCluster, free_port
+from reactor.processors import PROCESSORS
+from reactor.processors.analytics import AnalyticsProcessor
+from reactor.processors.email import EmailProcessor
+from reactor.processors.reports import (
+    MAX_DOMAIN_CHARS,
+    MAX_RECOMMENDATIONS,
+    MAX_RESULTS_BYTES,
+    MAX_SCORES,
+    MAX_TEXT_CHARS,
+)
+from tests import factories
+from tests.conftest import SmtpServer
+from tests.harness import eventually, of_type, running_reactor, send, sql, wait_for
+
+ANALYTICS_ONLY: dict[str, Any] = {AnalyticsProcessor.queue: AnalyticsProcessor}
+
+
+def _count(url: str, query: str, params: Any = None) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _enqueue_analytics(url: str, total: int, event: str = "drain") -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT public.enqueue('analytics_queue', jsonb_build_object("
+                     "'event', %s::text, 'properties', jsonb_build_object('n', i))) "
+                     "FROM generate_series(1, %s) AS i", (event, total))
+
+
+def _set_read_only(cluster: PgCluster, on: bool) -> None:
+    """What a failover to a standby looks like to clients: every write refused."""
+    with psycopg.connect(cluster.url(), autocommit=True,
+                         options="-c default_transaction_read_only=off") as conn:
+        if on:
+            conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        else:
+            conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+# -- 1. the database turns read-only in the middle of a drain ------------------------------
+async def test_a_read_only_database_for_10s_mid_drain_loses_and_doubles_nothing(
+        private_cluster: PgCluster) -> None:
+    url = private_cluster.url()
+    total = 3000
+    _enqueue_analytics(url, total)
+    flipped_at = recovered_at = 0.0
+    seen_read_only = False
+    try:
+        async with running_reactor(url, ANALYTICS_ONLY, MAX_TASKS_PER_CYCLE=50) as reactor:
+            with reactor.bus.subscribe() as sub:
+                done = 0
+                with trio.fail_after(60):
+                    async for event in sub.receive:
+                        done += event["type"] == "job.succeeded"
+                        if done >= 300:
+                            break
+            await trio.to_thread.run_sync(_set_read_only, private_cluster, True)
+            flipped_at = time.monotonic()
+            processed_at_flip = _count(url, "SELECT count(*) FROM public.analytics_events")
+            assert processed_at_flip < total, "the flip came too late to prove anything"
+            while time.monotonic() - flipped_at < 10:
+                seen_read_only = seen_read_only or "database_read_only" in reactor.health.reasons()
+                await trio.sleep(0.2)
+            assert seen_read_only, reactor.health.faults
+            assert not reactor.health.healthy
+            await trio.to_thread.run_sync(_set_read_only, private_cluster, False)
+            recovered_at = time.monotonic()
+            await eventually(lambda: _count(url, "SELECT count(*) FROM pgmq.q_analytics_queue")
+                             == 0, within_s=90, every_s=0.2)
+            await eventually(lambda: reactor.health.healthy, within_s=30)
+            caught_up_s = time.monotonic() - recovered_at
+    finally:
+        _set_read_only(private_cluster, False)
+    rows, distinct = (_count(url, "SELECT count(*) FROM public.analytics_events"),
+                      _count(url, "SELECT count(DISTINCT source_msg_id) "
+                                  "FROM public.analytics_events"))
+    assert (rows, distinct) == (total, total)  # nothing lost, nothing doubled
+    assert _count(url, "SELECT count(DISTINCT msg_id) FROM pgmq.a_analytics_queue") == total
+    assert _count(url, "SELECT count(*) FROM pgmq.q_analytics_queue_dlq") == 0
+    print(f"read-only 10 s mid-drain: caught up {caught_up_s:.1f} s after the database "
+          f"was writable again; lost 0, doubled 0")
+
+
+# -- 2. behind a real PgBouncer in transaction mode ----------------------------------------
+@contextmanager
+def pgbouncer(cluster: PgCluster, *, pool_size: int = 2) -> Iterator[str]:
+    """A real PgBouncer in transaction mode in front of `cluster`; yields its URL."""
+    exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(exe).exists():
+        pytest.skip("pgbouncer is not installed: apt-get install -y pgbouncer")
+    base = Path(tempfile.mkdtemp(prefix="reactor-test-pgbouncer-"))
+    port = free_port()
+    (base / "users.txt").write_text('"postgres" ""\n')
+    ini = base / "pgbouncer.ini"
+    ini.write_text(f"""[databases]
+* = host=127.0.0.1 port={cluster.port}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {base / "users.txt"}
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_client_conn = 100
+logfile = {base / "pgbouncer.log"}
+pidfile = {base / "pgbouncer.pid"}
+""")
+    argv = [exe, str(ini)]
+    if os.geteuid() == 0:  # PgBouncer, like Postgres, refuses to run as root
+        pw = pwd.getpwnam("postgres")
+        for path in (base, *base.iterdir()):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with psycopg.connect(url, connect_timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                break
+            except psycopg.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log = (base / "pgbouncer.log")
+                    raise AssertionError("pgbouncer did not start: " + (
+                        log.read_text()[-500:] if log.exists() else "no log")) from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_behind_pgbouncer_in_transaction_mode_it_drains_on_the_poll(
+        private_cluster: PgCluster) -> None:
+    total = 500
+    with pgbouncer(private_cluster) as pooled_url:
+        async with running_reactor(pooled_url, ANALYTICS_ONLY, WORKER_INTERVAL_MS=300,
+                                   MAX_TASKS_PER_CYCLE=20, DB_POOL_SIZE=4) as reactor:
+            # The listener's probe cannot come back through the pooler: said once, on the poll.
+            assert "pooler" in reactor.health.reasons()
+            assert reactor.health.healthy  # degraded, not down
+            assert not reactor.db.prepared_statements
+            # Enqueued on the direct connection, in several transactions: no NOTIFY reaches
+            # the reactor, only the poll finds them.
+            for _ in range(5):
+                _enqueue_analytics(private_cluster.url(), total // 5, "pooled")
+            await eventually(lambda: _count(private_cluster.url(),
+                                            "SELECT count(*) FROM public.analytics_events")
+                             == total, within_s=90, every_s=0.2)
+        # The pooler's server connections carry no session state of ours.
+        with psycopg.connect(pooled_url, autocommit=True) as other_client:
+            row = other_client.execute("SHOW statement_timeout").fetchone()
+        assert row == ("0",)
+    assert _count(private_cluster.url(),
+                  "SELECT count(DISTINCT source_msg_id) FROM public.analytics_events") == total
+
+
+# -- 3. untrusted message bodies -------------------------------------------------------------
+POISON_SQL = ("SELECT pgmq.send('analytics_queue', ('{\"event\": \"poison\", \"properties\": "
+              "{\"deep\": ' || repeat('[', 1200) || repeat(']', 1200) || '}}')::jsonb)")
+HUGE_SQL = ("SELECT pgmq.send('analytics_queue', jsonb_build_object('event', 'huge', "
+            "'properties', jsonb_build_object('blob', repeat('x', 300000))))")
+
+
+async def test_a_poison_message_is_dead_lettered_and_the_batch_goes_on(
+        database_url: str) -> None:
+    for n in range(5):
+        await send(database_url, "analytics_queue", {"event": "good", "properties": {"n": n}})
+    [(poison_id,)] = await sql(database_url, POISON_SQL)
+    [(huge_id,)] = await sql(database_url, HUGE_SQL)
+    await sql(database_url, "SELECT pgmq.send('analytics_queue', '\"just a string\"'::jsonb)")
+    for n in range(5, 10):
+        await send(database_url, "analytics_queue", {"event": "good", "properties": {"n": n}})
+    async with running_reactor(database_url, ANALYTICS_ONLY):
+        await eventually(lambda: _count(database_url, "SELECT count(*) FROM "
+                                        "pgmq.q_analytics_queue") == 0)
+    assert _count(database_url, "SELECT count(*) FROM public.analytics_events "
+                                "WHERE event = 'good'") == 10
+    letters = {m.body["source_msg_id"]: m.body for m in await trio.to_thread.run_sync(
+        _peek_dlq, database_url)}
+    assert set(letters) >= {poison_id, huge_id}
+    assert "nests deeper than 64 levels" in letters[poison_id]["error"]
+    assert letters[poison_id]["original"] is None
+    assert letters[poison_id]["original_text"].startswith('{"event": "poison"')
+    assert "over the limit of 262144 bytes" in letters[huge_id]["error"]
+    # A restart reads past them: nothing of theirs is delivered again, new work is done.
+    async with running_reactor(database_url, ANALYTICS_ONLY):
+        await send(database_url, "analytics_queue", {"event": "after_restart"})
+        await eventually(lambda: _count(database_url, "SELECT count(*) FROM "
+                                        "public.analytics_events WHERE event = 'after_restart'")
+                         == 1)
+    assert _count(database_url, "SELECT count(*) FROM public.analytics_events "
+                                "WHERE event IN ('poison', 'huge')") == 0
+
+
+def _peek_dlq(url: str) -> list[queues.Message]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return queues.peek(conn, "analytics_queue_dlq")
+
+
+def test_enqueue_refuses_a_message_over_256_kib(db: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded,
+                       match=r"more than the limit of 262144 bytes"):
+        db.execute("SELECT public.queue_analytics_event('big', NULL, %s)",
+                   (Jsonb({"blob": "x" * 270_000}),))
+    assert factories.queued(db, "analytics_queue") == []
+
+
+async def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_in_any_queue(
+        database_url: str) -> None:
+    """Three deliveries that ended in nothing (simulated: read, never settled)."""
+    crasher = await send(database_url, "payment_processing_queue",
+                         {"payment_id": "00000000-0000-0000-0000-000000000000"})
+    await sql(database_url, "SELECT count(*) FROM pgmq.read('payment_processing_queue', 0, 1), "
+                            "pgmq.read('payment_processing_queue', 0, 1) AS b, "
+                            "pgmq.read('payment_processing_queue', 0, 1) AS c")
+    [(read_ct,)] = await sql(database_url, "SELECT read_ct FROM "
+                                           "pgmq.q_payment_processing_queue")
+    assert read_ct == 3
+    processors = {q: PROCESSORS[q] for q in ("payment_processing_queue",)}
+    async with running_reactor(database_url, processors) as reactor:
+        with reactor.bus.subscribe() as sub:
+            [event] = await wait_for(sub, of_type("job.dead_lettered", crasher))
+    assert "may crash its worker" in event["error"]
+    [(error,)] = await sql(database_url, "SELECT last_error FROM reactor.job_failures "
+                                         "WHERE msg_id = %s AND dead_lettered", (crasher,))
+    assert "3 deliveries ended with no outcome" in error
+
+
+async def test_retries_with_recorded_outcomes_are_not_taken_for_a_crash(
+        database_url: str) -> None:
+    """A message retried through a long outage has a high read_ct but no lost delivery."""
+    msg_id = await send(database_url, "analytics_queue", {"event": "survivor"}, notify=False)
+    await sql(database_url, "UPDATE pgmq.q_analytics_queue SET read_ct = 9")
+    await sql(database_url, "INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at, "
+                            "outcomes, last_attempt, last_error) SELECT 'analytics_queue', msg_id,"
+                            " enqueued_at, 9, 9, 'SMTP down' FROM pgmq.q_analytics_queue")
+    async with running_reactor(database_url, ANALYTICS_ONLY, OUTAGE_MAX_ATTEMPTS=30):
+        await eventually(lambda: _count(database_url, "SELECT count(*) FROM "
+                                        "public.analytics_events WHERE source_msg_id = %s",
+                                        (msg_id,)) == 1)
+
+
+# -- 4. a slow mail relay -----------------------------------------------------------------------
+class QuickEmail(EmailProcessor):
+    """The email processor with a 1 s job timeout: every queued mail waits past it."""
+
+    timeout_s: ClassVar[float] = 1.0
+
+
+async def test_a_slow_relay_with_jobs_past_their_timeout_sends_each_mail_once(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    relay = smtp_server(delay_ms=1200)  # each DATA answered 1.2 s later
+    total = 5
+    for n in range(total):
+        await send(database_url, "email_queue", {
+            "to": f"parent{n}@example.com", "subject": f"Slow {n}", "template":
+            "checkup_completed", "locale": "en",
+            "variables": {"full_name": "Anna", "assessment_id": "a-1"}})
+    events: list[dict[str, Any]] = []
+    async with running_reactor(database_url, {EmailProcessor.queue: QuickEmail},
+                               EMAIL_PROVIDER="smtp", SMTP_HOST="127.0.0.1",
+                               SMTP_PORT=relay.port, SMTP_SECURITY="none", SMTP_POOL_SIZE=1,
+                               SMTP_FROM="noreply@family.example") as reactor:
+        reactor.bus.sinks.append(events.append)
+        await eventually(lambda: _count(database_url, "SELECT count(*) FROM pgmq.q_email_queue")
+                         == 0, within_s=60, every_s=0.2)
+    # Each job was settled exactly once, although all but the first waited past the timeout.
+    settled = [e["msg_id"] for e in events
+               if e["type"] in ("job.succeeded", "job.retrying", "job.dead_lettered")]
+    assert len(settled) == len(set(settled)) == total, events
+    assert {e["type"] for e in events if e["msg_id"] in settled} <= {"job.started",
+                                                                      "job.succeeded"}
+    recipients = [str(m["To"]) for m in relay.mails()]
+    assert sorted(recipients) == sorted(f"parent{n}@example.com" for n in range(total))
+    assert _count(database_url, "SELECT count(*) FROM public.email_ledger "
+                                "WHERE status = 'sent'") == total
+
+
+# -- 5. SIGTERM during the largest report accepted --------------------------------------------
+def _largest_accepted_results() -> dict[str, Any]:
+    """Every cap of the report processor at once, within MAX_RESULTS_BYTES."""
+    words = "Рекомендация для родителей с длинным текстом. "
+    recommendations = MAX_RECOMMENDATIONS
+    while True:
+        results = {
+            "child_name": "Маша", "summary": (words * 50)[:MAX_TEXT_CHARS],
+            "scores": [{"domain": ("Внимание и концентрация " * 10)[:MAX_DOMAIN_CHARS],
+                        "score": i % 20, "max": 20, "band": ("low", "moderate", "high")[i % 3]}
+                       for i in range(MAX_SCORES)],
+            "recommendations": [(words * 50)[:MAX_TEXT_CHARS]] * recommendations,
+        }
+        if len(json.dumps(results, ensure_ascii=False).encode()) <= MAX_RESULTS_BYTES:
+            return results
+        recommendations -= 1
+
+
+def test_sigterm_during_the_largest_report_exits_within_the_grace(
+        database_url: str, tmp_path: Path) -> None:
+    grace_s = 0.5  # shorter than the render: the job is cancelled, the thread abandoned
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = factories.profile(conn)
+        checkup = factories.assessment(conn, user, results=_largest_accepted_results())
+    log = tmp_path / "reactor.log"
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": database_url, "LOG_FORMAT": "json",
+           "LOG_LEVEL": "debug", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
+           "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox"), "REPORTS_DIR": str(tmp_path / "reports"),
+           "SHUTDOWN_GRACE_S": str(grace_s), "FEED_PORT": "0", "METRICS_PORT": "0"}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=env, stdout=out,
+                                stderr=out, cwd=tmp_path)
+    try:
+        _wait(lambda: "reactor.started" in log.read_text(), "the reactor to start")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE public.assessments SET status = 'completed', "
+                         "completed_at = now() WHERE id = %s", (checkup,))
+        _wait(lambda: any(e.get("event") == "job.started"
+                          and e.get("queue") == "report_generation_queue"
+                          for e in _log_events(log)), "the report job to start")
+        sent_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=grace_s + 20)
+        exit_s = time.monotonic() - sent_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()[-2000:]
+    assert exit_s < grace_s + 5, f"exited {exit_s:.1f} s after SIGTERM"
+    print(f"SIGTERM during the largest report: exit 0 after {exit_s:.1f} s "
+          f"(SHUTDOWN_GRACE_S={grace_s:g})")
+
+
+def _log_events(log: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in log.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def _wait(condition: Callable[[], bool], what: str, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
