@@ -1,5 +1,8 @@
 """Where a reactor drain spends its time: counts per message, then a py-spy profile.
 
+The mail pipeline is profiled the same way (py-spy on this process while
+it sends to the zero-latency sink).
+
 Pass 1 counts, inside the worker, the thread hops, statements, events and
 GC generation-0 collections per message, and, from Postgres, transactions
 per message. Pass 2 drains the same N again under py-spy (attached before
@@ -10,6 +13,7 @@ the frames by samples. The raw profile is kept for flame graphs.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +25,7 @@ import psycopg
 
 from bench.common import Child, Result, fill_pgmq, reset_pgmq
 
-__all__ = ["profile"]
+__all__ = ["profile", "profile_mail"]
 
 # Inclusive shares worth knowing, by a substring of py-spy's frame name.
 WATCH = {
@@ -44,7 +48,7 @@ def _xacts(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _count(url: str, n: int) -> Result:
+def _count(url: str, n: int) -> list[Result]:
     reset_pgmq(url)
     fill_pgmq(url, n)
     before = _xacts(url)
@@ -61,8 +65,9 @@ def _count(url: str, n: int) -> Result:
     per["gc_gen0_collections_in_drain"] = int(counts["gc_gen0_collections"])
     del per["gc_gen0_collections"]
     per["transactions"] = round((_xacts(url) - before - 1) / n, 3)
-    return {"per_message": ", ".join(f"{k}={v}" for k, v in per.items()),
-            "jobs_per_s_while_counting": round(n / elapsed)}
+    return [{"what": "jobs/s while counting", "value": round(n / elapsed)}] + [
+        {"what": f"per message: {k}" if not k.startswith(("ms_", "gc_")) else k, "value": v}
+        for k, v in per.items()]
 
 
 def _state(main: bool, frames: list[str]) -> str:
@@ -77,7 +82,19 @@ def _state(main: bool, frames: list[str]) -> str:
     return "running Python"
 
 
-def _summarize(raw: Path, top: int) -> list[Result]:
+MAIL_WATCH = {
+    "aiosmtplib through trio-asyncio (sendmail and its I/O)": "trio_asyncio",
+    "aiosmtplib SMTP.sendmail": "SMTP.sendmail ",
+    "socket writes of the asyncio transport": "_SelectorSocketTransport.write ",
+    "MIME build (build_message)": "build_message ",
+    "MIME flatten (as_bytes)": "as_bytes ",
+    "template render (EmailRenderer.render)": "EmailRenderer.render ",
+    "database hops (Database.run)": "Database.run ",
+    "events (EventBus.publish)": "EventBus.publish ",
+}
+
+
+def _summarize(raw: Path, top: int, watch: dict[str, str] = WATCH) -> list[Result]:
     """Wall-time shares per thread and state, what the trio thread runs, its top frames."""
     states: Counter[tuple[str, str]] = Counter()
     per_thread: Counter[str] = Counter()
@@ -96,18 +113,18 @@ def _summarize(raw: Path, top: int) -> list[Result]:
         per_thread[thread] += n
         if main and state == "running Python":
             joined = ";".join(frames[1:]) + " "
-            for label, needle in WATCH.items():
+            for label, needle in watch.items():
                 if needle in joined:
                     inclusive[label] += n
             leaves[frames[-1]] += n
     rows: list[Result] = [
         {"what": f"{thread}: {state}",
-         "share_pct": round(c / per_thread[thread] * 100, 1)}
+         "value": f"{c / per_thread[thread] * 100:.1f} % of its wall time"}
         for (thread, state), c in sorted(states.items())]
     main_total = per_thread["trio thread"] or 1
     rows += [{"what": f"trio thread, inside {label}",
-              "share_pct": round(inclusive[label] / main_total * 100, 1)} for label in WATCH]
-    rows += [{"what": f"trio thread, self: {frame}", "share_pct": round(c / main_total * 100, 1)}
+              "value": f"{inclusive[label] / main_total * 100:.1f} %"} for label in watch]
+    rows += [{"what": f"trio thread, self: {frame}", "value": f"{c / main_total * 100:.1f} %"}
              for frame, c in leaves.most_common(top)]
     return rows
 
@@ -117,7 +134,7 @@ def profile(url: str, n: int = 20_000, rate: int = 500, top: int = 25) -> list[R
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         raise RuntimeError("py-spy is not installed: pip install -e '.[bench]'")
-    rows = [_count(url, n)]
+    rows = _count(url, n)
     reset_pgmq(url)
     fill_pgmq(url, n)
     raw = Path(tempfile.gettempdir()) / f"reactor-drain-profile-{int(time.time())}.txt"
@@ -138,5 +155,34 @@ def profile(url: str, n: int = 20_000, rate: int = 500, top: int = 25) -> list[R
             if sampler.poll() is None:
                 sampler.terminate()
                 sampler.wait()
-    rows.append({"profile": str(raw)})
-    return rows + _summarize(raw, top)
+    rows.append({"what": "raw py-spy profile (flamegraph.pl / speedscope input)",
+                 "value": str(raw)})
+    return rows + _summarize(raw, top) + profile_mail(url)
+
+
+def profile_mail(url: str, pool: int = 5, n: int = 1500, top: int = 15) -> list[Result]:
+    """py-spy on this process while it sends n mails to the zero-latency sink."""
+    import os
+
+    from bench.mail import _run
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    raw = Path(tempfile.gettempdir()) / f"reactor-mail-profile-{int(time.time())}.txt"
+    sampler = subprocess.Popen(
+        [spy, "record", "--pid", str(os.getpid()), "--threads", "--idle", "--nonblocking",
+         "--rate", "200", "--format", "raw", "-o", str(raw)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2)  # py-spy attached
+        rate, _ = _run(url, pool, n, 0)
+    finally:
+        sampler.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        try:
+            sampler.wait(60)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+            sampler.wait()
+    rows: list[Result] = [{"what": f"mails/s to the sink, SMTP_POOL_SIZE={pool}, profiled",
+                           "value": round(rate)},
+                          {"what": "raw py-spy profile", "value": str(raw)}]
+    return rows + _summarize(raw, top, MAIL_WATCH)

@@ -183,7 +183,7 @@ async def _pgqueuer(url: str, batch: int, stop_after: int | None,
                     on_job: Any = None) -> None:
     """PgQueuer as its docs run it: asyncpg, one QueueManager, one entrypoint.
     (Imported by the caller before the clock starts.)"""
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.models import Job
     from pgqueuer.qm import QueueManager

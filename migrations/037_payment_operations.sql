@@ -16,6 +16,13 @@
 -- An operation is finished (`finished_at`, `outcome`) when the provider has
 -- decided it; a capture or refund whose answer disagrees with our row stays
 -- open, so a replay repeats the same key and never moves money twice.
+-- `msg_id` is the message that last carried it: if the reactor stops between
+-- recording the outcome and archiving that message, its redelivery finds the
+-- work done instead of starting a second refund.
+-- YooKassa honours an Idempotence-Key for 24 hours only: a refund that has no
+-- `provider_object_id` and was requested longer ago than that is first looked
+-- for at the provider (its metadata names the operation's key) before it is
+-- posted again.
 --
 -- Schema `reactor` is not exposed by PostgREST (see 036).
 CREATE TABLE IF NOT EXISTS reactor.payment_operations (
@@ -30,6 +37,7 @@ CREATE TABLE IF NOT EXISTS reactor.payment_operations (
     outcome             text CHECK (outcome IN ('succeeded', 'canceled', 'mismatch', 'expired',
                                                 'superseded')),
     finished_at         timestamptz,
+    msg_id              bigint,
     PRIMARY KEY (payment_id, action, seq)
 );
 -- At most one open operation per payment and action: concurrent deliveries
@@ -82,6 +90,51 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION reactor.queue_payment_verify_once(uuid) FROM PUBLIC;
 
--- Notifications name the provider's id: find the row without a full scan.
-CREATE INDEX IF NOT EXISTS payments_provider_payment_id_idx
-    ON public.payments (provider_payment_id) WHERE provider_payment_id IS NOT NULL;
+-- Partial refunds: how much of the payment has been refunded. The payment
+-- stays `completed` until all of it is, then becomes `refunded`.
+ALTER TABLE public.payments
+    ADD COLUMN IF NOT EXISTS refunded_amount numeric(12, 2) NOT NULL DEFAULT 0;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                    WHERE conrelid = 'public.payments'::regclass
+                      AND conname = 'payments_refunded_amount_check') THEN
+        ALTER TABLE public.payments ADD CONSTRAINT payments_refunded_amount_check
+            CHECK (refunded_amount >= 0 AND refunded_amount <= amount);
+    END IF;
+END
+$$;
+
+-- One provider payment pays for one row: without this, a succeeded YooKassa
+-- payment named by several rows would complete all of them. The index also
+-- finds the row a notification names without a full scan. Rows that already
+-- share a provider id cannot be sorted out by a migration (which row was
+-- paid is a fact only the payments' history knows), so they are named and
+-- the migration stops; the lock keeps new duplicates out between the check
+-- and the index.
+LOCK TABLE public.payments IN SHARE MODE;
+DO $$
+DECLARE
+    shared text;
+BEGIN
+    SELECT string_agg(format('%s payment %s is named by rows %s', d.provider,
+                             d.provider_payment_id, d.ids), '; ')
+      INTO shared
+      FROM (SELECT p.provider, p.provider_payment_id,
+                   string_agg(p.id::text, ', ' ORDER BY p.created_at, p.id) AS ids
+              FROM public.payments AS p
+             WHERE p.provider_payment_id IS NOT NULL
+             GROUP BY p.provider, p.provider_payment_id
+            HAVING count(*) > 1
+             ORDER BY p.provider, p.provider_payment_id
+             LIMIT 20) AS d;
+    IF shared IS NOT NULL THEN
+        RAISE EXCEPTION 'one provider payment must pay for one row, but %. Fix: on every '
+            'row but the one each payment paid for, set provider_payment_id to NULL (or to '
+            'its own payment''s id), then run reactor migrate again', shared;
+    END IF;
+END
+$$;
+DROP INDEX IF EXISTS public.payments_provider_payment_id_idx;
+CREATE UNIQUE INDEX IF NOT EXISTS payments_provider_payment_id_key
+    ON public.payments (provider, provider_payment_id) WHERE provider_payment_id IS NOT NULL;

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import psycopg
+import structlog
 import trio
 
 from reactor import queues
@@ -78,8 +79,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         reactor = Reactor(settings)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
+    async def run_and_report_ports() -> None:
+        # FEED_PORT/METRICS_PORT may be 0 (any free port): say which ones were bound.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            structlog.get_logger("reactor").info(
+                "reactor.listening", feed_port=reactor.feed_port, http_port=reactor.http_port)
+
     try:
-        trio.run(reactor.run)
+        trio.run(run_and_report_ports)
     except* (SchemaNotReady, DatabaseRefused) as group:
         raise CliError(str(group.exceptions[0]), 2) from None
     return 0

@@ -12,9 +12,12 @@ one client may run on different server connections:
   side (a deadline per call; past it the query is cancelled on the server and
   the call fails), never with `SET statement_timeout`, which a pooler would
   lose or, worse, leak to other clients of the same server connection;
-- server-side prepared statements are switched off as soon as a pooler is
-  suspected (`Database.disable_prepared_statements`, called by the listener
-  when its probe does not come back) or a prepared-statement error is seen.
+- no server-side prepared statements (`prepare_threshold=None`): a pooler runs
+  consecutive statements of one client on different server connections, where
+  psycopg's automatic ones collide ("prepared statement "_pg3_3" does not
+  exist"). Detecting the pooler first would leave a window before the probe
+  answers; what they save is a parse and plan per statement, small beside a
+  round trip (the hot path is one statement per batch of messages).
 """
 
 from __future__ import annotations
@@ -46,9 +49,8 @@ KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10,
                              "keepalives_interval": 5, "keepalives_count": 3}
 # No single statement of the reactor's may run longer than this (client-side deadline).
 STATEMENT_TIMEOUT_S = 30.0
-# psycopg's default: a statement run this many times on a connection gets prepared.
-PREPARE_THRESHOLD = 5
-# Errors that mean "a pooler shuffled our prepared statements between server connections".
+# Errors that mean "a pooler shuffled prepared statements between server connections"
+# (ours are off; another client's, or a pooler's own, can still show up).
 _PREPARED_STATEMENT_ERRORS = (pgerrors.InvalidSqlStatementName, pgerrors.DuplicatePreparedStatement)
 
 
@@ -112,8 +114,9 @@ def scrub(text: str, url: str | None) -> str:
 
 
 def connect_sync(url: str, application_name: str = "reactor") -> psycopg.Connection:
-    """Open an autocommit connection with keepalives (no session settings: see above)."""
-    return psycopg.connect(url, autocommit=True, connect_timeout=5,
+    """Open an autocommit connection with keepalives; no session settings and no
+    prepared statements, so it works through a transaction pooler (see above)."""
+    return psycopg.connect(url, autocommit=True, connect_timeout=5, prepare_threshold=None,
                            application_name=application_name, **KEEPALIVE)
 
 
@@ -147,17 +150,6 @@ class Database:
         self._idle: list[psycopg.Connection] = []
         self._limiter = trio.CapacityLimiter(size)
         self._closed = False
-        self._prepare_threshold: int | None = PREPARE_THRESHOLD
-
-    @property
-    def prepared_statements(self) -> bool:
-        return self._prepare_threshold is not None
-
-    def disable_prepared_statements(self, why: str) -> None:
-        """A pooler may run our statements on other server connections: prepare nothing."""
-        if self._prepare_threshold is not None:
-            self._prepare_threshold = None
-            log.info("server-side prepared statements off", why=why)
 
     async def run(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run `fn(conn)` in a worker thread on a pooled connection, within the deadline.
@@ -182,8 +174,6 @@ class Database:
                 reason = reason_of(exc)
                 if reason is None:
                     raise
-                if isinstance(exc, _PREPARED_STATEMENT_ERRORS):
-                    self.disable_prepared_statements(f"{type(exc).__name__}: a pooler?")
                 raise DatabaseUnavailable(describe_db_error(exc, self.url), reason) from exc
             finally:
                 self._give_back(lease, timed_out=deadline.cancelled_caught)
@@ -216,7 +206,6 @@ class Database:
             if conn is None or conn.closed:
                 lease.conn = None
                 conn = lease.conn = connect_sync(self.url)
-            conn.prepare_threshold = self._prepare_threshold
             try:
                 return fn(conn)
             except BaseException:
@@ -269,7 +258,6 @@ class ListenConnection:
         def _open() -> psycopg.Connection:
             conn = connect_sync(url, "reactor listener")
             try:
-                conn.prepare_threshold = None  # it only ever runs LISTEN
                 conn.execute(channel_sql)
             except BaseException:
                 conn.close()

@@ -150,12 +150,14 @@ NEXT_VISIBLE_IN = _sql.SQL(
 # Dead-letter one message: its body is copied into `<queue>_dlq` by the server (it never
 # travels through Python: it may be undecodable), the reason recorded, the original
 # archived; one statement, so atomic. An undecodable body is kept as the first 2,000
-# characters of its text under "original_text" ("original" is then null).
+# characters of its text under "original_text" ("original" is then null). `stamp` is
+# merged into the original: what the processor needs a replay to keep (the email
+# ledger key of a mail queued without one, so a replay is the same mail).
 DEAD_LETTER = _sql.SQL("""
 WITH letter AS (
     SELECT pgmq.send(%(dlq)s,
                jsonb_build_object(
-                   'original', CASE WHEN %(decodable)s THEN q.message END,
+                   'original', CASE WHEN %(decodable)s THEN q.message || %(stamp)s END,
                    'error', %(error)s::text, 'attempts', %(attempts)s::int,
                    'failed_at', now(), 'source_msg_id', q.msg_id, 'queue', %(queue)s::text)
                || CASE WHEN %(decodable)s THEN '{{}}'::jsonb
@@ -278,16 +280,28 @@ RETURNING (xmax = 0) AS inserted
 """
 
 # -- payments ---------------------------------------------------------------------------
+# `sharing`: other rows (a few) naming the same provider payment, whatever their
+# provider: one provider payment never pays for two rows (see migration 037).
 LOAD_PAYMENT: LiteralString = """
-SELECT status, amount, currency, provider, provider_payment_id, created_at
-  FROM public.payments WHERE id = %(payment_id)s
+SELECT p.status, p.amount, p.currency, p.provider, p.provider_payment_id, p.created_at,
+       p.refunded_amount,
+       ARRAY(SELECT o.id::text FROM public.payments AS o
+              WHERE o.provider_payment_id = p.provider_payment_id AND o.id <> p.id
+              ORDER BY o.id LIMIT 5) AS sharing
+  FROM public.payments AS p WHERE p.id = %(payment_id)s
 """
-# A final status never moves backwards: pending → completed|failed, completed → refunded.
+# A final status never moves backwards: pending → completed|failed (refunds: RECORD_REFUND).
+# The row must still be the one the provider was asked about: same amount, currency,
+# provider and provider id, and no other row naming that provider payment; otherwise
+# nothing is updated (and the processor checks again).
 SET_PAYMENT_STATUS: LiteralString = """
-UPDATE public.payments SET status = %(status)s, status_reason = %(reason)s
- WHERE id = %(payment_id)s
-   AND (status = 'pending' OR (status = 'completed' AND %(status)s = 'refunded'))
-RETURNING status
+UPDATE public.payments AS p SET status = %(status)s, status_reason = %(reason)s
+ WHERE p.id = %(payment_id)s AND p.status = 'pending'
+   AND p.amount = %(amount)s AND p.currency = %(currency)s
+   AND p.provider = %(provider)s AND p.provider_payment_id = %(provider_payment_id)s
+   AND NOT EXISTS (SELECT 1 FROM public.payments AS o
+                    WHERE o.provider_payment_id = p.provider_payment_id AND o.id <> p.id)
+RETURNING p.status
 """
 PAYMENT_BY_PROVIDER_ID: LiteralString = """
 SELECT id FROM public.payments WHERE provider_payment_id = %(provider_payment_id)s
@@ -308,6 +322,33 @@ ON CONFLICT (payment_id, action) WHERE finished_at IS NULL
 DO UPDATE SET seq = o.seq
 RETURNING o.seq, o.amount, o.provider_object_id,
           extract(epoch FROM now() - o.requested_at)::float8 AS age_s
+"""
+# The message now carrying an operation (see FINISHED_BY_MESSAGE).
+CARRY_PAYMENT_OPERATION: LiteralString = """
+UPDATE reactor.payment_operations SET msg_id = %(msg_id)s
+ WHERE payment_id = %(payment_id)s AND action = %(action)s AND seq = %(seq)s
+"""
+# An operation this very message already finished: a redelivery (the reactor stopped
+# between recording the outcome and archiving the message) must not start another.
+FINISHED_BY_MESSAGE: LiteralString = """
+SELECT seq, outcome FROM reactor.payment_operations
+ WHERE payment_id = %(payment_id)s AND action = %(action)s AND msg_id = %(msg_id)s
+   AND finished_at IS NOT NULL
+ ORDER BY seq DESC LIMIT 1
+"""
+# A refund the provider made: add it to the row, which becomes `refunded` once all of
+# it is. Like SET_PAYMENT_STATUS, only while the row is the one the refund was made
+# for, and never beyond the amount paid (NULL: nothing updated).
+RECORD_REFUND: LiteralString = """
+UPDATE public.payments AS p
+   SET refunded_amount = p.refunded_amount + %(refund)s,
+       status = CASE WHEN p.refunded_amount + %(refund)s >= p.amount THEN 'refunded'
+                     ELSE p.status END
+ WHERE p.id = %(payment_id)s AND p.status = 'completed'
+   AND p.refunded_amount + %(refund)s <= p.amount
+   AND p.amount = %(amount)s AND p.currency = %(currency)s
+   AND p.provider = %(provider)s AND p.provider_payment_id = %(provider_payment_id)s
+RETURNING p.status
 """
 RECORD_PAYMENT_CHECK: LiteralString = """
 UPDATE reactor.payment_operations

@@ -185,6 +185,7 @@ class Outcome:
     message: Message
     delay_s: int
     error: str | None  # None: released at shutdown, not a failure
+    duration_ms: float = 0.0  # how long the failed delivery ran (for its event)
 
 
 def record_outcomes(conn: psycopg.Connection, queue: str, outcomes: list[Outcome]) -> None:
@@ -203,7 +204,8 @@ def record_outcomes(conn: psycopg.Connection, queue: str, outcomes: list[Outcome
     })
 
 
-def dead_letter(conn: psycopg.Connection, msg: Message, error: str) -> int | None:
+def dead_letter(conn: psycopg.Connection, msg: Message, error: str,
+                stamp: dict[str, Any] | None = None) -> int | None:
     """Send to `<queue>_dlq` with the reason and archive the original, atomically.
 
     The body is copied by the server, so an undecodable one is kept too (as text).
@@ -213,6 +215,7 @@ def dead_letter(conn: psycopg.Connection, msg: Message, error: str) -> int | Non
     row = conn.execute(queries.DEAD_LETTER.format(table=_table(msg.queue)), {
         "dlq": dlq_name(msg.queue), "queue": msg.queue, "msg_id": msg.msg_id,
         "error": error, "attempts": msg.attempt, "decodable": msg.decode_error is None,
+        "stamp": Jsonb(stamp or {}),
     }).fetchone()
     return None if row is None else int(row[0])
 

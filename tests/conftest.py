@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,8 @@ import pytest
 
 from reactor.logs import configure_logging
 from reactor.migrate import migrate
-from reactor.pgcluster import PgCluster, free_port
+from reactor.pgcluster import PgCluster, PgClusterError, free_port
+from tests.harness import read_line
 from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 
 TEMPLATE_DB = "reactor_template"
@@ -44,11 +46,51 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("db_flavor", ["plain", "supabase"], indirect=True)
 
 
+TIERS = ("unit", "db", "process", "browser", "container")
+# Fixtures that start Postgres: a test that uses one (directly or through another
+# fixture) is in the `db` tier unless it is marked process/browser/container.
+DB_FIXTURES = frozenset({"pg_cluster", "template_db", "supabase_cluster", "database_url",
+                         "empty_database_url", "private_cluster", "db"})
+# Tests in files of other owners that start child processes (tests/test_faults.py).
+PROCESS_TESTS = frozenset({
+    "test_behind_pgbouncer_in_transaction_mode_it_drains_on_the_poll",
+    "test_sigterm_during_the_largest_report_exits_within_the_grace"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each test exactly one tier marker, so `-m unit`, `-m db`, ... select tiers."""
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if getattr(item, "originalname", item.name) in PROCESS_TESTS:
+            item.add_marker(pytest.mark.process)
+        elif fixtures & DB_FIXTURES or item.path.stem in SUPABASE_TIER:
+            item.add_marker(pytest.mark.db)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
+def start_on_a_free_port(cluster: PgCluster, tries: int = 5) -> PgCluster:
+    """Start a test cluster. Postgres cannot be handed a bound socket, so its port is
+    chosen first and bound by postgres later: if another process took it meanwhile,
+    choose again (the start failure says "Address already in use")."""
+    for attempt in range(tries):
+        try:
+            cluster.start()
+            return cluster
+        except PgClusterError as exc:
+            if "Address already in use" not in str(exc) or attempt == tries - 1:
+                raise
+            cluster.port = free_port()
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-pg-")), free_port())
     cluster.init()
-    cluster.start()
+    start_on_a_free_port(cluster)
     try:
         yield cluster
     finally:
@@ -113,7 +155,7 @@ def private_cluster() -> Iterator[PgCluster]:
     """A cluster of this test's own: it gets restarted."""
     cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-restart-")), free_port())
     cluster.init()
-    cluster.start()
+    start_on_a_free_port(cluster)
     migrate(cluster.url())
     try:
         yield cluster
@@ -167,15 +209,17 @@ class SmtpServer:
     port: int
     maildir: Path
     argv: list[str]
-    proc: subprocess.Popen[str] | None = None
+    sock: socket.socket  # bound to port 0 here, listened on by the server process
+    proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> SmtpServer:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.smtp_server", *self.argv],
-                                     stdout=subprocess.PIPE, text=True,
-                                     cwd=Path(__file__).parent.parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.smtp_server", "--fd", str(self.sock.fileno()),
+             *self.argv], stdout=subprocess.PIPE, pass_fds=[self.sock.fileno()],
+            cwd=Path(__file__).parent.parent)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.strip() == "READY", f"SMTP server did not start: {line!r}"
+        line = read_line(self.proc.stdout, within_s=30)
+        assert line.strip() == f"READY {self.port}", f"SMTP server did not start: {line!r}"
         return self
 
     def stop(self) -> None:
@@ -186,6 +230,7 @@ class SmtpServer:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
         self.proc = None
+        self.sock.close()
 
     def mails(self) -> list[email.message.EmailMessage]:
         return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
@@ -202,16 +247,21 @@ class SmtpServer:
 
 @pytest.fixture
 def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
-    """A factory: smtp_server(tls="starttls", user="u", password="p", reject=[...])."""
+    """A factory: smtp_server(tls="starttls", user="u", password="p", reject=[...],
+    defer=[...] (451 always), defer_once=[...] (451 the first time: greylisting))."""
     servers: list[SmtpServer] = []
 
     def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
-             reject: Sequence[str] = (), defer: Sequence[str] = (), port: int | None = None,
-             start: bool = True, delay_ms: int = 0,
+             reject: Sequence[str] = (), defer: Sequence[str] = (),
+             defer_once: Sequence[str] = (), start: bool = True, delay_ms: int = 0,
              idle_timeout_s: float | None = None) -> SmtpServer:
-        port = port or free_port()
+        # Bound now (port 0: the kernel's choice), listened on once started: until then
+        # a client is refused, and no other process can take the port meanwhile.
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
         maildir = tmp_path / f"mail-{port}"
-        argv = ["--port", str(port), "--maildir", str(maildir), "--tls", tls,
+        argv = ["--maildir", str(maildir), "--tls", tls,
                 "--cert", str(tls_files.cert), "--key", str(tls_files.key)]
         if user:
             argv += ["--user", user, "--password", password or ""]
@@ -219,11 +269,13 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
             argv += ["--reject", *reject]
         if defer:
             argv += ["--defer", *defer]
+        if defer_once:
+            argv += ["--defer-once", *defer_once]
         if delay_ms:
             argv += ["--delay-ms", str(delay_ms)]
         if idle_timeout_s is not None:
             argv += ["--idle-timeout-s", str(idle_timeout_s)]
-        server = SmtpServer(port, maildir, argv)
+        server = SmtpServer(port, maildir, argv, sock)
         servers.append(server)
         return server.start() if start else server
 

@@ -20,14 +20,17 @@ def profile(conn: psycopg.Connection, *, email: str = "parent@example.com",
     return UUID(str(row[0]))
 
 
-def appointment(conn: psycopg.Connection, user_id: UUID, *, starts_in: timedelta,
+def appointment(conn: psycopg.Connection, user_id: UUID, *,
+                starts_in: timedelta | None = None, at: datetime | None = None,
                 status: str = "scheduled", duration_minutes: int = 50,
                 specialist_name: str = "Dr. Ivanova") -> UUID:
+    """A consultation `starts_in` from now, or `at` a fixed time (exactly one of them)."""
+    assert (starts_in is None) != (at is None), "give starts_in or at"
     row = conn.execute(
         """INSERT INTO public.appointments (user_id, specialist_name, scheduled_at,
                                             duration_minutes, status)
-           VALUES (%s, %s, now() + %s, %s, %s) RETURNING id""",
-        (user_id, specialist_name, starts_in, duration_minutes, status)).fetchone()
+           VALUES (%s, %s, coalesce(%s, now() + %s), %s, %s) RETURNING id""",
+        (user_id, specialist_name, at, starts_in, duration_minutes, status)).fetchone()
     assert row is not None
     return UUID(str(row[0]))
 

@@ -1,15 +1,27 @@
-"""Running a reactor inside a test, and the scripted processor the tests drive."""
+"""Running a reactor inside a test, and the scripted processor the tests drive.
+
+The one way to start `reactor run` in a test: in-process `running_reactor` (async
+tests), or the `reactor_process` subprocess (signals, exit codes, log lines). The one
+way to wait: `eventually` (async) / `wait_until` (sync tests) poll a condition with a
+generous budget; `wait_for` waits on events; `read_line` is a pipe read with a timeout.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import select
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar, TypeVar
 
 import httpx
 import psycopg
@@ -20,6 +32,8 @@ from reactor.config import load_settings
 from reactor.core.app import Reactor
 from reactor.core.events import Event, Subscription
 from reactor.processors.base import Job, MessageModel, PermanentError, Processor
+
+T = TypeVar("T")
 
 
 class ScriptedMessage(MessageModel):
@@ -100,6 +114,15 @@ async def sql(url: str, query: Any, params: Any = None) -> list[tuple[Any, ...]]
     return await trio.to_thread.run_sync(run)
 
 
+async def in_db(url: str, fn: Callable[[psycopg.Connection], T]) -> T:
+    """`fn(conn)` on an autocommit connection, in a worker thread (e.g. tests/factories
+    from an async test, so the reactor keeps running)."""
+    def run() -> T:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return fn(conn)
+    return await trio.to_thread.run_sync(run)
+
+
 async def send(url: str, queue: str, body: Any, *, notify: bool = True) -> int:
     """Enqueue like the app does (public.enqueue), or with pgmq.send alone (no NOTIFY)."""
     query = ("SELECT public.enqueue(%s, %s)" if notify else "SELECT pgmq.send(%s, %s)")
@@ -126,23 +149,114 @@ def of_type(type_: str, msg_id: int | None = None) -> Callable[[Event], bool]:
 
 async def eventually(condition: Callable[[], Any], within_s: float = 10,
                      every_s: float = 0.02) -> Any:
-    """Poll `condition` (state of another process or of the reactor) until it is truthy."""
+    """Poll `condition` (state of another process or of the reactor; a coroutine function
+    is awaited) until it is truthy."""
+    async def check() -> Any:
+        result = condition()
+        return await result if inspect.isawaitable(result) else result
+
     with trio.fail_after(within_s):
-        while not (result := condition()):  # noqa: ASYNC110 - polling outside state
+        while not (result := await check()):  # noqa: ASYNC110 - polling outside state
             await trio.sleep(every_s)
     return result
+
+
+@contextmanager
+def listener_held_down(reactor: Reactor) -> Iterator[None]:
+    """Hold the listener down: while inside, its reconnects go to an address that refuses
+    them (a bound socket nobody listens on); on exit it reconnects to the database.
+    Kill its current connection (pg_terminate_backend) to bring it down."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url, port = reactor.listener.url, closed.getsockname()[1]
+        reactor.listener.url = psycopg.conninfo.make_conninfo(url, host="127.0.0.1", port=port)
+        try:
+            yield
+        finally:
+            reactor.listener.url = url
+
+
+def wait_until(condition: Callable[[], Any], within_s: float = 30, what: str = "",
+               every_s: float = 0.05) -> Any:
+    """Poll `condition` until it is truthy (sync tests); fail naming `what` after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what or condition}")
+        time.sleep(every_s)
+    return result
+
+
+def read_line(stream: IO[Any], within_s: float = 30) -> str:
+    """One line from a child's pipe, or AssertionError after `within_s` (never blocks
+    for ever). Reads byte by byte from the descriptor, so nothing past the line is taken
+    into a buffer that the next call would not see."""
+    fd = stream.fileno()
+    line = b""
+    deadline = time.monotonic() + within_s
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no complete line within {within_s}s (got {line!r})")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 1)
+            if not chunk:
+                raise AssertionError(f"the stream closed before a line ended (got {line!r})")
+            line += chunk
+    return line.decode()
+
+
+def log_lines(log: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a `reactor_process` log."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+@contextmanager
+def reactor_process(url: str, log: Path, *args: str, **env: str
+                    ) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m reactor run` (or `reactor ARGS`), JSON logs to `log`, its ports chosen by
+    the kernel (FEED_PORT=0, METRICS_PORT=0: see `ports`); killed if the test forgets it."""
+    environ = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "LOG_FORMAT": "json",
+               "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
+               "EMAIL_OUTBOX_DIR": str(log.parent / "outbox"), "FEED_PORT": "0",
+               "METRICS_PORT": "0", "RETRY_BASE_S": "1", **env}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "reactor", *(args or ("run",))],
+                                env=environ, stdout=out, stderr=out, cwd=log.parent)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@dataclass(frozen=True)
+class Ports:
+    feed: int
+    http: int
+
+
+def ports(proc: subprocess.Popen[bytes], log: Path, within_s: float = 30) -> Ports:
+    """The ports a `reactor_process` bound (its `reactor.listening` line): it is then
+    started, and its drainers are running."""
+    def listening() -> dict[str, Any] | None:
+        assert proc.poll() is None, f"reactor run exited early:\n{log.read_text()}"
+        return next((e for e in log_lines(log) if e.get("event") == "reactor.listening"), None)
+    line = wait_until(listening, within_s, "reactor.listening in the log")
+    return Ports(int(line["feed_port"]), int(line["http_port"]))
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path,
                  within_s: float = 30) -> None:
     """Block until a `reactor run` process answers /healthz with 200 (sync tests)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    def healthy() -> bool:
         assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_until(healthy, within_s, f"/healthz on port {port}")

@@ -4,16 +4,21 @@ It runs in its own process because trio-asyncio (used by the reactor's
 mailer) changes asyncio for the whole process, and aiosmtpd's threaded
 Controller then fails with "Cannot switch to a different thread".
 
-    python -m tests.smtp_server --port P --maildir DIR [--tls starttls|ssl --cert C --key K]
-        [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...] [--delay-ms MS]
+    python -m tests.smtp_server (--port P | --fd N) --maildir DIR
+        [--tls starttls|ssl --cert C --key K]
+        [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...]
+        [--defer-once ADDR ...] [--delay-ms MS]
         [--idle-timeout-s S]
 
 Each accepted mail is written to DIR/NNNN.eml (atomically), its envelope, TLS,
 AUTH and EHLO name to DIR/NNNN.meta. DIR/sessions.log gets one line per
 session event: `ehlo NAME`, `quit` (the client said goodbye) and `closed`
 (the connection ended, by either side; `--idle-timeout-s` makes the server
-drop an idle client like a real relay). Prints READY when it listens; stops
-on SIGTERM.
+drop an idle client like a real relay). Prints `READY <port>` when it listens;
+stops on SIGTERM. `--fd` is a socket the parent bound to port 0 and passed on: the port
+is the parent's from the start, so no other process can take it between the choice
+and the listen (and before the listen, a connection to it is refused, as to a relay
+that is down). `--port 0` lets the kernel choose.
 """
 
 from __future__ import annotations
@@ -23,20 +28,21 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import UnthreadedController
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Handler:
     def __init__(self, maildir: Path, reject: set[str], defer: set[str],
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, defer_once: set[str] | None = None) -> None:
         self.maildir = maildir
         self.reject = reject
         self.defer = defer
+        self.defer_once = set(defer_once or ())  # greylisting: 451 the first time only
         self.delay_s = delay_s  # a slow relay: each DATA is answered this much later
         self.counter = itertools.count(1)
 
@@ -58,7 +64,8 @@ class Handler:
                           rcpt_options: Any) -> str:
         if address in self.reject:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
-        if address in self.defer:
+        if address in self.defer or address in self.defer_once:
+            self.defer_once.discard(address)
             return f"451 4.7.1 <{address}>: Greylisted, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -80,7 +87,9 @@ class Handler:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int)
+    where.add_argument("--fd", type=int)
     parser.add_argument("--maildir", type=Path, required=True)
     parser.add_argument("--tls", choices=["none", "starttls", "ssl"], default="none")
     parser.add_argument("--cert")
@@ -89,6 +98,7 @@ def main() -> None:
     parser.add_argument("--password")
     parser.add_argument("--reject", nargs="*", default=[])
     parser.add_argument("--defer", nargs="*", default=[])
+    parser.add_argument("--defer-once", nargs="*", default=[])
     parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--idle-timeout-s", type=float, default=300.0)
     args = parser.parse_args()
@@ -113,29 +123,29 @@ def main() -> None:
         kwargs |= {"tls_context": context, "require_starttls": True}
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    handler = Handler(args.maildir, set(args.reject), set(args.defer), args.delay_ms / 1000)
+    handler = Handler(args.maildir, set(args.reject), set(args.defer), args.delay_ms / 1000,
+                      set(args.defer_once))
 
     class RecordingSMTP(SMTP):
         def connection_lost(self, error: Exception | None) -> None:
             handler.session_event("closed")
             super().connection_lost(error)
 
-    class RecordingController(UnthreadedController):
-        def factory(self) -> SMTP:
-            return RecordingSMTP(self.handler, **self.SMTP_kwargs)
-
     kwargs["timeout"] = args.idle_timeout_s
-    controller = RecordingController(
-        handler, hostname="127.0.0.1",
-        port=args.port, loop=loop, ssl_context=context if args.tls == "ssl" else None,
-        **kwargs)
-    controller.begin()  # type: ignore[no-untyped-call]
+    if args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+    else:
+        sock = socket.create_server(("127.0.0.1", args.port))
+    sock.listen()
+    server = loop.run_until_complete(loop.create_server(
+        lambda: RecordingSMTP(handler, **kwargs), sock=sock,
+        ssl=context if args.tls == "ssl" else None))
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    print("READY", flush=True)
+    print(f"READY {sock.getsockname()[1]}", flush=True)
     try:
         loop.run_forever()
     finally:
-        controller.end()  # type: ignore[no-untyped-call]
+        server.close()
 
 
 if __name__ == "__main__":

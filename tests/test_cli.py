@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 import trio
 
 from tests import factories as f
 from tests.harness import of_type, running_reactor, send, wait_for
+
+# Every test here runs the `reactor` command line as a child process.
+pytestmark = pytest.mark.process
 
 
 def cli(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -27,7 +31,59 @@ def test_enqueue_puts_a_message_and_wakes(database_url: str, db: psycopg.Connect
     result = cli(database_url, "enqueue", "analytics_queue", '{"event": "cli"}', cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f.queued(db, "analytics_queue") == [{"event": "cli"}]
-    assert [n.payload for n in db.notifies(timeout=1, stop_after=1)] == ["analytics_queue"]
+    assert [n.payload for n in db.notifies(timeout=30, stop_after=1)] == ["analytics_queue"]
+
+
+def test_enqueue_delay_keeps_the_message_invisible_for_that_long(
+        database_url: str, db: psycopg.Connection, tmp_path: Path) -> None:
+    result = cli(database_url, "enqueue", "analytics_queue", '{"event": "later"}',
+                 "--delay", "600", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    msg_id = int(result.stdout.strip())
+    row = db.execute("SELECT message, extract(epoch FROM vt - enqueued_at) "
+                     "FROM pgmq.q_analytics_queue WHERE msg_id = %s", (msg_id,)).fetchone()
+    assert row is not None
+    assert row[0] == {"event": "later"}
+    assert 599 <= row[1] <= 601
+    assert db.execute("SELECT count(*) FROM pgmq.read('analytics_queue', 30, 10)"
+                      ).fetchone() == (0,)
+
+
+def dead_letters(conn: psycopg.Connection, count: int) -> list[int]:
+    """`count` dead letters in analytics_queue_dlq, as the drainer writes them."""
+    rows = conn.execute(
+        "SELECT pgmq.send('analytics_queue_dlq', jsonb_build_object("
+        "'original', jsonb_build_object('event', 'replayed', 'n', i), 'error', 'bad', "
+        "'attempts', 1, 'failed_at', now(), 'source_msg_id', 1000 + i)) "
+        "FROM generate_series(1, %s) AS i", (count,)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def test_dlq_replay_id_replays_that_letter_only(database_url: str, db: psycopg.Connection,
+                                                tmp_path: Path) -> None:
+    _, second, _ = dead_letters(db, 3)
+    result = cli(database_url, "dlq", "replay", "analytics_queue", "--id", str(second),
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"replayed dlq #{second} (msg #1002) onto analytics_queue as msg #" in result.stdout
+    assert "replayed 1 message(s)" in result.stdout
+    assert f.queued(db, "analytics_queue") == [{"event": "replayed", "n": 2}]
+    assert [m["source_msg_id"] for m in f.queued(db, "analytics_queue_dlq")] == [1001, 1003]
+    again = cli(database_url, "dlq", "replay", "analytics_queue", "--id", str(second),
+                cwd=tmp_path)
+    assert again.returncode == 1
+    assert f"no replayable dead letter with dlq id {second}" in again.stderr
+
+
+def test_dlq_replay_takes_every_letter_not_the_first_thousand(
+        database_url: str, db: psycopg.Connection, tmp_path: Path) -> None:
+    total = 1_200
+    dead_letters(db, total)
+    result = cli(database_url, "dlq", "replay", "analytics_queue", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"replayed {total} message(s) onto analytics_queue" in result.stdout
+    assert len(f.queued(db, "analytics_queue")) == total
+    assert f.queued(db, "analytics_queue_dlq") == []
 
 
 def test_enqueue_refuses_bad_input_in_one_line(database_url: str, tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ NETWORK = "slirp4netns:allow_host_loopback=true"
 HOST_FROM_CONTAINER = "10.0.2.2"
 IMAGE = "localhost/reactor:test"
 BUILD_STAGE = "localhost/reactor-build:test"
+LABEL = "reactor-test-tier=1"  # on every container and volume the tier makes
 USER_ID = 10001
 BUILD_BUDGET_S = 1200
 START_BUDGET_S = 120
@@ -92,8 +93,18 @@ def podman_unavailable() -> str | None:
     except subprocess.TimeoutExpired:
         return "podman info did not answer within 60 s"
     if info.returncode != 0:
-        return f"podman cannot run here: {info.stderr.strip().splitlines()[-1:]}"
+        last = (info.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"podman cannot run here (podman info: {last})"
     return None
+
+
+def remove_leftovers() -> None:
+    """Containers and volumes of an earlier run that was killed before its cleanup
+    (one run at a time per cache directory)."""
+    stale = podman("ps", "--all", "--quiet", "--filter", f"label={LABEL}").stdout.split()
+    if stale:
+        podman("rm", "--force", "--volumes", "--time", "0", *stale)
+    podman("volume", "prune", "--force")  # the private store: only this tier's volumes
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +114,7 @@ def image() -> str:
     reason = podman_unavailable()
     if reason:
         pytest.skip(f"container tier skipped: {reason}")
+    remove_leftovers()
     shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's logs only
     ARTIFACTS.mkdir(parents=True)
     started = time.monotonic()
@@ -160,7 +172,7 @@ class Containers:
     def volume(self) -> tuple[str, Path]:
         """A new named volume and where it lives on the host (rootful podman)."""
         name = f"reactor-test-{uuid.uuid4().hex[:8]}"
-        podman("volume", "create", name)
+        podman("volume", "create", "--label", LABEL, name)
         self.volumes.append(name)
         mountpoint = podman("volume", "inspect", "--format", "{{.Mountpoint}}", name).stdout
         return name, Path(mountpoint.strip())
@@ -169,7 +181,7 @@ class Containers:
         """`reactor run` (the image's CMD), detached, with the file outbox on `volume`."""
         name = f"reactor-test-{uuid.uuid4().hex[:8]}"
         self.names.append(name)
-        podman("run", "--detach", "--name", name, "--network", NETWORK,
+        podman("run", "--detach", "--name", name, "--label", LABEL, "--network", NETWORK,
                "--volume", f"{volume}:/var/lib/reactor",
                "--env", f"DATABASE_URL={self.database.container_url}",
                "--env", "EMAIL_PROVIDER=file", "--env", "SMTP_FROM=care@family.example",
@@ -214,9 +226,10 @@ class Containers:
         for name in self.names:
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             (ARTIFACTS / f"{name}.log").write_text(self.logs(name))
-            podman("rm", "--force", "--time", "0", name, check=False)
+            podman("rm", "--force", "--volumes", "--time", "0", name, check=False)
         for volume in self.volumes:
             podman("volume", "rm", "--force", volume, check=False)
+        podman("volume", "prune", "--force", check=False)  # anonymous ones of `run --rm`
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +382,7 @@ def test_two_replicas_share_the_work_and_handle_each_message_once(
     assert len(list(outbox.glob("*.eml"))) == mails
     handled = [containers.metric(name, "reactor_jobs_total", queue="analytics_queue",
                                  outcome="succeeded") for name in replicas]
+    (ARTIFACTS / "replicas.txt").write_text(f"analytics jobs per replica: {handled}\n")
     assert sum(handled) == events, handled
     assert all(count > 0 for count in handled), handled  # shared, not one doing it all
     for name in replicas:

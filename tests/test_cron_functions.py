@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import psycopg
 
 from tests import factories as f
+from tests.harness import wait_until
 
 
 def status_of(db: psycopg.Connection, appointment: object) -> str:
@@ -58,7 +60,7 @@ def reminders(db: psycopg.Connection) -> list[tuple[str, str]]:
             if m["template"].startswith("appointment_reminder")]
 
 
-def test_reminders_are_queued_exactly_once(db: psycopg.Connection) -> None:
+def test_reminders_are_queued_once_and_a_later_run_adds_none(db: psycopg.Connection) -> None:
     user = f.profile(db, locale="en")
     tomorrow = f.appointment(db, user, starts_in=timedelta(hours=23))
     soon = f.appointment(db, user, starts_in=timedelta(minutes=30))
@@ -69,7 +71,7 @@ def test_reminders_are_queued_exactly_once(db: psycopg.Connection) -> None:
     assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (1, 1)
     assert sorted(reminders(db)) == sorted([
         ("appointment_reminder_24h", str(tomorrow)), ("appointment_reminder_1h", str(soon))])
-    # The next hourly run (and any overlapping one) sends nothing again.
+    # The next hourly run sends nothing again (overlapping runs: the next test).
     assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (0, 0)
     assert len(reminders(db)) == 2
     [mail] = [m for m in f.queued(db, "email_queue")
@@ -82,6 +84,31 @@ def test_reminders_are_queued_exactly_once(db: psycopg.Connection) -> None:
     assert sent is not None
     assert sent[0] is None
     assert sent[1] is not None
+
+
+def test_overlapping_reminder_runs_queue_each_reminder_exactly_once(
+        database_url: str, db: psycopg.Connection) -> None:
+    """Two runs at once (a slow hourly run still going when the next starts): the second
+    waits on the first's row locks, then finds the reminders sent and queues none."""
+    user = f.profile(db, locale="en")
+    f.appointment(db, user, starts_in=timedelta(hours=23))
+    f.appointment(db, user, starts_in=timedelta(minutes=30))
+    with psycopg.connect(database_url) as first, \
+            psycopg.connect(database_url, autocommit=True) as second:
+        assert first.execute("SELECT * FROM public.send_appointment_reminders()"
+                             ).fetchone() == (1, 1)  # not committed yet
+        pid = second.info.backend_pid
+        with ThreadPoolExecutor(1) as pool:
+            overlapping = pool.submit(lambda: second.execute(
+                "SELECT * FROM public.send_appointment_reminders()").fetchone())
+            # The second run is really inside the function, blocked on the first's rows.
+            wait_until(lambda: db.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                (pid,)).fetchone() == (True,), what="the second run to wait on a row lock")
+            assert not overlapping.done()
+            first.commit()
+            assert overlapping.result(timeout=60) == (0, 0)
+    assert len(reminders(db)) == 2
 
 
 def test_tomorrow_reminder_then_one_hour_reminder_later(db: psycopg.Connection) -> None:

@@ -7,13 +7,13 @@ The screenshot of the dashboard after a restart is kept in `test-artifacts/`
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
-import time
+import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from reactor.pgcluster import free_port
-from tests.harness import wait_healthy
+from tests.harness import ports, reactor_process, wait_healthy, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
@@ -30,36 +29,37 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium)")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium)")]
 
 
 @contextmanager
-def reactor_process(database_url: str, tmp_path: Path, name: str,
+def reactor_running(database_url: str, tmp_path: Path, name: str,
                     **env: str) -> Iterator[tuple[int, int]]:
-    """`reactor run` in a subprocess; yields (feed port, HTTP port); SIGTERM on exit."""
-    feed_port, http_port = free_port(), free_port()
-    environ = {"PATH": os.environ["PATH"], "DATABASE_URL": database_url,
-               "EMAIL_PROVIDER": "file", "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox"),
-               "FEED_PORT": str(feed_port), "METRICS_PORT": str(http_port),
-               "LOG_FORMAT": "json", "MAX_ATTEMPTS": "1", **env}
-    log_path = tmp_path / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=environ,
-                                stdout=log, stderr=log, cwd=tmp_path)
-        try:
-            wait_healthy(http_port, proc, log_path)
-            yield feed_port, http_port
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    """`reactor run` in a subprocess (tests/harness.py); yields the (feed, HTTP) ports it
+    bound; SIGTERM on exit."""
+    log = tmp_path / f"{name}.log"
+    with reactor_process(database_url, log, MAX_ATTEMPTS="1", **env) as proc:
+        bound = ports(proc, log)
+        wait_healthy(bound.http, proc, log)
+        yield bound.feed, bound.http
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
-def poll(condition: Any, within_s: float = 30) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
+@contextmanager
+def static_site(directory: Path) -> Iterator[int]:
+    """A stranger's web site: http.server on a port the kernel chose; yields the port."""
+    handler = partial(SimpleHTTPRequestHandler, directory=str(directory))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_the_dashboard_tells_what_happened_before_a_restart(
 
     mail = {"subject": "Hi", "variables": {"full_name": "Anna", "assessment_id": "a1"},
             "locale": "en", "to": "anna.petrova@gmail.com"}
-    with reactor_process(database_url, tmp_path, "first"), \
+    with reactor_running(database_url, tmp_path, "first"), \
             psycopg.connect(database_url, autocommit=True) as conn:
         def send(queue: str, body: dict[str, Any]) -> int:
             [(msg_id,)] = conn.execute("SELECT public.enqueue(%s, %s)",
@@ -103,13 +103,13 @@ def test_the_dashboard_tells_what_happened_before_a_restart(
                 " (SELECT count(*) FROM pgmq.q_analytics_queue_dlq)"
                 " + (SELECT count(*) FROM pgmq.q_email_queue_dlq)").fetchone()
             return row == (0, 2)
-        poll(settled)
+        wait_until(settled, what="every message to succeed or be dead-lettered")
 
     # A new reactor, a page opened afterwards: everything comes from the database.
-    with reactor_process(database_url, tmp_path, "second") as (_, http_port):
+    with reactor_running(database_url, tmp_path, "second") as (_, http_port):
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"http://127.0.0.1:{http_port}/")
-        expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        expect(page.locator("#conn")).to_have_text("live", timeout=60_000)
         expect(page.get_by_test_id("done-analytics_queue")).to_have_text("3 done")
         expect(page.get_by_test_id("dead-analytics_queue")).to_have_text("1 dead-lettered")
         expect(page.get_by_test_id("done-email_queue")).to_have_text("1 done")
@@ -129,7 +129,12 @@ def test_the_dashboard_tells_what_happened_before_a_restart(
         assert "anna.petrova" not in page.content()
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    # The whole page, as wide as the window (a broken or empty capture is not).
+    head = (ARTIFACTS / "dashboard.png").read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width == 1400
+    assert height >= 1000
 
 
 EVIL_PAGE = """<!doctype html><html><body><script>
@@ -150,8 +155,7 @@ def test_a_foreign_page_cannot_read_the_feed_and_the_dashboard_signs_in(
     token = "dashboard-token-1234567890"
     site = tmp_path / "evil"
     site.mkdir()
-    evil_port = free_port()
-    with reactor_process(database_url, tmp_path, "token", FEED_TOKEN=token) as (
+    with reactor_running(database_url, tmp_path, "token", FEED_TOKEN=token) as (
             feed_port, http_port):
         # The operator signs in once; the token never appears in a URL.
         page = chromium.new_page()
@@ -162,33 +166,17 @@ def test_a_foreign_page_cannot_read_the_feed_and_the_dashboard_signs_in(
         expect(page.locator("#signin-error")).to_contain_text("wrong token")
         page.fill("#token", token)
         page.click("#signin button")
-        expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        expect(page.locator("#conn")).to_have_text("live", timeout=60_000)
         assert token not in page.url
         # A stranger's page, opened in the same (signed-in) browser.
         (site / "index.html").write_text(EVIL_PAGE.replace("FEED", str(feed_port))
                                          .replace("HTTP", str(http_port)))
-        server = subprocess.Popen([sys.executable, "-m", "http.server", str(evil_port),
-                                   "--bind", "127.0.0.1", "--directory", str(site)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
+        with static_site(site) as evil_port:
             evil = chromium.new_page()
-            poll(lambda: _answers(evil_port))
             evil.goto(f"http://127.0.0.1:{evil_port}/index.html")
             evil.wait_for_function("window.result.closed && window.result.fetched !== null",
-                                   timeout=10_000)
+                                   timeout=60_000)
             result = evil.evaluate("window.result")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     assert result["messages"] == 0
     assert result["fetched"].startswith("blocked")
 
-
-def _answers(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False

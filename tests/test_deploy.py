@@ -104,12 +104,14 @@ def test_systemd_unit_commands_start_and_answer_healthz(database_url: str,
 
 def test_env_example_names_every_setting_with_placeholders_only() -> None:
     text = (HOME / ".env.example").read_text()
-    names = {line.split("=", 1)[0] for line in text.splitlines()
-             if line and not line.startswith("#")}
+    # Comment lines may be indented (a comment continued under the previous value).
+    lines = [line.strip() for line in text.splitlines()]
+    assignments = [line for line in lines if line and not line.startswith("#")]
+    names = {line.split("=", 1)[0] for line in assignments}
     aliases = {str(field.alias) for field in Settings.model_fields.values()}
     assert aliases <= names, sorted(aliases - names)
     values = {line.split("=", 1)[0]: line.split("=", 1)[1].split("#")[0].strip()
-              for line in text.splitlines() if line and not line.startswith("#")}
+              for line in assignments}
     for secret in ("SMTP_PASS", "YOOKASSA_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY",
                    "FEED_TOKEN"):
         assert values[secret] in ("", "CHANGE_ME"), secret
@@ -232,7 +234,8 @@ def test_requirements_lock_pins_every_dependency_with_hashes() -> None:
     for line in wanted:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
-        assert name in pins, f"{name} is not in deploy/requirements.lock: run scripts/lock-requirements"
+        assert name in pins, (
+            f"{name} is not in deploy/requirements.lock: run scripts/lock-requirements")
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{name}=={pins[name]} does not satisfy {requirement}: run scripts/lock-requirements")
     assert "--require-hashes" in (DEPLOY / "Dockerfile").read_text()

@@ -10,8 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -19,12 +18,16 @@ import pytest
 
 from reactor.devstack import DevStack
 from reactor.pgcluster import PgCluster, PgClusterError, free_port
+from tests.harness import wait_until
+
+# `reactor dev` and Postgres servers run as child processes.
+pytestmark = pytest.mark.process
 
 
-def start(cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+def start(cwd: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "reactor", "dev"], cwd=cwd, stdout=out,
-                                stderr=out, env={"PATH": os.environ["PATH"]})
+        return subprocess.Popen([sys.executable, "-m", "reactor", "dev", *args], cwd=cwd,
+                                stdout=out, stderr=out, env={"PATH": os.environ["PATH"]})
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -38,14 +41,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def wait_for(condition: object, what: str, log: Path, within_s: float = 90) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"no {what}:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
+def wait_for(condition: Callable[[], object], what: str, log: Path,
+             within_s: float = 90) -> None:
+    try:
+        wait_until(condition, within_s, what, every_s=0.2)
+    except AssertionError:
+        raise AssertionError(f"no {what}:\n{log.read_text()[-3000:]}") from None
 
 
-def test_dev_stack_demo_then_restart_reuses_the_data(tmp_path: Path) -> None:
+def test_dev_stack_demo_then_restart_reuses_the_data_and_reset_starts_over(
+        tmp_path: Path) -> None:
     home = tmp_path / ".reactor"
     log = tmp_path / "dev.log"
     proc = start(tmp_path, log)
@@ -73,10 +78,28 @@ def test_dev_stack_demo_then_restart_reuses_the_data(tmp_path: Path) -> None:
     try:
         wait_for(lambda: "demo data from last run" in log2.read_text(), "second start", log2)
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM public.profiles").fetchone() == (2,)
+            old_profiles = {r[0] for r in conn.execute("SELECT id FROM public.profiles")}
+        assert len(old_profiles) == 2
     finally:
         stop(proc)
     assert len(list((home / "outbox").glob("*.eml"))) == mails  # nothing sent twice
+
+    # --reset: the old data (database, mails, reports) is gone and the demo runs afresh.
+    (home / "outbox" / "marker.eml").write_text("from the first run")
+    log3 = tmp_path / "dev3.log"
+    proc = start(tmp_path, log3, "--reset")
+    try:
+        wait_for(lambda: "dashboard  http://127.0.0.1:" in log3.read_text(), "banner", log3)
+        wait_for(lambda: len(list((home / "outbox").glob("*.eml"))) >= 7, "demo mails", log3)
+        assert "demo data from last run" not in log3.read_text()
+        assert not (home / "outbox" / "marker.eml").exists()
+        url = f"postgresql://postgres@127.0.0.1:{int((home / 'pg-port').read_text())}/postgres"
+        with psycopg.connect(url) as conn:
+            profiles = {r[0] for r in conn.execute("SELECT id FROM public.profiles")}
+    finally:
+        stop(proc)
+    assert len(profiles) == 2
+    assert not profiles & old_profiles  # new demo rows, not the old ones
     shutil.rmtree(DevStack(home).cluster_dir(), ignore_errors=True)
 
 

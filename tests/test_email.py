@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,12 +41,15 @@ from tests import factories as f
 from tests.conftest import SmtpServer, TlsFiles
 from tests.harness import (
     eventually,
+    in_db,
     of_type,
+    reactor_process,
     running_reactor,
     send,
     settings_for,
     sql,
     wait_for,
+    wait_until,
 )
 
 PASSWORD = "s3cret-for-tests-only"
@@ -67,10 +69,8 @@ def smtp_env(server: SmtpServer, security: str, tls: TlsFiles | None = None,
 
 
 async def wait_for_mails(server: SmtpServer, count: int = 1,
-                         within_s: float = 10) -> list[EmailMessage]:
-    with trio.fail_after(within_s):
-        while len(server.mails()) < count:  # noqa: ASYNC110 - files of another process
-            await trio.sleep(0.02)
+                         within_s: float = 30) -> list[EmailMessage]:
+    await eventually(lambda: len(server.mails()) >= count, within_s=within_s)
     return server.mails()
 
 
@@ -85,11 +85,9 @@ async def test_booking_mails_through_starttls_and_auth(
     env = smtp_env(server, "starttls", tls_files, "mailer", PASSWORD)
     async with running_reactor(database_url, **env) as reactor:
         with reactor.bus.subscribe() as sub:
-            await sql(database_url, "INSERT INTO public.profiles (email, full_name, locale) "
-                                    "VALUES ('anna@example.com', 'Анна Петрова', 'ru')")
-            await sql(database_url, "INSERT INTO public.appointments (user_id, specialist_name, "
-                                    "scheduled_at) SELECT id, 'Д-р Иванова', "
-                                    "'2026-12-01 09:00+00' FROM public.profiles")
+            await in_db(database_url, lambda c: f.appointment(
+                c, f.profile(c, email="anna@example.com", full_name="Анна Петрова", locale="ru"),
+                at=datetime(2026, 12, 1, 9, tzinfo=UTC), specialist_name="Д-р Иванова"))
             [mail] = await wait_for_mails(server)
             await wait_for(sub, of_type("job.succeeded"))
     assert "tls=True" in server.meta()[0]
@@ -113,8 +111,8 @@ async def test_implicit_tls_and_english_from_the_profile(
         database_url: str, smtp_server: Callable[..., SmtpServer], tls_files: TlsFiles) -> None:
     server = smtp_server(tls="ssl")
     async with running_reactor(database_url, **smtp_env(server, "ssl", tls_files)):
-        await sql(database_url, "INSERT INTO public.profiles (email, full_name, locale) "
-                                "VALUES ('john@example.com', 'John Smith', 'en')")
+        await in_db(database_url, lambda c: f.profile(c, email="john@example.com",
+                                                      full_name="John Smith", locale="en"))
         # No locale in the message: the recipient's profile decides.
         await send(database_url, "email_queue", {
             "to": "john@example.com", "template": "checkup_completed",
@@ -171,24 +169,29 @@ async def test_rejected_recipient_is_dead_lettered_with_the_reply(
     assert await sql(database_url, "SELECT status FROM public.email_ledger") == [("failed",)]
 
 
-async def test_greylisting_4xx_is_retried(database_url: str,
-                                          smtp_server: Callable[..., SmtpServer]) -> None:
-    server = smtp_server(defer=["grey@example.com"])
+async def test_greylisting_4xx_is_retried_and_the_mail_then_goes_out_once(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    server = smtp_server(defer_once=["grey@example.com"])
     async with running_reactor(database_url, **smtp_env(server, "none")) as reactor:
         with reactor.bus.subscribe() as sub:
-            await send(database_url, "email_queue", {
+            msg_id = await send(database_url, "email_queue", {
                 "to": "grey@example.com", "template": "checkup_completed", "locale": "ru",
                 "variables": {"full_name": "A", "assessment_id": "1"}})
-            [event] = await wait_for(sub, of_type("job.retrying"))
+            [event] = await wait_for(sub, of_type("job.retrying", msg_id))
+            [done] = await wait_for(sub, of_type("job.succeeded", msg_id), within_s=30)
     assert "451 4.7.1" in event["error"]
+    assert done["attempt"] == 2
+    [mail] = server.mails()
+    assert mail["To"] == "grey@example.com"
+    assert await sql(database_url, "SELECT status, message_id FROM public.email_ledger") == [
+        ("sent", mail["Message-ID"])]
 
 
 @pytest.mark.parametrize("body", [
     {"to": "a@example.com\r\nBcc: victim@example.com", "template": "checkup_completed"},
-    {"to": "not an address", "template": "checkup_completed"},
     {"to": "a@example.com", "subject": "Hi\r\nBcc: victim@example.com",
      "template": "checkup_completed"},
-    {"to": "a@example.com", "template": "../../etc/passwd"},
+    {"to": "a@example.com", "subject": "Hi\nX-Injected: yes", "template": "checkup_completed"},
 ])
 async def test_header_injection_never_reaches_the_wire(
         database_url: str, smtp_server: Callable[..., SmtpServer], body: dict[str, Any]) -> None:
@@ -200,7 +203,57 @@ async def test_header_injection_never_reaches_the_wire(
             await send(database_url, "email_queue", body, notify=True)
             [event] = await wait_for(sub, of_type("job.dead_lettered"))
     assert event["attempt"] == 1
+    field = "to" if "\n" in body["to"] else "subject"
+    assert f"{field}:" in event["error"]  # the reason names the field with the line break
+    assert "victim@example.com" not in event["error"]  # addresses in reasons are masked
     assert server.mails() == []
+    assert server.sessions() == []  # refused before any SMTP conversation
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ({"to": "not an address", "template": "checkup_completed"}, "to:"),
+    ({"to": "a@example.com", "template": "../../etc/passwd"}, "template:"),
+    ({"to": "a@example.com", "template": "checkup_completed",
+      "attachments": [{"path": "../../../etc/passwd"}]}, "is outside REPORTS_DIR"),
+    ({"to": "a@example.com", "template": "checkup_completed",
+      "attachments": [{"path": "/etc/passwd"}]}, "is outside REPORTS_DIR"),
+    ({"to": "a@example.com", "template": "checkup_completed",
+      "attachments": [{"path": "u1/missing.pdf"}]}, "'u1/missing.pdf' does not exist"),
+])
+async def test_bad_addresses_templates_and_attachments_are_dead_lettered_with_the_reason(
+        database_url: str, smtp_server: Callable[..., SmtpServer], tmp_path: Path,
+        body: dict[str, Any], reason: str) -> None:
+    server = smtp_server()
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    body = {**body, "locale": "en", "variables": {"full_name": "A", "assessment_id": "1"}}
+    async with running_reactor(database_url, REPORTS_DIR=str(reports),
+                               **smtp_env(server, "none")) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await send(database_url, "email_queue", body)
+            [event] = await wait_for(sub, of_type("job.dead_lettered"))
+    assert event["attempt"] == 1
+    assert reason in event["error"]
+    assert "root:" not in event["error"]  # nothing of the file is read into the reason
+    assert server.mails() == []
+
+
+async def test_a_certificate_the_client_does_not_trust_is_refused(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    """The relay's certificate is signed by the tests' own CA, which is not in the system
+    store and not in SMTP_CA_FILE: nothing is sent, the reason names the certificate."""
+    server = smtp_server(tls="starttls", user="mailer", password=PASSWORD)
+    env = smtp_env(server, "starttls", None, "mailer", PASSWORD)  # no SMTP_CA_FILE
+    async with running_reactor(database_url, **env) as reactor:
+        with reactor.bus.subscribe() as sub:
+            msg_id = await send(database_url, "email_queue", {
+                "to": "a@example.com", "template": "checkup_completed", "locale": "en",
+                "variables": {"full_name": "A", "assessment_id": "1"}})
+            [event] = await wait_for(sub, of_type("job.retrying", msg_id), within_s=30)
+    assert "certificate" in event["error"].lower()
+    assert PASSWORD not in event["error"]
+    assert server.mails() == []
+    assert not any("auth=True" in m for m in server.meta())
 
 
 async def test_redelivery_after_a_crash_between_send_and_archive_sends_once(
@@ -246,22 +299,30 @@ def _reactor_cli(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess
                           cwd=cwd, check=False, timeout=60)
 
 
+@pytest.mark.process
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "unkeyed"])
 @pytest.mark.parametrize(("verdict", "mails_after_replay"), [("--sent", 0), ("--resend", 1)])
 async def test_a_mail_stuck_in_sending_is_resolved_by_the_operator_then_replayed(
         database_url: str, smtp_server: Callable[..., SmtpServer], tmp_path: Path,
-        verdict: str, mails_after_replay: int) -> None:
+        verdict: str, mails_after_replay: int, keyed: bool) -> None:
     """A worker was killed mid-send: the dead letter names the command, the operator says
-    whether the mail arrived, and the replay then sends it once or not at all."""
+    whether the mail arrived, and the replay then sends it once or not at all — also for
+    a mail queued without a key (public.queue_email_task, the triggers), whose replay is
+    a new message: the dead letter keeps the key it was tried under."""
     server = smtp_server()
-    key = "report_ready:stuck-1"
+    body: dict[str, Any] = {"to": "anna@example.com", "template": "checkup_completed",
+                            "locale": "en", "variables": {"full_name": "A", "assessment_id": "1"}}
+    if keyed:
+        body["idempotency_key"] = "report_ready:stuck-1"
+    msg_id = await send(database_url, "email_queue", body, notify=False)
+    [(enqueued_at,)] = await sql(database_url, "SELECT enqueued_at FROM pgmq.q_email_queue")
+    key = body.get("idempotency_key") or unkeyed_ledger_key(
+        Message("email_queue", msg_id, 1, enqueued_at, body))
     await sql(database_url, "INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, "
-                            "recipient, template, status) VALUES (%s, 'email_queue', 1, "
-                            "'anna@example.com', 'checkup_completed', 'sending')", (key,))
-    body = {"to": "anna@example.com", "template": "checkup_completed", "locale": "en",
-            "idempotency_key": key, "variables": {"full_name": "A", "assessment_id": "1"}}
+                            "recipient, template, status) VALUES (%s, 'email_queue', %s, "
+                            "'anna@example.com', 'checkup_completed', 'sending')", (key, msg_id))
     async with running_reactor(database_url, **smtp_env(server, "none")) as reactor:
         with reactor.bus.subscribe() as sub:
-            msg_id = await send(database_url, "email_queue", body)
             [letter] = await wait_for(sub, of_type("job.dead_lettered", msg_id))
         assert f"reactor email resolve {key} --sent" in letter["error"]
         stuck = await trio.to_thread.run_sync(
@@ -284,8 +345,8 @@ async def test_a_mail_stuck_in_sending_is_resolved_by_the_operator_then_replayed
             assert replay.returncode == 0, replay.stderr
             await wait_for(sub, of_type("job.succeeded"))
     assert len(server.mails()) == mails_after_replay
-    assert await sql(database_url, "SELECT status FROM public.email_ledger "
-                                   "WHERE idempotency_key = %s", (key,)) == [("sent",)]
+    assert await sql(database_url, "SELECT idempotency_key, status FROM public.email_ledger") \
+        == [(key, "sent")]
 
 
 async def test_unkeyed_mails_are_sent_after_their_queue_is_recreated(
@@ -321,11 +382,9 @@ async def test_file_outbox_writes_whole_eml_files(database_url: str, tmp_path: P
     async with running_reactor(database_url, EMAIL_PROVIDER="file",
                                EMAIL_OUTBOX_DIR=str(outbox)) as reactor:
         with reactor.bus.subscribe() as sub:
-            user = await sql(database_url, "INSERT INTO public.profiles (email, full_name, locale)"
-                                           " VALUES ('b@example.com', 'Борис', 'ru') RETURNING id")
-            await sql(database_url, "INSERT INTO public.appointments (user_id, specialist_name, "
-                                    "scheduled_at) VALUES (%s, 'Dr. X', now() + interval '2 days')",
-                      (user[0][0],))
+            await in_db(database_url, lambda c: f.appointment(
+                c, f.profile(c, email="b@example.com", full_name="Борис", locale="ru"),
+                starts_in=timedelta(days=2), specialist_name="Dr. X"))
             await wait_for(sub, lambda e: e["type"] == "job.succeeded"
                            and e["queue"] == "email_queue")
     [path] = list(outbox.iterdir())  # no temporary file left behind
@@ -335,6 +394,7 @@ async def test_file_outbox_writes_whole_eml_files(database_url: str, tmp_path: P
     assert mail["Subject"].startswith("Консультация записана")
 
 
+@pytest.mark.process
 def test_wrong_password_is_retried_with_a_clear_log_and_no_secret(
         database_url: str, smtp_server: Callable[..., SmtpServer], tls_files: TlsFiles,
         tmp_path: Path) -> None:
@@ -345,22 +405,10 @@ def test_wrong_password_is_retried_with_a_clear_log_and_no_secret(
         user = f.profile(conn, email="maria.ivanova@example.com", locale="ru")
         f.appointment(conn, user, starts_in=timedelta(days=3))
     log = tmp_path / "reactor.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "reactor", "run"], stdout=out, stderr=out, cwd=tmp_path,
-            env={"PATH": os.environ["PATH"], "DATABASE_URL": database_url, "LOG_FORMAT": "json",
-                 "RETRY_BASE_S": "1", "WORKER_INTERVAL_MS": "60000", **env})
-    try:
-        deadline = time.monotonic() + 30
-        while log.read_text().count("job.retrying") < 2:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    with reactor_process(database_url, log, **env) as proc:
+        wait_until(lambda: log.read_text().count("job.retrying") >= 2, what="two retries")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     text = log.read_text()
     assert "SMTP authentication failed: check SMTP_USER and SMTP_PASS" in text
     assert "wrong-password-123" not in text
@@ -535,6 +583,7 @@ def test_a_helo_name_that_is_not_fully_qualified_is_refused(env: dict[str, str],
         assert "set SMTP_HELO_NAME to this host's public DNS name" in message
 
 
+@pytest.mark.process
 def test_reactor_run_refuses_a_local_helo_name_with_one_line(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "DATABASE_URL": "postgresql://x@127.0.0.1/db",
            "EMAIL_PROVIDER": "smtp", "SMTP_HOST": "mail.example.com",
@@ -727,13 +776,13 @@ def postfix_relay(smtp_server: Callable[..., SmtpServer]) -> Iterator[PostfixRel
     finally:
         subprocess.run([*command, "stop"], capture_output=True, check=False, timeout=60)
         # `postfix status` fails once the master has let go of its lock, i.e. exited.
-        deadline = time.monotonic() + 30
-        while subprocess.run([*command, "status"], capture_output=True, check=False,
-                             timeout=30).returncode == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: subprocess.run([*command, "status"], capture_output=True,
+                                          check=False, timeout=30).returncode != 0,
+                   what="the Postfix master to exit")
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.process
 def test_postfix_refuses_a_local_greeting(postfix_relay: PostfixRelay) -> None:
     """The relay of the next test really enforces what the issue saw in production."""
     import smtplib
@@ -746,6 +795,7 @@ def test_postfix_refuses_a_local_greeting(postfix_relay: PostfixRelay) -> None:
     assert b"need fully-qualified hostname" in reply
 
 
+@pytest.mark.process
 async def test_every_template_goes_through_postfix_with_reject_non_fqdn_helo(
         database_url: str, postfix_relay: PostfixRelay, tmp_path: Path) -> None:
     reports = tmp_path / "reports"

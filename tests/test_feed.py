@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,10 +26,12 @@ from reactor.watch import format_event
 from tests.harness import (
     eventually,
     of_type,
+    read_line,
     running_reactor,
     scripted_processor,
     send,
     settings_for,
+    sql,
     wait_for,
 )
 
@@ -50,7 +53,7 @@ async def test_a_client_sees_a_job_start_and_succeed_right_after_commit(
     async with (running_reactor(database_url) as reactor,
                 open_websocket_url(url(reactor, "?type=job.")) as ws):
         msg_id = await send(database_url, "analytics_queue", {"event": "live"})
-        started, succeeded = await next_events(ws, 2, within_s=1)
+        started, succeeded = await next_events(ws, 2, within_s=20)  # well under the 60 s poll
     assert (started["type"], started["msg_id"]) == ("job.started", msg_id)
     assert (succeeded["type"], succeeded["msg_id"]) == ("job.succeeded", msg_id)
     assert set(succeeded) >= {"id", "ts", "type", "queue", "msg_id", "attempt", "duration_ms",
@@ -307,6 +310,7 @@ def stalled_client(port: int) -> socket.socket:
     """A websocket client that completes the handshake and then never reads."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)  # every read here has a deadline
     sock.connect(("127.0.0.1", port))
     sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -367,6 +371,37 @@ async def test_metrics_move_and_health_tells_strangers_only_the_reason_class(
         assert "LISTEN connection is down" in detailed["detail"]
         assert "reactor_listener_connected 0.0" in (await http.get("/metrics")).text
         await trio.to_thread.run_sync(private_cluster.start)
+
+
+async def test_healthz_is_503_while_the_database_does_not_answer_and_ok_after(
+        database_url: str) -> None:
+    """The listener is connected, but the reactor's query connections hang (their server
+    processes are stopped with SIGSTOP): /healthz answers 503 in bounded time, then 200
+    once they answer again."""
+    async with running_reactor(database_url, FEED_TOKEN="t0ken-123") as reactor, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}",
+                              timeout=30) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        pids = [pid for (pid,) in await sql(
+            database_url, "SELECT pid FROM pg_stat_activity WHERE application_name = 'reactor'")]
+        assert pids
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            health = await http.get("/healthz")
+            detailed = (await http.get("/healthz", headers={
+                "Authorization": "Bearer t0ken-123"})).json()
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert reactor.listener.connected
+        assert health.status_code == 503
+        assert health.json() == {"status": "unhealthy", "reasons": ["database_unreachable"]}
+        assert "the database did not answer within" in detailed["detail"]
+
+        async def ok() -> bool:
+            return (await http.get("/healthz")).status_code == 200
+        await eventually(ok, within_s=60, every_s=0.1)
 
 
 async def test_dashboard_api_tells_history_from_the_database_masked(
@@ -474,28 +509,96 @@ async def test_dlq_list_shows_both_ids_and_replay_takes_the_message_id(
     assert after.stdout.strip() == "no dead letters in analytics_queue"
 
 
-def watch_process(port: int, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # read in threads by the tests
+def watch_process(port: int, *args: str) -> subprocess.Popen[bytes]:
+    """`reactor watch`; read its lines with `watch_line` (a read with a timeout)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "reactor", "watch", "--port", str(port), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PATH": os.environ["PATH"]})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": os.environ["PATH"]})
 
 
+async def watch_line(proc: subprocess.Popen[bytes], within_s: float = 30) -> str:
+    assert proc.stdout is not None
+    return await trio.to_thread.run_sync(read_line, proc.stdout, within_s)
+
+
+def stop_watch(proc: subprocess.Popen[bytes]) -> str:
+    """Terminate it; its stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+    _, stderr = proc.communicate(timeout=30)
+    return stderr.decode()
+
+
+@pytest.mark.process
 async def test_watch_prints_events_as_json_lines(database_url: str) -> None:
     async with running_reactor(database_url) as reactor:
         proc = watch_process(reactor.feed_port, "--json", "--type", "job.succeeded")
         try:
             await eventually(lambda: reactor.bus.subscriber_count >= 1)
             msg_id = await send(database_url, "analytics_queue", {"event": "watched"})
-            assert proc.stdout is not None
-            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            line = await watch_line(proc)
         finally:
-            proc.terminate()
-            proc.communicate(timeout=30)
+            stop_watch(proc)
     event = json.loads(line)
     assert (event["type"], event["msg_id"]) == ("job.succeeded", msg_id)
 
 
+@pytest.mark.process
+async def test_watch_queue_shows_only_that_queue(database_url: str) -> None:
+    async with running_reactor(database_url) as reactor:
+        proc = watch_process(reactor.feed_port, "--json", "--queue", "email_queue")
+        try:
+            await eventually(lambda: reactor.bus.subscriber_count >= 1)
+            reactor.bus.publish("job.succeeded", "analytics_queue", 1, 1, 1.0)
+            reactor.bus.publish("job.retrying", "payment_processing_queue", 2, 1, 1.0)
+            reactor.bus.publish("job.succeeded", "email_queue", 3, 1, 1.0)
+            first = json.loads(await watch_line(proc))
+        finally:
+            stop_watch(proc)
+    # Published in order on one bus: had the others passed the filter, they came first.
+    assert (first["queue"], first["msg_id"]) == ("email_queue", 3)
+
+
+@pytest.mark.process
+async def test_watch_replay_first_shows_the_last_events(database_url: str) -> None:
+    async with running_reactor(database_url) as reactor:
+        for n in range(1, 6):
+            reactor.bus.publish("job.succeeded", "analytics_queue", n, 1, 1.0)
+        proc = watch_process(reactor.feed_port, "--json", "--replay", "2", "--type", "job.")
+        try:
+            replayed = [json.loads(await watch_line(proc)) for _ in range(2)]
+            await eventually(lambda: reactor.bus.subscriber_count >= 1)
+            reactor.bus.publish("job.succeeded", "analytics_queue", 6, 1, 1.0)
+            live = json.loads(await watch_line(proc))
+        finally:
+            stop_watch(proc)
+    assert [e["msg_id"] for e in replayed] == [4, 5]  # the last two, oldest first
+    assert live["msg_id"] == 6
+
+
+@pytest.mark.process
+async def test_watch_token_is_sent_in_a_header_and_a_wrong_one_is_named(
+        database_url: str) -> None:
+    async with running_reactor(database_url, FEED_TOKEN="t0ken-for-watch") as reactor:
+        proc = watch_process(reactor.feed_port, "--json", "--token", "t0ken-for-watch")
+        try:
+            await eventually(lambda: reactor.bus.subscriber_count >= 1)
+            reactor.bus.publish("job.succeeded", "email_queue", 7, 1, 1.0)
+            event = json.loads(await watch_line(proc))
+        finally:
+            stop_watch(proc)
+        wrong = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "reactor", "watch", "--port", str(reactor.feed_port),
+             "--token", "not-the-token"], capture_output=True, text=True,
+            env={"PATH": os.environ["PATH"]}, timeout=60, check=False))
+    assert event["msg_id"] == 7
+    assert wrong.returncode != 0
+    [line] = wrong.stderr.strip().splitlines()
+    assert "token" in line.lower()
+    assert "not-the-token" not in line
+
+
+@pytest.mark.process
 async def test_watch_is_quiet_when_nothing_changes(database_url: str) -> None:
     async with running_reactor(database_url) as reactor:
         proc = watch_process(reactor.feed_port)
@@ -505,51 +608,47 @@ async def test_watch_is_quiet_when_nothing_changes(database_url: str) -> None:
             for depth in (0, 0, 0, 3, 3, 3, 0):
                 reactor.bus.publish("queue.depth", queue, depth=depth, oldest_age_s=1)
             reactor.bus.publish("job.succeeded", queue, 41, 1, 2.0)
-            assert proc.stdout is not None
             lines: list[str] = []
-            with trio.fail_after(20):
-                while not lines or "job.succeeded" not in lines[-1]:
-                    lines.append(await trio.to_thread.run_sync(proc.stdout.readline))
+            while not lines or "job.succeeded" not in lines[-1]:
+                lines.append(await watch_line(proc))
         finally:
-            proc.terminate()
-            proc.communicate(timeout=30)
+            stop_watch(proc)
     depth_lines = [line for line in lines if "queue.depth" in line]
     assert [line.split("depth ")[-1].split()[0] for line in depth_lines] == ["0", "3", "0"]
     assert all(queue + "  " in line for line in lines)  # the long name fits its column
     assert "msg #41" in lines[-1]
 
 
+@pytest.mark.process
 async def test_watch_exits_quietly_when_its_stdout_closes(database_url: str) -> None:
     async with running_reactor(database_url) as reactor:
         proc = watch_process(reactor.feed_port, "--json")
         try:
             await eventually(lambda: reactor.bus.subscriber_count >= 1)
             reactor.bus.publish("job.succeeded", "email_queue", 1, 1, 1.0)
+            assert "job.succeeded" in await watch_line(proc)
             assert proc.stdout is not None
-            assert "job.succeeded" in await trio.to_thread.run_sync(proc.stdout.readline)
             proc.stdout.close()  # like `reactor watch | head -1`
-            for i in range(50):
-                reactor.bus.publish("job.succeeded", "email_queue", i + 2, 1, 1.0)
+            # Events keep coming until it notices (its next write fails) and leaves.
+            n = 2
+            while proc.poll() is None and n < 10_000:
+                reactor.bus.publish("job.succeeded", "email_queue", n, 1, 1.0)
+                n += 1
                 await trio.sleep(0.01)
-            assert proc.stderr is not None
             code = await trio.to_thread.run_sync(lambda: proc.wait(timeout=30))
-            stderr = await trio.to_thread.run_sync(proc.stderr.read)
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
-            if proc.stderr is not None:
-                proc.stderr.close()
+            stderr = stop_watch(proc)
     assert code == 0
     assert stderr == ""
 
 
+@pytest.mark.process
 def test_watch_explains_an_unreachable_feed() -> None:
-    from reactor.pgcluster import free_port
-
-    result = subprocess.run([sys.executable, "-m", "reactor", "watch", "--port",
-                             str(free_port())], capture_output=True, text=True,
-                            env={"PATH": os.environ["PATH"]}, timeout=30, check=False)
+    with socket.socket() as closed:  # bound, never listened on: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        result = subprocess.run([sys.executable, "-m", "reactor", "watch", "--port",
+                                 str(closed.getsockname()[1])], capture_output=True, text=True,
+                                env={"PATH": os.environ["PATH"]}, timeout=30, check=False)
     assert result.returncode == 1
     assert "cannot reach the feed" in result.stderr
     assert "FEED_PORT" in result.stderr

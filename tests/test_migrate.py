@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import pytest
 from reactor.migrate import MigrationError, load_migrations, migrate
 from reactor.paths import MIGRATIONS_DIR
 from reactor.pgcluster import PgCluster, free_port
+from tests.conftest import start_on_a_free_port
 
 SCHEMA_FINGERPRINT = """
 SELECT (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace),
@@ -102,11 +104,12 @@ def test_failing_migration_rolls_back_whole_file(database_url: str, tmp_path: Pa
                             "WHERE version = '900'").fetchone() is None
 
 
+@pytest.mark.process
 def test_cli_refuses_without_pg_cron_in_one_line() -> None:
     cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-nocron-")), free_port(),
                         pg_cron=False)
     cluster.init()
-    cluster.start()
+    start_on_a_free_port(cluster)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "reactor", "migrate"], capture_output=True, text=True,
@@ -120,6 +123,7 @@ def test_cli_refuses_without_pg_cron_in_one_line() -> None:
     assert "shared_preload_libraries = 'pg_cron'" in lines[0]
 
 
+@pytest.mark.process
 def test_cli_migrate_reports_and_is_idempotent(empty_database_url: str) -> None:
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "reactor", "migrate"], capture_output=True,
@@ -134,11 +138,14 @@ def test_cli_migrate_reports_and_is_idempotent(empty_database_url: str) -> None:
     assert "0 applied" in second.stdout
 
 
+@pytest.mark.process
 def test_cli_unreachable_database_is_one_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "reactor", "migrate"], capture_output=True, text=True,
-        env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"},
-        check=False, cwd=tempfile.gettempdir())
+    with socket.socket() as closed:  # bound, never listened on: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres"
+        result = subprocess.run(
+            [sys.executable, "-m", "reactor", "migrate"], capture_output=True, text=True,
+            env={"DATABASE_URL": url}, check=False, cwd=tempfile.gettempdir(), timeout=60)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "cannot reach the database" in result.stderr

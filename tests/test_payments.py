@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,10 +24,12 @@ from starlette.routing import Route
 from reactor import queues
 from reactor.config import YOOKASSA_NETWORKS, ConfigError, load_settings
 from reactor.errors import PermanentError
+from reactor.migrate import migrate
+from reactor.paths import MIGRATIONS_DIR
 from reactor.services.payments import YooKassaProvider
 from reactor.web import serve_http
 from tests import factories as f
-from tests.harness import running_reactor, sql, wait_for
+from tests.harness import eventually, running_reactor, sql, wait_for
 
 SHOP, SECRET = "123456", "test_secret_key"
 HOOK = "/webhooks/yookassa"
@@ -39,11 +44,21 @@ def yid(n: int) -> str:
 
 @dataclass
 class FakeYooKassa:
-    """Scripted answers per 'METHOD provider-id'; the last one repeats. Records every call."""
+    """Scripted answers per 'METHOD provider-id'; the last one repeats. Records every call.
+
+    `before` runs a coroutine before answering a key (e.g. to change our row while the
+    reactor waits for the provider)."""
 
     script: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     calls: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
+    before: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+
+    async def answer_after_hook(self, key: str) -> Response:
+        hook = self.before.get(key)
+        if hook is not None:
+            await hook()
+        return self.answer(key)
 
     def answer(self, key: str) -> Response:
         steps = self.script.get(key)
@@ -59,7 +74,7 @@ class FakeYooKassa:
                                "idempotence_key": request.headers.get("idempotence-key"),
                                "path": request.url.path, "query": request.url.query,
                                "json": (await request.json()) if body else None})
-            return self.answer(key)
+            return await self.answer_after_hook(key)
 
         async def get_payment(request: Request) -> Response:
             return await record(request, f"GET {request.path_params['pid']}")
@@ -68,6 +83,9 @@ class FakeYooKassa:
             return await record(request, f"CAPTURE {request.path_params['pid']}")
 
         async def refunds(request: Request) -> Response:
+            if request.method == "GET":  # the list, filtered by payment_id as YooKassa does
+                return await record(
+                    request, f"LIST_REFUNDS {request.query_params.get('payment_id')}")
             payload = await request.json()
             return await record(request, f"REFUND {payload.get('payment_id')}")
 
@@ -80,7 +98,7 @@ class FakeYooKassa:
         return Starlette(routes=[
             Route("/v3/payments/{pid}", get_payment),
             Route("/v3/payments/{pid}/capture", capture, methods=["POST"]),
-            Route("/v3/refunds", refunds, methods=["POST"]),
+            Route("/v3/refunds", refunds, methods=["GET", "POST"]),
             Route("/v3/refunds/{rid}", get_refund),
             Route("/{rest:path}", anything_else, methods=["GET", "POST"]),
         ])
@@ -100,9 +118,10 @@ def payment_body(pid: str, status: str, value: str = "3500.00", currency: str = 
             "amount": {"value": value, "currency": currency}, **extra}
 
 
-def refund_body(rid: str, pid: str, status: str, value: str = "3500.00") -> dict[str, Any]:
+def refund_body(rid: str, pid: str, status: str, value: str = "3500.00",
+                **extra: Any) -> dict[str, Any]:
     return {"id": rid, "payment_id": pid, "status": status,
-            "amount": {"value": value, "currency": "RUB"}}
+            "amount": {"value": value, "currency": "RUB"}, **extra}
 
 
 @asynccontextmanager
@@ -133,6 +152,13 @@ def pending_payment(database_url: str, pid: str, status: str = "pending", *,
 
 async def verify(database_url: str, payment: Any, action: str = "verify") -> None:
     await sql(database_url, "SELECT public.queue_payment_processing(%s, %s)", (payment, action))
+
+
+async def ask(database_url: str, payment: Any, action: str, amount: Any) -> None:
+    """A capture or refund message naming an amount (as trusted backend code sends it)."""
+    await sql(database_url, "SELECT public.enqueue('payment_processing_queue', "
+                            "jsonb_build_object('payment_id', %s::text, 'action', %s::text, "
+                            "'amount', %s::jsonb))", (payment, action, str(amount)))
 
 
 async def mails(database_url: str) -> list[str]:
@@ -305,6 +331,62 @@ async def test_refund_of_a_completed_payment(database_url: str) -> None:
                                    "reactor.payment_operations") == [(rid, "succeeded")]
 
 
+async def test_a_refund_the_provider_cancels_is_dead_lettered_with_its_reason(
+        database_url: str) -> None:
+    pid, rid = yid(11), yid(0x911)
+    canceled = {**refund_body(rid, pid, "canceled"),
+                "cancellation_details": {"party": "yoo_money", "reason": "insufficient_funds"}}
+    fake = FakeYooKassa({f"REFUND {pid}": [(200, canceled)]})
+    payment, _ = pending_payment(database_url, pid, status="completed")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment, "refund")
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    assert dead["attempt"] == 1
+    assert "refund canceled: yoo_money: insufficient_funds" in dead["error"]
+    assert fake.keys() == [f"REFUND {pid}"]  # asked once, never again
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("completed",)]
+    assert await sql(database_url, "SELECT outcome FROM reactor.payment_operations") == [
+        ("canceled",)]
+
+
+@pytest.mark.parametrize(("status", "provider_id", "reason"), [
+    ("pending", yid(12), "is pending: only a completed payment can be refunded"),
+    ("failed", yid(12), "is failed: only a completed payment can be refunded"),
+    ("completed", None, "has no provider_payment_id"),
+])
+async def test_a_refund_the_row_cannot_have_asks_the_provider_nothing(
+        database_url: str, status: str, provider_id: str | None, reason: str) -> None:
+    fake = FakeYooKassa()
+    payment, _ = pending_payment(database_url, yid(12), status=status)
+    if provider_id is None:
+        await sql(database_url, "UPDATE public.payments SET provider_payment_id = NULL")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment, "refund")
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    assert dead["attempt"] == 1
+    assert f"payment {payment} {reason}" in dead["error"]
+    assert fake.calls == []
+    assert await sql(database_url, "SELECT status FROM public.payments") == [(status,)]
+
+
+async def test_a_verify_of_a_payment_with_no_provider_id_is_dead_lettered(
+        database_url: str) -> None:
+    fake = FakeYooKassa()
+    payment, appointment = pending_payment(database_url, yid(13))
+    await sql(database_url, "UPDATE public.payments SET provider_payment_id = NULL")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment)
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    assert f"payment {payment} has no provider_payment_id" in dead["error"]
+    assert fake.calls == []
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
+    assert await sql(database_url, "SELECT status FROM public.appointments WHERE id = %s",
+                     (appointment,)) == [("pending_payment",)]
+
+
 async def test_a_final_status_never_moves_backwards(database_url: str) -> None:
     pid = yid(10)
     fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "canceled"))]})
@@ -427,7 +509,7 @@ async def test_a_crafted_id_never_reaches_another_url(database_url: str) -> None
     crafted = "../refunds/xyz?limit=1#"
     fake = FakeYooKassa({"GET_REFUND xyz": [(200, refund_body(yid(1), yid(2), "succeeded"))]})
     payment, _ = pending_payment(database_url, crafted)
-    completed, _ = pending_payment(database_url, crafted, status="completed")
+    completed, _ = pending_payment(database_url, crafted.replace("1", "2"), status="completed")
     async with provider_and_reactor(database_url, fake, **LOOPBACK) as reactor, \
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
         with reactor.bus.subscribe() as sub:
@@ -543,9 +625,9 @@ async def test_a_notification_brings_a_waiting_check_forward_at_most_once_a_minu
                 "status": "queued"}
             [retry] = await wait_for(sub, on_payments("job.retrying"))
             assert "asking again in 600s" in retry["error"]
-            with trio.fail_after(10):  # the requeued check, waiting for its turn
-                while await sql(database_url, delayed) != [(1,)]:  # noqa: ASYNC110 - db state
-                    await trio.sleep(0.05)
+            async def requeued() -> bool:  # the requeued check, waiting for its turn
+                return await sql(database_url, delayed) == [(1,)]
+            await eventually(requeued, within_s=30)
             # Asked a moment ago: a notification now adds nothing, not even a call.
             assert (await http.post(HOOK, json=notification(pid))).json() == {
                 "status": "already queued"}
@@ -609,3 +691,217 @@ def test_webhook_network_settings_are_checked_at_start() -> None:
     # Left empty in .env, the provider's own ranges apply (never "refuse everyone").
     empty = load_settings(_env_file=None, DATABASE_URL=url, YOOKASSA_WEBHOOK_NETWORKS=" ")
     assert empty.yookassa_webhook_networks == YOOKASSA_NETWORKS
+
+
+# -- one provider payment, one row (security review of issue 11) ----------------------------
+async def test_two_rows_cannot_name_one_provider_payment(database_url: str) -> None:
+    pid = yid(0x51)
+    pending_payment(database_url, pid)
+    with pytest.raises(psycopg.errors.UniqueViolation, match="payments_provider_payment_id_key"):
+        pending_payment(database_url, pid)
+    # Another provider's row may carry the same text (its own id space)...
+    pending_payment(database_url, pid, provider="manual")
+    # ...and rows without a provider id are not affected.
+    first, _ = pending_payment(database_url, yid(0x52))
+    second, _ = pending_payment(database_url, yid(0x53))
+    await sql(database_url, "UPDATE public.payments SET provider_payment_id = NULL "
+                            "WHERE id IN (%s, %s)", (first, second))
+
+
+async def test_a_row_whose_provider_payment_another_row_names_is_never_completed(
+        database_url: str) -> None:
+    pid = yid(0x54)
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "succeeded"))]})
+    payment, appointment = pending_payment(database_url, pid)
+    other, _ = pending_payment(database_url, pid, provider="manual")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment)
+            [alert] = await wait_for(sub, lambda e: e["type"] == "payment.mismatch")
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    reason = f"provider payment {pid} is also named by payment(s) {other}"
+    assert reason in alert["error"]
+    assert reason in dead["error"]
+    assert "nothing was changed" in dead["error"]
+    assert fake.calls == []  # refused before asking anything
+    assert await sql(database_url, "SELECT DISTINCT status FROM public.payments") == [
+        ("pending",)]
+    assert await sql(database_url, "SELECT status FROM public.appointments WHERE id = %s",
+                     (appointment,)) == [("pending_payment",)]
+
+
+def test_migration_037_names_the_rows_that_share_a_provider_payment(
+        empty_database_url: str, tmp_path: Path) -> None:
+    """On a database that already has such rows, the migration stops with the ids and
+    the fix; once fixed, it applies."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in MIGRATIONS_DIR.glob("*.sql"):
+        if path.name < "037":
+            shutil.copy(path, before)
+    migrate(empty_database_url, before)
+    pid = yid(0x55)
+    first, _ = pending_payment(empty_database_url, pid)
+    second, _ = pending_payment(empty_database_url, pid)
+    with pytest.raises(psycopg.Error) as error:
+        migrate(empty_database_url)
+    message = str(error.value)
+    assert f"yookassa payment {pid} is named by rows {first}, {second}" in message
+    assert "set provider_payment_id to NULL" in message
+    assert "run reactor migrate again" in message
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE public.payments SET provider_payment_id = NULL WHERE id = %s",
+                     (second,))
+    migrate(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn, \
+            pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute("UPDATE public.payments SET provider_payment_id = %s WHERE id = %s",
+                     (pid, second))
+
+
+# -- amounts of refunds and captures ----------------------------------------------------------
+BAD_AMOUNTS: dict[str, tuple[str, str, str]] = {
+    "refund zero": ("refund", "0", "amount 0 is not more than 0"),
+    "refund negative": ("refund", "-5", "amount -5 is not more than 0"),
+    "refund fractions of a cent": ("refund", "100.001", "has more than 2 decimal places"),
+    "refund more than paid": ("refund", "3500.01", "refund of 3500.01 RUB of payment"),
+    "capture zero": ("capture", "0", "amount 0 is not more than 0"),
+    "capture part": ("capture", "100", "partial capture is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_AMOUNTS))
+async def test_a_bad_amount_is_refused_before_the_provider_is_asked(
+        database_url: str, case: str) -> None:
+    action, amount, reason = BAD_AMOUNTS[case]
+    pid = yid(0x56)
+    fake = FakeYooKassa({
+        f"REFUND {pid}": [(200, refund_body(yid(0x956), pid, "succeeded", amount))],
+        f"CAPTURE {pid}": [(200, payment_body(pid, "succeeded", amount))]})
+    status = "completed" if action == "refund" else "pending"
+    payment, _ = pending_payment(database_url, pid, status=status)
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await ask(database_url, payment, action, amount)
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    assert reason in dead["error"]
+    assert dead["attempt"] == 1
+    assert fake.calls == []
+    assert await sql(database_url, "SELECT status, refunded_amount FROM public.payments") == [
+        (status, Decimal("0.00"))]
+
+
+async def test_a_partial_refund_keeps_the_payment_completed_until_all_is_refunded(
+        database_url: str) -> None:
+    pid, first, rest = yid(0x57), yid(0x957), yid(0x958)
+    fake = FakeYooKassa({f"REFUND {pid}": [(200, refund_body(first, pid, "succeeded", "100.00")),
+                                           (200, refund_body(rest, pid, "succeeded", "3400.00"))]})
+    payment, _ = pending_payment(database_url, pid, status="completed")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await ask(database_url, payment, "refund", "100")
+            await wait_for(sub, on_payments("job.succeeded"))
+            assert await sql(database_url, "SELECT status, refunded_amount FROM "
+                                           "public.payments") == [("completed", Decimal("100"))]
+            await verify(database_url, payment, "refund")  # no amount: all that is left
+            await wait_for(sub, on_payments("job.succeeded"))
+    one, two = fake.calls
+    assert one["json"]["amount"] == {"value": "100.00", "currency": "RUB"}
+    assert two["json"]["amount"] == {"value": "3400.00", "currency": "RUB"}
+    assert (one["idempotence_key"], two["idempotence_key"]) == (
+        f"{payment}:refund:1", f"{payment}:refund:2")
+    assert one["json"]["metadata"] == {"reactor_operation": f"{payment}:refund:1"}
+    assert await sql(database_url, "SELECT status, refunded_amount FROM public.payments") == [
+        ("refunded", Decimal("3500.00"))]
+
+
+async def test_a_redelivered_partial_refund_is_not_made_twice(database_url: str) -> None:
+    """The reactor stopped after recording the refund, before archiving its message."""
+    pid, rid = yid(0x58), yid(0x959)
+    fake = FakeYooKassa({f"REFUND {pid}": [(200, refund_body(rid, pid, "succeeded", "100.00"))]})
+    payment, _ = pending_payment(database_url, pid, status="completed")
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await ask(database_url, payment, "refund", "100")
+            [done] = await wait_for(sub, on_payments("job.succeeded"))
+            await sql(database_url, """
+                WITH back AS (DELETE FROM pgmq.a_payment_processing_queue
+                               WHERE msg_id = %s RETURNING msg_id, read_ct, message)
+                INSERT INTO pgmq.q_payment_processing_queue (msg_id, read_ct, vt, message)
+                OVERRIDING SYSTEM VALUE SELECT msg_id, read_ct, now(), message FROM back""", (done["msg_id"],))
+            await sql(database_url, "SELECT pg_notify('reactor_wakeup', %s)", (QUEUE,))
+            [again] = await wait_for(sub, on_payments("job.succeeded"))
+    assert again["msg_id"] == done["msg_id"]
+    assert fake.keys() == [f"REFUND {pid}"]
+    assert await sql(database_url, "SELECT status, refunded_amount FROM public.payments") == [
+        ("completed", Decimal("100.00"))]
+
+
+async def test_a_capture_the_provider_makes_for_less_completes_nothing(
+        database_url: str) -> None:
+    pid = yid(0x59)
+    fake = FakeYooKassa({f"CAPTURE {pid}": [(200, payment_body(pid, "succeeded", "100.00"))]})
+    payment, _ = pending_payment(database_url, pid)
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment, "capture")
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+    [call] = fake.calls
+    assert call["json"] == {"amount": {"value": "3500.00", "currency": "RUB"}}  # the row's
+    assert "amount 100.00 RUB at the provider, 3500.00 RUB here" in dead["error"]
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
+
+
+# -- the row must still be the one the provider was asked about -------------------------------
+async def test_a_row_changed_while_the_provider_was_asked_is_not_completed(
+        database_url: str) -> None:
+    pid = yid(0x5a)
+    payment, appointment = pending_payment(database_url, pid)
+
+    async def cheapen() -> None:  # someone edits the row while the reactor waits
+        await sql(database_url, "UPDATE public.payments SET amount = 1.00 WHERE id = %s",
+                  (payment,))
+
+    fake = FakeYooKassa({f"GET {pid}": [(200, payment_body(pid, "succeeded"))]},
+                        before={f"GET {pid}": cheapen})
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment)
+            [retry] = await wait_for(sub, on_payments("job.retrying"))
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"), within_s=15)
+    assert f"payment {payment} changed while it was checked" in retry["error"]
+    assert "amount 3500.00 RUB at the provider, 1.00 RUB here" in dead["error"]
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("pending",)]
+    assert await sql(database_url, "SELECT status FROM public.appointments WHERE id = %s",
+                     (appointment,)) == [("pending_payment",)]
+    assert await mails(database_url) == []
+
+
+# -- a key the provider has forgotten -----------------------------------------------------------
+@pytest.mark.parametrize("made", [True, False], ids=["made-before", "never-made"])
+async def test_a_refund_unrecorded_for_a_day_is_looked_up_before_it_is_asked_again(
+        database_url: str, made: bool) -> None:
+    """Its first request may have reached YooKassa, which forgets keys after 24 h."""
+    pid, rid = yid(0x5b), yid(0x95b)
+    payment, _ = pending_payment(database_url, pid, status="completed")
+    key = f"{payment}:refund:1"
+    ours = refund_body(rid, pid, "succeeded", metadata={"reactor_operation": key})
+    staff = refund_body(yid(0x95c), pid, "succeeded", "10.00")  # made by hand: not ours
+    listed = [staff, ours] if made else [staff]
+    fake = FakeYooKassa({f"LIST_REFUNDS {pid}": [(200, {"type": "list", "items": listed})],
+                         f"REFUND {pid}": [(200, ours)]})
+    await sql(database_url, "INSERT INTO reactor.payment_operations (payment_id, action, seq, "
+                            "amount, requested_at, checks) VALUES (%s, 'refund', 1, 3500, "
+                            "now() - interval '25 hours', 1)", (payment,))
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, payment, "refund")
+            await wait_for(sub, on_payments("job.succeeded"))
+    assert fake.keys() == ([f"LIST_REFUNDS {pid}"] if made
+                           else [f"LIST_REFUNDS {pid}", f"REFUND {pid}"])
+    assert fake.calls[0]["query"] == f"payment_id={pid}&limit=100"
+    if not made:
+        assert fake.calls[1]["idempotence_key"] == key
+    assert await sql(database_url, "SELECT status FROM public.payments") == [("refunded",)]
+    assert await sql(database_url, "SELECT seq, provider_object_id, outcome FROM "
+                                   "reactor.payment_operations") == [(1, rid, "succeeded")]

@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from reactor.core.events import Event
 from reactor.db import Database
 from reactor.processors.analytics import AnalyticsProcessor
 from reactor.processors.base import Processor
@@ -28,7 +29,7 @@ async def test_message_is_handled_at_once_with_the_poll_at_60s(database_url: str
         with reactor.bus.subscribe() as sub:
             msg_id = await send(database_url, "analytics_queue", {"event": "signup"})
             # The fallback poll is 60 s: only the NOTIFY can make this happen in time.
-            await wait_for(sub, of_type("job.succeeded", msg_id), within_s=2)
+            await wait_for(sub, of_type("job.succeeded", msg_id), within_s=20)
     rows = await sql(database_url, "SELECT event, source_msg_id FROM public.analytics_events")
     assert rows == [("signup", msg_id)]
     archived = await sql(database_url, "SELECT msg_id FROM pgmq.a_analytics_queue")
@@ -40,9 +41,16 @@ async def test_without_notifications_the_poll_still_drains(database_url: str) ->
         with reactor.bus.subscribe() as sub:
             ids = [await send(database_url, "analytics_queue", {"event": "quiet"}, notify=False)
                    for _ in range(3)]
-            await wait_for(sub, of_type("job.succeeded"), count=3, within_s=5)
-    assert await sql(database_url, "SELECT count(*) FROM public.analytics_events") == [(3,)]
-    assert len(ids) == 3
+            seen: list[Event] = []
+
+            def succeeded(event: Event) -> bool:
+                seen.append(event)
+                return bool(event["type"] == "job.succeeded")
+            done = await wait_for(sub, succeeded, count=3, within_s=15)
+    assert sorted(e["msg_id"] for e in done) == ids
+    assert [e for e in seen if e["type"] == "wakeup"] == []  # no NOTIFY: the poll found them
+    assert await sql(database_url, "SELECT source_msg_id FROM public.analytics_events "
+                                   "ORDER BY source_msg_id") == [(i,) for i in ids]
 
 
 async def test_transient_failure_is_retried_with_backoff_then_succeeds(database_url: str) -> None:
@@ -138,15 +146,18 @@ async def test_higher_priority_first_within_a_batch(database_url: str) -> None:
 async def test_long_job_keeps_its_lease_and_no_replica_takes_it(database_url: str) -> None:
     processor = scripted_processor()
     processors = {processor.queue: processor}
-    async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=1,
+    # The job lasts 2.5 leases (3 s each, renewed every 1 s); the second replica polls
+    # every 100 ms all the while.
+    async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=3,
                                WORKER_INTERVAL_MS=100) as first:
         with first.bus.subscribe() as sub:
-            msg_id = await send(database_url, processor.queue, {"sleep_s": 3.5})
+            msg_id = await send(database_url, processor.queue, {"sleep_s": 7.5})
             await wait_for(sub, of_type("job.started", msg_id))
-            async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=1,
+            async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=3,
                                        WORKER_INTERVAL_MS=100):
-                await wait_for(sub, of_type("job.succeeded", msg_id), within_s=10)
+                await wait_for(sub, of_type("job.succeeded", msg_id), within_s=30)
     assert processor.seen == [(msg_id, 1)]  # the second replica never got it
+    assert len(processor.per_instance) == 1
 
 
 async def test_stuck_job_is_cancelled_at_the_timeout_and_retried(database_url: str) -> None:
@@ -193,12 +204,14 @@ async def test_three_replicas_never_handle_a_message_twice(database_url: str) ->
     total = 3000
     processor = scripted_processor(concurrency=20, expected=total)
     processors: dict[str, type[Processor[Any]]] = {processor.queue: processor}
-    await sql(database_url, "SELECT public.enqueue('analytics_queue', jsonb_build_object('n', i)) "
-                            "FROM generate_series(1, %s) AS i", (total,))
     async with (running_reactor(database_url, processors, MAX_TASKS_PER_CYCLE=25),
                 running_reactor(database_url, processors, MAX_TASKS_PER_CYCLE=25),
                 running_reactor(database_url, processors, MAX_TASKS_PER_CYCLE=25)):
-        with trio.fail_after(60):
+        # All three are listening before the burst: its one NOTIFY wakes them together.
+        await sql(database_url, "SELECT public.enqueue('analytics_queue', "
+                                "jsonb_build_object('n', i)) FROM generate_series(1, %s) AS i",
+                  (total,))
+        with trio.fail_after(120):
             await processor.all_done.wait()
     per_replica = list(processor.per_instance.values())
     ids = [msg_id for msg_id, _ in processor.seen]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.policy
+import hashlib
 import io
+import struct
 import subprocess
 import tomllib
 from datetime import UTC, datetime, timedelta
@@ -73,7 +75,7 @@ async def test_completed_checkup_yields_pdf_row_and_mail(database_url: str,
     assert "/CreationDate" in meta
     [(rel, size, sha)] = await sql(database_url, "SELECT path, bytes, sha256 FROM public.reports")
     assert (rel, size) == (f"{user}/{checkup}.pdf", len(data))
-    assert len(sha) == 64
+    assert sha == hashlib.sha256(data).hexdigest()
     mails = [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
              for p in sorted(outbox.glob("*.eml"))]
     [ready] = [m for m in mails if m["Subject"] == "Отчёт по чекапу готов"]
@@ -118,6 +120,76 @@ async def test_missing_or_unfinished_checkup_is_dead_lettered(
             [event] = await wait_for(sub, of_type("job.dead_lettered"))
     assert reason in event["error"]
     assert await sql(database_url, "SELECT count(*) FROM public.reports") == [(0,)]
+
+
+async def test_a_report_asked_for_another_user_is_dead_lettered_and_never_written(
+        database_url: str, tmp_path: Path) -> None:
+    reports, outbox = tmp_path / "reports", tmp_path / "outbox"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        owner = f.profile(conn, email="owner@example.com")
+        other = f.profile(conn, email="other@example.com")
+        checkup = f.assessment(conn, owner, status="completed", results=RESULTS)
+        conn.execute("DELETE FROM pgmq.q_report_generation_queue")  # the trigger's own job
+        conn.execute("DELETE FROM pgmq.q_email_queue")
+    async with running_reactor(database_url, REPORTS_DIR=str(reports),
+                               EMAIL_OUTBOX_DIR=str(outbox)) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await sql(database_url, "SELECT public.queue_report_generation(%s, %s)",
+                      (checkup, other))
+            [event] = await wait_for(sub, of_type("job.dead_lettered"))
+    assert event["attempt"] == 1
+    assert f"checkup {checkup} belongs to another user" in event["error"]
+    assert await sql(database_url, "SELECT count(*) FROM public.reports") == [(0,)]
+    assert not reports.exists() or list(reports.rglob("*.pdf")) == []
+    assert not outbox.exists() or list(outbox.glob("*.eml")) == []  # no "report ready" mail
+
+
+@pytest.mark.parametrize(("status", "attempts", "reason"), [
+    # A refused key is an outage (someone must fix the setting): OUTAGE_MAX_ATTEMPTS (3),
+    # not MAX_ATTEMPTS (1), then a dead letter saying which setting to check.
+    (401, 3, "Storage refused the upload: check SUPABASE_SERVICE_ROLE_KEY (HTTP 401)"),
+    # A server error is an ordinary failure of this job: MAX_ATTEMPTS.
+    (503, 1, "Storage upload failed: HTTP 503"),
+])
+async def test_storage_refusals_and_errors_are_retried_then_dead_lettered(
+        database_url: str, tmp_path: Path, status: int, attempts: int, reason: str) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from reactor.web import serve_http
+
+    calls: list[str] = []
+
+    async def upload(request: Request) -> Response:
+        calls.append(request.path_params["path"])
+        return PlainTextResponse("no", status_code=status)
+
+    storage = Starlette(routes=[Route("/storage/v1/object/reports/{path:path}", upload,
+                                      methods=["POST"])])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = f.profile(conn)
+        checkup = f.assessment(conn, user, status="completed", results=RESULTS)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, storage, "127.0.0.1", 0)
+        async with running_reactor(database_url, REPORTS_DIR=str(tmp_path),
+                                   MAX_ATTEMPTS=1, OUTAGE_MAX_ATTEMPTS=3,
+                                   SUPABASE_URL=f"http://127.0.0.1:{port}",
+                                   SUPABASE_SERVICE_ROLE_KEY="service-role-key-for-tests"
+                                   ) as reactor:
+            with reactor.bus.subscribe() as sub:
+                [dead] = await wait_for(sub, lambda e: e["type"] == "job.dead_lettered"
+                                        and e["queue"] == "report_generation_queue",
+                                        within_s=60)
+        nursery.cancel_scope.cancel()
+    assert dead["attempt"] == attempts
+    assert reason in dead["error"]
+    assert "service-role-key-for-tests" not in dead["error"]
+    assert calls == [f"{user}/{checkup}.pdf"] * attempts
+    [(letter,)] = await sql(database_url,
+                            "SELECT message FROM pgmq.q_report_generation_queue_dlq")
+    assert letter["attempts"] == attempts
 
 
 def test_a_missing_font_stops_start_up_naming_the_fix(database_url: str,
@@ -191,7 +263,12 @@ def test_the_report_explains_its_scale_and_colours(tmp_path: Path, locale: str) 
     png = ARTIFACTS / f"report-{locale}"
     subprocess.run(["pdftoppm", "-png", "-r", "80", "-singlefile", str(source), str(png)],
                    check=True, timeout=60)
-    assert png.with_suffix(".png").stat().st_size > 10_000
+    # An A4 page at 80 dpi (about 661 x 936 pixels), not an empty or broken file.
+    head = png.with_suffix(".png").read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert abs(width - 661) <= 2
+    assert abs(height - 936) <= 2
 
 
 def test_report_wording_has_the_same_parts_in_every_locale() -> None:

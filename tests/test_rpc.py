@@ -31,6 +31,40 @@ def test_api_roles_cannot_enqueue_directly(db: psycopg.Connection, role: str) ->
             db.execute("SELECT public.enqueue('analytics_queue', '{}')")
 
 
+CRON_CALLS = {
+    "update_appointment_statuses": "SELECT * FROM public.update_appointment_statuses()",
+    "send_appointment_reminders": "SELECT * FROM public.send_appointment_reminders()",
+    "cleanup_old_assessments": "SELECT public.cleanup_old_assessments()",
+    "prune_reactor_history": "SELECT public.prune_reactor_history()",
+    "schedule_reactor_cron_jobs": "SELECT public.schedule_reactor_cron_jobs()",
+}
+TRIGGER_FUNCTIONS = ["handle_completed_checkup()", "handle_new_appointment()",
+                     "handle_payment_status_change()"]
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+@pytest.mark.parametrize("function", sorted(CRON_CALLS))
+def test_api_roles_cannot_run_the_cron_functions(db: psycopg.Connection, role: str,
+                                                 function: str) -> None:
+    """REVOKE ... FROM PUBLIC, anon, authenticated (030): a browser cannot send every
+    reminder or abandon checkups through PostgREST's /rpc."""
+    with db.transaction():
+        db.execute(f"SET LOCAL ROLE {role}")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            db.execute(CRON_CALLS[function])
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+def test_api_roles_hold_no_execute_on_the_trigger_functions(db: psycopg.Connection,
+                                                            role: str) -> None:
+    """REVOKE (032): the triggers still fire for them (test_triggers), the functions
+    themselves are not theirs to execute."""
+    for function in TRIGGER_FUNCTIONS:
+        row = db.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')",
+                         (role, f"public.{function}")).fetchone()
+        assert row == (False,), function
+
+
 def test_service_role_round_trip(database_url: str, db: psycopg.Connection) -> None:
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute("LISTEN reactor_wakeup")

@@ -2,48 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from reactor.pgcluster import PgCluster, free_port
 from reactor.startup import refusal, url_problem
-
-
-@contextmanager
-def reactor_process(url: str, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m reactor run`, JSON logs to `log`; killed if the test forgets it."""
-    environ = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "LOG_FORMAT": "json",
-               "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
-               "EMAIL_OUTBOX_DIR": str(log.parent / "outbox"), **env}
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=environ,
-                                stdout=out, stderr=out, cwd=log.parent)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def wait_until(condition: Callable[[], bool], within_s: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from reactor.web import serve_http
+from tests import factories as f
+from tests.conftest import start_on_a_free_port
+from tests.harness import log_lines, ports, reactor_process, wait_until
 
 
 def scalar(url: str, query: str) -> int:
@@ -53,10 +34,7 @@ def scalar(url: str, query: str) -> int:
     return int(row[0])
 
 
-def log_lines(log: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-
-
+@pytest.mark.process
 def test_kill_9_mid_burst_then_restart_handles_everything_exactly_once(
         database_url: str, tmp_path: Path) -> None:
     total = 3000
@@ -86,14 +64,14 @@ def test_kill_9_mid_burst_then_restart_handles_everything_exactly_once(
     assert scalar(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue_dlq") == 0
 
 
+@pytest.mark.process
 def test_sigterm_with_jobs_in_flight_finishes_them_and_exits_0(
         database_url: str, tmp_path: Path) -> None:
     log = tmp_path / "reactor.log"
     total = 5000
     with reactor_process(database_url, log, VISIBILITY_TIMEOUT_S="300",
-                         SHUTDOWN_GRACE_S="10") as proc:
-        wait_until(lambda: any(e.get("event") == "reactor.started" for e in log_lines(log)),
-                   what="start")
+                         SHUTDOWN_GRACE_S="10", LOG_LEVEL="debug") as proc:
+        ports(proc, log)  # started
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("SELECT public.enqueue('analytics_queue', jsonb_build_object("
                          "'event', 'burst')) FROM generate_series(1, %s)", (total,))
@@ -103,7 +81,15 @@ def test_sigterm_with_jobs_in_flight_finishes_them_and_exits_0(
         assert proc.wait(timeout=30) == 0
     events = [e.get("event") for e in log_lines(log)]
     assert "reactor.stopping" in events
+    assert "job.retrying" not in events
     handled = scalar(database_url, "SELECT count(*) FROM analytics_events")
+    # Finished, not released: every job that had started when the signal came succeeded
+    # (a message read ahead but not started yet may be released: it did no work).
+    started = {e["msg_id"] for e in log_lines(log) if e.get("event") == "job.started"}
+    succeeded = {e["msg_id"] for e in log_lines(log) if e.get("event") == "job.succeeded"}
+    assert started
+    assert started == succeeded
+    assert len(succeeded) == handled
     # Everything that was handled is archived; everything else is visible again at once
     # (not 300 s later), with nothing lost.
     assert scalar(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue") == handled
@@ -112,6 +98,7 @@ def test_sigterm_with_jobs_in_flight_finishes_them_and_exits_0(
                                 "WHERE vt > clock_timestamp()") == 0
 
 
+@pytest.mark.process
 def test_job_log_lines_carry_the_fields_and_no_address(database_url: str, tmp_path: Path) -> None:
     log = tmp_path / "reactor.log"
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -135,6 +122,71 @@ def test_job_log_lines_carry_the_fields_and_no_address(database_url: str, tmp_pa
     assert "user_id" in str(dead["error"])
 
 
+@pytest.mark.process
+async def test_a_second_sigterm_cancels_the_jobs_at_once_and_releases_them(
+        database_url: str, tmp_path: Path) -> None:
+    """The first SIGTERM waits up to SHUTDOWN_GRACE_S (600 s) for a report whose Storage
+    upload hangs; the second one cancels it: the job neither finishes nor times out into
+    a retry, the process exits 0, and the message is visible again at once."""
+    upload_seen = trio.Event()
+
+    async def hang(request: Request) -> Response:
+        upload_seen.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    storage = Starlette(routes=[Route("/storage/v1/object/reports/{path:path}", hang,
+                                      methods=["POST"])])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user = f.profile(conn)
+        f.assessment(conn, user, status="completed",
+                     results={"scores": [{"domain": "Сон", "score": 3, "max": 5}]})
+    log = tmp_path / "reactor.log"
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, storage, "127.0.0.1", 0)
+        with reactor_process(database_url, log, SHUTDOWN_GRACE_S="600", LOG_LEVEL="debug",
+                             VISIBILITY_TIMEOUT_S="900", REPORTS_DIR=str(tmp_path / "reports"),
+                             SUPABASE_URL=f"http://127.0.0.1:{port}",
+                             SUPABASE_SERVICE_ROLE_KEY="service-role-key-for-tests") as proc:
+            with trio.fail_after(60):
+                await upload_seen.wait()
+            proc.send_signal(signal.SIGTERM)
+            await trio.to_thread.run_sync(lambda: wait_until(
+                lambda: "reactor.stopping" in log.read_text(), what="the graceful stop"))
+            assert proc.poll() is None  # waiting for the report, within the grace
+            proc.send_signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(lambda: proc.wait(timeout=60)) == 0
+        nursery.cancel_scope.cancel()
+    assert [e["event"] for e in log_lines(log)].count("signal received") == 2
+    report = [e.get("event") for e in log_lines(log)
+              if e.get("queue") == "report_generation_queue" and "msg_id" in e]
+    assert report == ["job.started"]  # neither succeeded nor retried: cancelled
+    assert scalar(database_url, "SELECT count(*) FROM pgmq.q_report_generation_queue "
+                                "WHERE read_ct = 1 AND vt <= clock_timestamp()") == 1
+    assert scalar(database_url, "SELECT count(*) FROM public.reports") == 0
+
+
+@pytest.mark.process
+def test_log_format_console_writes_readable_lines_not_json(database_url: str,
+                                                           tmp_path: Path) -> None:
+    log = tmp_path / "reactor.log"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"console\", "
+                     "\"properties\": {\"email\": \"anna@example.com\"}}')")
+    with reactor_process(database_url, log, LOG_FORMAT="console") as proc:
+        wait_until(lambda: "job.succeeded" in log.read_text(), what="a job line")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    job = next(line for line in text.splitlines() if "job.succeeded" in line)
+    assert not job.lstrip().startswith("{")  # not JSON
+    assert "queue=analytics_queue" in job  # key=value pairs a person reads
+    assert "\x1b[" not in text  # no colour codes: the output is not a terminal
+    assert "reactor.stopping" in text
+    assert "anna@example.com" not in text
+
+
+@pytest.mark.process
 @pytest.mark.parametrize(("env", "expected"), [
     ({}, "DATABASE_URL is not set"),
     ({"DATABASE_URL": "postgresql://x@127.0.0.1/db", "WORKER_INTERVAL_MS": "soon"},
@@ -162,14 +214,18 @@ def test_bad_settings_stop_with_one_line_and_exit_2(
     assert "mysql://x@" not in lines[0]  # a URL may hold a password: never echoed
 
 
+@pytest.mark.process
 def test_unreachable_database_is_retried_and_reported_not_a_traceback(tmp_path: Path) -> None:
     log = tmp_path / "reactor.log"
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    with reactor_process(url, log) as proc:
-        wait_until(lambda: sum("database unreachable" in str(e.get("event"))
-                               for e in log_lines(log)) >= 2, what="two retries")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    # Bound and never listened on: connections are refused, and no one else can take it.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres"
+        with reactor_process(url, log) as proc:
+            wait_until(lambda: sum("database unreachable" in str(e.get("event"))
+                                   for e in log_lines(log)) >= 2, what="two retries")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
     assert "Traceback" not in log.read_text()
     [first, *_] = [e for e in log_lines(log) if "database unreachable" in str(e.get("event"))]
     assert first["level"] == "warning"
@@ -180,6 +236,7 @@ def test_unreachable_database_is_retried_and_reported_not_a_traceback(tmp_path: 
     assert "connection refused" in str(first["reason"])
 
 
+@pytest.mark.process
 def test_a_silent_database_at_start_is_waited_for_saying_so(tmp_path: Path) -> None:
     log = tmp_path / "reactor.log"
     # Accepts TCP connections (the kernel completes the handshake) and never answers.
@@ -196,6 +253,7 @@ def test_a_silent_database_at_start_is_waited_for_saying_so(tmp_path: Path) -> N
     assert first["reason"] == "no answer within the connect timeout"
 
 
+@pytest.mark.process
 def test_a_database_that_comes_up_later_is_used_once_it_does(
         private_cluster: PgCluster, tmp_path: Path) -> None:
     log = tmp_path / "reactor.log"
@@ -217,7 +275,7 @@ def password_cluster() -> Iterator[PgCluster]:
     cluster.init()
     (cluster.data_dir / "pg_hba.conf").write_text(
         "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
-    cluster.start()
+    start_on_a_free_port(cluster)
     try:
         with psycopg.connect(host=str(cluster.data_dir), port=cluster.port, user="postgres",
                              dbname="postgres", autocommit=True) as conn:
@@ -227,6 +285,7 @@ def password_cluster() -> Iterator[PgCluster]:
         cluster.remove()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(("case", "expected"), [
     ("wrong password", 'rejected the password of user "postgres": check USER and PASSWORD'),
     ("missing database", 'the database "no_such_db" in DATABASE_URL does not exist'),
@@ -290,6 +349,7 @@ def test_start_failures_are_told_apart_by_what_waiting_can_fix(
         assert expected in line
 
 
+@pytest.mark.process
 def test_unmigrated_database_is_refused_naming_the_fix(
         empty_database_url: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,

@@ -8,6 +8,7 @@ from psycopg.types.json import Jsonb
 
 from reactor.config import QUEUES
 from tests import factories as f
+from tests.harness import wait_until
 
 APP_TABLES = ("profiles", "assessments", "appointments", "payments", "reports",
               "analytics_events")
@@ -122,6 +123,22 @@ def test_helpers_build_the_documented_messages(db: psycopg.Connection) -> None:
 
 
 def test_enqueue_with_delay_is_invisible_until_then(db: psycopg.Connection) -> None:
-    db.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"later\"}', 3600)")
-    visible = db.execute("SELECT count(*) FROM pgmq.read('analytics_queue', 30, 10)").fetchone()
-    assert visible == (0,)
+    row = db.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"later\"}', 3600)"
+                     ).fetchone()
+    assert row is not None
+    later = row[0]
+    # Stored: visible an hour after it was sent (not merely absent).
+    stored = db.execute("SELECT extract(epoch FROM vt - enqueued_at) FROM pgmq.q_analytics_queue "
+                        "WHERE msg_id = %s", (later,)).fetchone()
+    assert stored is not None
+    assert 3599 <= stored[0] <= 3601
+    assert db.execute("SELECT count(*) FROM pgmq.read('analytics_queue', 30, 10)"
+                      ).fetchone() == (0,)
+    # And it does appear once its time comes: a 1 s delay, polled with a generous budget.
+    row = db.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"soon\"}', 1)"
+                     ).fetchone()
+    assert row is not None
+    soon = row[0]
+    read = wait_until(lambda: db.execute("SELECT msg_id FROM pgmq.read('analytics_queue', 30, 10)"
+                                         ).fetchall(), within_s=30, what="the delayed message")
+    assert read == [(soon,)]  # the one-hour message is still hidden

@@ -74,8 +74,12 @@ def test_html_is_escaped_and_the_subject_stays_one_line(renderer: EmailRenderer)
     assert "<script>" not in mail.html
     assert "&lt;script&gt;" in mail.html
     nasty = {**{n: VALUES[n] for n in REQUIRED_VARIABLES["payment_failed"]}}
-    subject = renderer.render("payment_failed", "en", nasty, subject="Hi\tthere  you").subject
-    assert subject == "Hi there you"
+    # Line breaks of any kind (a header injection attempt) and tabs fold into one space.
+    subject = renderer.render("payment_failed", "en", nasty,
+                              subject="Hi\r\nBcc: x@example.com\n\tthere  you\u2028!").subject
+    assert subject == "Hi Bcc: x@example.com there you !"
+    assert "\n" not in subject
+    assert "\r" not in subject
 
 
 def test_links_appear_only_with_app_base_url() -> None:

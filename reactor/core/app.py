@@ -28,6 +28,7 @@ from reactor.feed import Access, check_feed_exposure, serve_feed
 from reactor.metrics import Metrics
 from reactor.migrate import pending_migrations
 from reactor.processors import PROCESSORS, Processor
+from reactor.startup import wait_for_database
 from reactor.web import WebContext, create_app, serve_http
 
 __all__ = ["Reactor", "SchemaNotReady"]
@@ -77,6 +78,7 @@ class Reactor:
         self._services: trio.Nursery | None = None
         self._stopping = False
         self._started = False
+        self._finished = False  # run() has returned: stop() has nothing left to do
 
     def _processor(self, cls: type[Processor[Any]]) -> Processor[Any]:
         processor = cls(self.settings, self.db)
@@ -86,28 +88,31 @@ class Reactor:
     async def run(self, *, task_status: trio.TaskStatus[Reactor] = trio.TASK_STATUS_IGNORED,
                   handle_signals: bool = True) -> None:
         """Run until stop() (or SIGTERM/SIGINT when handle_signals)."""
-        async with self.db.opened(), trio.open_nursery() as services, AsyncExitStack() as stack:
-            self._services = services
-            if handle_signals:
-                services.start_soon(self._watch_signals)
-            await self._check_database()
-            for drainer in self.drainers.values():
-                await stack.enter_async_context(drainer.processor.running())
-            await services.start(self.listener.run)
-            services.start_soon(self._report_depths)
-            self.feed_port = await services.start(
-                serve_feed, self.bus, self.settings.feed_host, self.settings.feed_port, self.token,
-                self.access)
-            self.http_port = await services.start(
-                serve_http, create_app(self._web_context()), self.settings.feed_host,
-                self.settings.metrics_port)
-            async with trio.open_nursery() as workers:
+        try:
+            async with self.db.opened(), trio.open_nursery() as services, AsyncExitStack() as stack:
+                self._services = services
+                if handle_signals:
+                    services.start_soon(self._watch_signals)
+                await self._check_database()
                 for drainer in self.drainers.values():
-                    await workers.start(drainer.run)
-                self._started = True
-                self.bus.publish("reactor.started", queues=sorted(self.drainers))
-                task_status.started(self)
-            services.cancel_scope.cancel()
+                    await stack.enter_async_context(drainer.processor.running())
+                await services.start(self.listener.run)
+                services.start_soon(self._report_depths)
+                self.feed_port = await services.start(
+                    serve_feed, self.bus, self.settings.feed_host, self.settings.feed_port,
+                    self.token, self.access)
+                self.http_port = await services.start(
+                    serve_http, create_app(self._web_context()), self.settings.feed_host,
+                    self.settings.metrics_port)
+                async with trio.open_nursery() as workers:
+                    for drainer in self.drainers.values():
+                        await workers.start(drainer.run)
+                    self._started = True
+                    self.bus.publish("reactor.started", queues=sorted(self.drainers))
+                    task_status.started(self)
+                services.cancel_scope.cancel()
+        finally:
+            self._finished = True
 
     def _web_context(self) -> WebContext:
         routes = tuple(route for drainer in self.drainers.values()
@@ -122,8 +127,6 @@ class Reactor:
         """Wait for a database that is still starting (reported, with backoff); stop at
         once on what waiting cannot fix (startup.DatabaseRefused: wrong password, missing
         database or role, unknown host); refuse an unmigrated one."""
-        from reactor.startup import wait_for_database  # (kept local: app.py is shared)
-
         await wait_for_database(self.settings.database_url)
         backoff = 0.5
         while True:
@@ -152,7 +155,7 @@ class Reactor:
             return
         for drainer in self.drainers.values():
             drainer.stop()
-        if self._services is not None:
+        if self._services is not None and not self._finished:
             self._services.start_soon(self._cancel_after_grace)
 
     async def _cancel_after_grace(self) -> None:

@@ -14,7 +14,9 @@ Two rules keep it standing:
   first (its worker, the timeout, the shutdown): settling only appends to the
   drainer's lists, and the read loop writes them to the database. A job that
   finishes after its timeout (a shielded SMTP conversation) is therefore
-  counted once, whatever order things happen in.
+  counted once, whatever order things happen in. `job.retrying` and
+  `job.dead_lettered` are published once the database has the outcome, so a
+  dead letter announced is a dead letter `reactor dlq` can see.
 - No database error of the drainer's own bookkeeping ends it: each is reported
   to Health (logged once, published, shown on /healthz), waited out with
   capped backoff, and the bookkeeping is kept until the database takes it.
@@ -68,10 +70,21 @@ class DrainSettings:
     max_lost_deliveries: int = 3
 
 
+# An error text is stored (dead letters, job_failures) and shown: bounded and clean.
+MAX_ERROR_CHARS = 2000
+
+
 def describe_error(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def clean_error(text: str) -> str:
+    """What Postgres can store: no NUL, no lone surrogate (they may come from a provider's
+    answer or a message body quoted in the reason), and not unbounded."""
+    text = text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
 
 
 @dataclass(eq=False)
@@ -112,8 +125,8 @@ class Drainer:
         # Settled, waiting to be written: archive / retry or release / dead-letter / requeue.
         self._done: list[int] = []
         self._outcomes: list[Outcome] = []
-        self._letters: list[tuple[Message, str]] = []
-        self._requeues: list[tuple[Message, int]] = []
+        self._letters: list[Outcome] = []
+        self._requeues: list[Outcome] = []
         self._wake_pending = True  # drain once at start
         self._signal = trio.Event()
         # A settled job signals the read loop only when in-flight falls to this level,
@@ -270,6 +283,12 @@ class Drainer:
                 messages.sort(key=lambda m: (-m.priority, m.msg_id))  # FIFO within a priority
             now = trio.current_time()
             for message in messages:
+                if message.msg_id in self._jobs:
+                    # Its lease ran out while the database was away and we read it again:
+                    # the job that holds it here settles it. Keep the new lease, and count
+                    # this delivery as accounted for (it is not a crash).
+                    self._outcomes.append(Outcome(message, self.cfg.visibility_timeout_s, None))
+                    continue
                 job = _Job(message, now)
                 self._jobs[message.msg_id] = job
                 self._send.send_nowait(job)  # room is guaranteed by max_in_flight
@@ -280,19 +299,34 @@ class Drainer:
 
         Each list is emptied only after the database took it, so an outage loses
         nothing: the next flush writes it (every write here is idempotent).
+        After an outage the leases of running jobs are renewed first: they may
+        have run out meanwhile, and the read must not hand them out again.
         """
+        if self._degraded and self._jobs:
+            ids = list(self._jobs)
+            vt = self.cfg.visibility_timeout_s
+            await self._db(partial(queues.set_vt, queue=self.queue, ids=ids, seconds=vt))
         if self._outcomes:
             outcomes = self._outcomes[:]
             await self._db(lambda c: queues.record_outcomes(c, self.queue, outcomes))
             del self._outcomes[:len(outcomes)]
+            for o in outcomes:
+                if o.error is not None:  # a release at shutdown is not news
+                    self._publish_retry(o)
         while self._letters:
-            message, error = self._letters[0]
-            await self._db(partial(queues.dead_letter, msg=message, error=error))
+            letter = self._letters[0]
+            stamp = self.processor.dead_letter_stamp(letter.message)
+            dlq_msg_id = await self._db(partial(queues.dead_letter, msg=letter.message,
+                                                error=letter.error or "", stamp=stamp))
             self._letters.pop(0)
+            self.bus.publish("job.dead_lettered", self.queue, letter.message.msg_id,
+                             letter.message.attempt, letter.duration_ms, letter.error,
+                             dlq_msg_id=dlq_msg_id)
         while self._requeues:
-            message, delay = self._requeues[0]
-            await self._db(partial(queues.requeue, msg=message, delay_s=delay))
+            again = self._requeues[0]
+            await self._db(partial(queues.requeue, msg=again.message, delay_s=again.delay_s))
             self._requeues.pop(0)
+            self._publish_retry(again)
         done, self._done = self._done, []
         try:
             if read:
@@ -323,7 +357,9 @@ class Drainer:
         self.bus.publish("job.started", self.queue, message.msg_id, message.attempt)
         try:
             await self._handle(job)
-        except trio.Cancelled:
+        except BaseException:
+            # Cancelled, or a group of them from a nursery inside the handler (httpx's
+            # connect has one): whatever form the cancellation takes, the job settles.
             if job.timed_out:
                 self._settle_failure(job, f"timed out after {self.processor.timeout_s:g}s")
             else:
@@ -364,7 +400,8 @@ class Drainer:
         if job.settled:
             return False
         job.settled = True
-        del self._jobs[job.message.msg_id]
+        if self._jobs.get(job.message.msg_id) is job:
+            del self._jobs[job.message.msg_id]
         if len(self._jobs) <= self._signal_at_in_flight:
             self._signal.set()
         return True
@@ -379,23 +416,19 @@ class Drainer:
         if not self._settle(job):
             return
         delay = delay_s if delay_s is not None else policy.delay_s(message.attempt)
-        self._outcomes.append(Outcome(message, delay, error))
-        self.bus.publish("job.retrying", self.queue, message.msg_id, message.attempt,
-                         _ms(job), error, retry_in_s=delay)
+        self._outcomes.append(Outcome(message, delay, clean_error(error), _ms(job)))
 
     def _settle_requeue(self, job: _Job, reason: str, delay_s: int) -> None:
-        if not self._settle(job):
-            return
-        self._requeues.append((job.message, delay_s))
-        self.bus.publish("job.retrying", self.queue, job.message.msg_id, job.message.attempt,
-                         _ms(job), reason, retry_in_s=delay_s)
+        if self._settle(job):
+            self._requeues.append(Outcome(job.message, delay_s, clean_error(reason), _ms(job)))
 
     def _settle_dead(self, job: _Job, error: str) -> None:
-        if not self._settle(job):
-            return
-        self._letters.append((job.message, error))
-        self.bus.publish("job.dead_lettered", self.queue, job.message.msg_id,
-                         job.message.attempt, _ms(job), error)
+        if self._settle(job):
+            self._letters.append(Outcome(job.message, 0, clean_error(error), _ms(job)))
+
+    def _publish_retry(self, o: Outcome) -> None:
+        self.bus.publish("job.retrying", self.queue, o.message.msg_id, o.message.attempt,
+                         o.duration_ms, o.error, retry_in_s=o.delay_s)
 
     def _settle_release(self, job: _Job) -> None:
         """Shutting down: the message is visible again at once; not a failure."""

@@ -3,12 +3,12 @@ drainer of the queue named in each notification.
 
 NOTIFY is a hint, the poll is the guarantee. At start the listener sends
 itself a probe; if it does not come back (a transaction pooler swallows
-notifications) it says so once, turns server-side prepared statements off
-(a pooler would mix them up between its server connections) and the reactor
-runs on the poll alone. A probe after every quiet period catches a listener
-that died silently. On loss it reconnects with capped backoff, re-LISTENs,
-and wakes every drainer once. Nothing the database does ends the listener:
-every fault is reported to Health and waited out.
+notifications) it says so once and the reactor runs on the poll alone (the
+connections are pooler-safe from the start: reactor.db). A probe after every
+quiet period catches a listener that died silently. On loss it reconnects
+with capped backoff, re-LISTENs, and wakes every drainer once. Nothing the
+database does ends the listener: every fault is reported to Health and
+waited out.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ RECONNECT_MAX_S = 10.0
 POOLER_ADVICE = (
     "notifications do not arrive: DATABASE_URL probably goes through a transaction pooler "
     "(PgBouncer/Supavisor in transaction mode, e.g. Supabase port 6543); running on the "
-    "fallback poll alone (WORKER_INTERVAL_MS) with prepared statements off. For instant "
+    "fallback poll alone (WORKER_INTERVAL_MS). For instant "
     "wake-ups use a direct connection (port 5432 of the database) or session mode")
 
 
@@ -117,9 +117,8 @@ class Listener:
             self._quiet_deadline = trio.current_time() + self.probe_every_s
 
     def _notifications_lost(self) -> None:
-        """Said once per change: the reactor now runs on the poll, without prepared statements."""
+        """Said once per change: the reactor now runs on the poll."""
         self.notifications_work = False
-        self.db.disable_prepared_statements("notifications do not arrive (a pooler?)")
         self.health.report("notifications", "pooler", POOLER_ADVICE)
 
     async def _probe(self) -> bool | None:

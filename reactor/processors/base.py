@@ -80,6 +80,11 @@ class Processor(Generic[M]):
         """HTTP routes (starlette.routing.Route) this processor serves on METRICS_PORT."""
         return []
 
+    def dead_letter_stamp(self, delivery: Message) -> dict[str, Any]:
+        """Keys to merge into a dead letter's original, so that a replay is the same
+        job (e.g. the email ledger key of a mail queued without one). Default: none."""
+        return {}
+
     def parse(self, delivery: Message) -> Job[M]:
         """Validate the raw body; a wrong shape is permanent."""
         body: Any = delivery.body

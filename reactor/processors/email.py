@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, LiteralString
 
 import psycopg
 import trio
@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from reactor import queries
 from reactor.config import Settings
-from reactor.db import Database
+from reactor.db import Database, DatabaseUnavailable
+from reactor.errors import RetryableError
 from reactor.paths import TEMPLATES_DIR
 from reactor.processors.base import Job, MessageModel, PermanentError, Processor
 from reactor.queues import Message
@@ -36,6 +37,11 @@ from reactor.services.mailer import (
 from reactor.services.templates import EmailRenderer
 
 __all__ = ["EmailMessage", "EmailProcessor"]
+
+# The verdict of a send (sent / failed) is written to the ledger for up to this long.
+LEDGER_RETRY_S = 10.0
+# MAIL FROM, RCPT TO, DATA and the message: each may take SMTP_TIMEOUT_S.
+SMTP_COMMANDS_PER_MAIL = 4
 
 # The address syntax public.queue_email_task accepts (031), so both ends agree.
 ADDRESS_RE = re.compile(
@@ -111,27 +117,57 @@ class EmailProcessor(Processor[EmailMessage]):
                               to=msg.to, email=rendered, attachments=attachments,
                               reply_to=self.settings.smtp_reply_to)
 
-        prior = await self.db.run(lambda c: claim(c, key, job, msg))
-        if prior == "sent":
-            return  # redelivered after the mail went out: nothing to do
-        if prior == "sending":
-            raise PermanentError(
-                f"delivery state unknown: a worker stopped while sending (ledger key {key}); "
-                "check the SMTP server's log, then run `reactor email resolve "
-                f"{key} --sent` (it arrived) or `--resend` (it did not) and replay the dead "
-                "letter")
         assert self.mailer is not None, "EmailProcessor used outside running()"
-        # Shielded: shutdown must not cut a conversation whose outcome we then cannot know.
-        with trio.CancelScope(shield=True):
+        # Waiting for a pooled connection may be cut (job timeout, shutdown): nothing has
+        # started, and the ledger is claimed only once the connection is ours.
+        async with self.mailer.session() as session:
+            prior = await self.db.run(lambda c: claim(c, key, job, msg))
+            if prior == "sent":
+                return  # redelivered after the mail went out: nothing to do
+            if prior == "sending":
+                raise PermanentError(
+                    f"delivery state unknown: a worker stopped while sending (ledger key "
+                    f"{key}); check the SMTP server's log, then run `reactor email resolve "
+                    f"{key} --sent` (it arrived) or `--resend` (it did not) and replay the "
+                    "dead letter")
+            # Shielded: shutdown must not cut a conversation whose outcome we then cannot
+            # know. Bounded all the same: every SMTP command has SMTP_TIMEOUT_S, and the
+            # verdict's write to the ledger gets LEDGER_RETRY_S.
+            with trio.CancelScope(shield=True) as conversation:
+                conversation.deadline = (trio.current_time() + LEDGER_RETRY_S
+                                         + SMTP_COMMANDS_PER_MAIL * self.settings.smtp_timeout_s)
+                try:
+                    message_id = await session.send(email)
+                except Exception as exc:
+                    await self._record(queries.EMAIL_FAILED, {"key": key, "error": str(exc)})
+                    raise
+                await self._record(queries.EMAIL_SENT, {"key": key, "message_id": message_id})
+            if conversation.cancelled_caught:
+                raise RetryableError(f"the SMTP conversation did not finish in time (ledger "
+                                     f"key {key}): its outcome is unknown", outage=True)
+
+    async def _record(self, query: LiteralString, params: dict[str, Any]) -> None:
+        """Write the verdict of a send; retried, so a database blip right after a send
+        does not turn a known outcome into an unknown one."""
+        delay = 0.2
+        deadline = trio.current_time() + LEDGER_RETRY_S
+        while True:
             try:
-                message_id = await self.mailer.send(email)
-            except Exception as exc:
-                error = str(exc)
-                await self.db.run(lambda c: c.execute(queries.EMAIL_FAILED,
-                                                      {"key": key, "error": error}))
-                raise
-            await self.db.run(lambda c: c.execute(queries.EMAIL_SENT,
-                                                  {"key": key, "message_id": message_id}))
+                await self.db.run(lambda c: c.execute(query, params))
+                return
+            except (DatabaseUnavailable, psycopg.Error):
+                if trio.current_time() + delay > deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def dead_letter_stamp(self, delivery: Message) -> dict[str, Any]:
+        """A mail queued without a key keeps the one it was tried under: replaying it
+        is then the same mail for the ledger (never a second, blind send)."""
+        body = delivery.body
+        if isinstance(body, dict) and not body.get("idempotency_key"):
+            return {"idempotency_key": unkeyed_ledger_key(delivery)}
+        return {}
 
     async def _profile_locale(self, address: str) -> str | None:
         row = await self.db.run(

@@ -34,6 +34,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,6 +56,7 @@ from reactor.services.payments import (
     ProviderObject,
     check_yookassa_id,
     open_provider,
+    shown,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +73,10 @@ REFUSED_REMEMBERED = 1000  # distinct refused senders warned about, then debug o
 WEBHOOK_DB_BUDGET_S = 5.0  # answer the provider fast; it retries a 503 for a day
 CHECK_MAX_S = 3600  # a pending operation is asked at least hourly
 CHECK_AGE_FACTOR = 0.25  # ...and otherwise after a quarter of its age: ~60 calls a day at most
+# YooKassa honours an Idempotence-Key for 24 h; past 23 h, an unanswered capture or
+# refund is looked up at the provider before it is asked for again.
+IDEMPOTENCE_WINDOW_S = 23 * 3600
+CENT = Decimal("0.01")
 
 Action = Literal["verify", "capture", "refund"]
 IPAddress = IPv4Address | IPv6Address
@@ -99,6 +105,59 @@ class Operation:
         return f"{self.payment_id}:{self.action}:{self.seq}"
 
 
+@dataclass(frozen=True)
+class Row:
+    """public.payments as loaded (queries.LOAD_PAYMENT) when a message is handled."""
+
+    payment_id: UUID
+    status: str
+    amount: Decimal
+    currency: str
+    provider: str
+    provider_id: str  # "" when the row has none
+    created_at: datetime
+    refunded_amount: Decimal
+    sharing: list[str]  # other rows naming the same provider payment (should be none)
+
+
+def _requested_amount(msg: PaymentMessage, row: Row) -> Decimal:
+    """The amount the message's action moves, checked against the row.
+
+    A refund moves `amount` (default: all that is left to refund), more than 0 and
+    at most what is left; a capture moves the row's amount (no partial capture).
+
+    Raises:
+        PermanentError: naming what is wrong with the amount, before any provider call.
+    """
+    asked = msg.amount
+    pid, currency = msg.payment_id, row.currency
+    if asked is not None:
+        if not asked.is_finite() or asked <= 0:
+            raise PermanentError(f"{msg.action} of payment {pid}: amount {asked} is not more "
+                                 "than 0; give a positive amount, or none for the whole")
+        if asked != asked.quantize(CENT):
+            raise PermanentError(f"{msg.action} of payment {pid}: amount {asked} has more "
+                                 "than 2 decimal places")
+    if msg.action == "refund":
+        left = row.amount - row.refunded_amount
+        wanted = left if asked is None else asked
+        if row.status == "completed" and wanted <= 0:
+            raise PermanentError(f"payment {pid} has nothing left to refund "
+                                 f"({row.refunded_amount:.2f} {currency} refunded already)")
+        if row.status == "completed" and wanted > left:
+            raise PermanentError(
+                f"refund of {wanted:.2f} {currency} of payment {pid} is more than the "
+                f"{left:.2f} {currency} left to refund ({row.amount:.2f} paid, "
+                f"{row.refunded_amount:.2f} refunded); nothing was asked of the provider")
+        return wanted
+    if msg.action == "capture" and asked is not None and asked != row.amount:
+        raise PermanentError(
+            f"capture of {asked:.2f} {currency} asked, but payment {pid} is for "
+            f"{row.amount:.2f} {currency}: partial capture is not supported; omit amount to "
+            "capture the payment's amount")
+    return row.amount
+
+
 class PaymentProcessor(Processor[PaymentMessage]):
     queue = "payment_processing_queue"
     model = PaymentMessage
@@ -123,61 +182,108 @@ class PaymentProcessor(Processor[PaymentMessage]):
     async def handle(self, job: Job[PaymentMessage]) -> None:
         msg = job.message
         pid = msg.payment_id
-        row = await self.db.run(lambda c: c.execute(
+        loaded = await self.db.run(lambda c: c.execute(
             queries.LOAD_PAYMENT, {"payment_id": pid}).fetchone())
-        if row is None:
+        if loaded is None:
             raise PermanentError(f"payment {pid} does not exist in public.payments")
-        status, amount, currency, row_provider, provider_id, _created_at = row
+        status, amount, currency, row_provider, provider_id, created, refunded, sharing = loaded
+        row = Row(pid, status, amount, currency, row_provider, provider_id or "", created,
+                  refunded, list(sharing))
         provider = self.provider
         if provider is None:
-            self._manual(msg, row_provider)
+            self._manual(msg, row.provider)
             return
-        if row_provider != provider.name:
+        if row.provider != provider.name:
             raise PermanentError(
-                f"payment {pid} has provider {row_provider!r} but PAYMENT_PROVIDER="
+                f"payment {pid} has provider {row.provider!r} but PAYMENT_PROVIDER="
                 f"{provider.name}: it is never checked with another provider; set its "
                 "status by hand, or correct payments.provider and replay it")
-        if not provider_id:
+        if not row.provider_id:
             raise PermanentError(f"payment {pid} has no provider_payment_id")
-        check_yookassa_id(provider_id)
-
-        if msg.action == "refund":
-            if status == "refunded":
-                await self._supersede(pid, "refund")
-                return
-            if status != "completed":
-                raise PermanentError(f"payment {pid} is {status}: only a completed "
-                                     "payment can be refunded")
-            op = await self._claim(pid, "refund", msg.amount or amount)
-            await self._refund(job, provider, op, provider_id, currency)
+        check_yookassa_id(row.provider_id)
+        if row.sharing:
+            others = ", ".join(row.sharing)
+            reason = (f"provider payment {row.provider_id} is also named by payment(s) "
+                      f"{others}: one provider payment pays for one row")
+            self.bus.publish("payment.mismatch", self.queue, job.msg_id, job.delivery.attempt,
+                             error=reason, payment_id=str(pid), action=msg.action,
+                             provider_payment_id=row.provider_id)
+            raise PermanentError(f"payment {pid}: {reason}; nothing was changed: correct "
+                                 "provider_payment_id on the wrong row(s), then replay this")
+        requested = _requested_amount(msg, row)  # PermanentError before any provider call
+        if await self._already_done(job):
             return
 
-        if status != "pending":
+        if msg.action == "refund":
+            if row.status == "refunded":
+                await self._supersede(pid, "refund")
+                return
+            if row.status != "completed":
+                raise PermanentError(f"payment {pid} is {row.status}: only a completed "
+                                     "payment can be refunded")
+            op = await self._claim(job, "refund", requested)
+            if op.amount != requested:
+                raise PermanentError(
+                    f"a refund of {op.amount:.2f} {row.currency} of payment {pid} is still "
+                    f"open (Idempotence-Key {op.idempotence_key}); this message asks for "
+                    f"{requested:.2f}: replay it once that refund is finished")
+            await self._refund(job, provider, op, row)
+            return
+
+        if row.status != "pending":
             await self._supersede(pid, msg.action)
             return  # already final: never moved backwards, nothing to ask
         if msg.action == "capture":
-            op = await self._claim(pid, "capture", msg.amount or amount)
-            assert op.amount is not None
-            if op.object_id is None:
-                answer = await provider.capture(provider_id, op.amount, currency,
-                                                op.idempotence_key)
-            else:  # captured before: ask how it went, never capture twice
-                answer = await provider.get(provider_id)
-            await self._record_check(op, answer.id)
-            expected = op.amount
+            op = await self._claim(job, "capture", row.amount)
+            if op.amount != row.amount:
+                raise PermanentError(
+                    f"payment {pid} is now {row.amount:.2f} {row.currency}, but its open "
+                    f"capture (Idempotence-Key {op.idempotence_key}) was asked for "
+                    f"{op.amount:.2f}: nothing was changed; check the payment at the provider")
+            answer = await self._capture(provider, op, row)
         else:
-            op = await self._claim(pid, "verify", amount)
-            answer = await provider.get(provider_id)
+            op = await self._claim(job, "verify", row.amount)
+            answer = await provider.get(row.provider_id)
             await self._record_check(op, None)
-            expected = amount
-        await self._agree(job, op, answer, provider_id, expected, currency)
+        await self._agree(job, op, answer, row.provider_id, row.amount, row.currency)
         if answer.status == "succeeded":
-            await self._finish(op, "succeeded", "completed")
+            await self._finish(op, row, "succeeded", "completed")
         elif answer.status == "canceled":
-            await self._finish(op, "canceled", "failed",
+            await self._finish(op, row, "canceled", "failed",
                                answer.reason or "canceled by the provider")
         else:
             raise await self._later(op, f"payment {answer.status}")
+
+    async def _already_done(self, job: Job[PaymentMessage]) -> bool:
+        """True when this very message finished its operation before (the reactor
+        stopped before archiving it): its redelivery must not start another one."""
+        msg = job.message
+        done = await self.db.run(lambda c: c.execute(queries.FINISHED_BY_MESSAGE, {
+            "payment_id": msg.payment_id, "action": msg.action,
+            "msg_id": job.msg_id}).fetchone())
+        if done is None:
+            return False
+        seq, outcome = done
+        if outcome in ("succeeded", "superseded"):
+            log.info("payment operation already finished by this message", msg_id=job.msg_id,
+                     payment_id=str(msg.payment_id), action=msg.action, seq=seq)
+            return True
+        raise PermanentError(f"the {msg.action} of payment {msg.payment_id} this message "
+                             f"asked for already ended ({outcome}); nothing was done again")
+
+    async def _capture(self, provider: PaymentProvider, op: Operation,
+                       row: Row) -> ProviderObject:
+        """Capture once: after the first answer (or once the provider may have forgotten
+        the Idempotence-Key) ask how the payment stands before capturing."""
+        assert op.amount is not None
+        answer: ProviderObject | None = None
+        if op.object_id is not None or op.age_s > IDEMPOTENCE_WINDOW_S:
+            answer = await provider.get(row.provider_id)
+        if answer is None or (op.object_id is None and answer.status == "waiting_for_capture"):
+            answer = await provider.capture(row.provider_id, op.amount, row.currency,
+                                            op.idempotence_key)
+        await self._record_check(op, row.provider_id)  # "asked before": never capture twice
+        return answer
 
     def _manual(self, msg: PaymentMessage, row_provider: str) -> None:
         """No provider configured: the status the database holds is the decision."""
@@ -193,23 +299,31 @@ class PaymentProcessor(Processor[PaymentMessage]):
         log.debug("manual payments: the status is set by staff", payment_id=str(msg.payment_id))
 
     async def _refund(self, job: Job[PaymentMessage], provider: PaymentProvider,
-                      op: Operation, provider_id: str, currency: str) -> None:
+                      op: Operation, row: Row) -> None:
         assert op.amount is not None
-        if op.object_id is None:
-            refund = await provider.refund(provider_id, op.amount, currency,
-                                           op.idempotence_key)
-        else:  # requested before (maybe by a message now dead-lettered): poll that refund
+        refund: ProviderObject | None = None
+        if op.object_id is not None:  # requested before (maybe by a dead letter): poll it
             refund = await provider.get_refund(op.object_id)
+        elif op.age_s > IDEMPOTENCE_WINDOW_S:
+            # The provider forgets an Idempotence-Key after 24 h: posting again now could
+            # refund twice if the first request got through unrecorded. Look for it first.
+            refund = await provider.find_refund(row.provider_id, op.idempotence_key)
+            if refund is None:
+                log.info("refund not found at the provider: asking for it again",
+                         payment_id=str(op.payment_id), idempotence_key=op.idempotence_key)
+        if refund is None:
+            refund = await provider.refund(row.provider_id, op.amount, row.currency,
+                                           op.idempotence_key)
         try:
             refund_id: str | None = check_yookassa_id(refund.id, "refund id")
         except PermanentError:
             refund_id = None  # asked again with the same key, the provider names it again
         await self._record_check(op, refund_id)
-        await self._agree(job, op, refund, provider_id, op.amount, currency)
+        await self._agree(job, op, refund, row.provider_id, op.amount, row.currency)
         if refund.status == "succeeded":
-            await self._finish(op, "succeeded", "refunded")
+            await self._finish(op, row, "succeeded", "refunded")
         elif refund.status == "canceled":
-            await self._finish(op, "canceled")
+            await self._close(op, "canceled")
             raise PermanentError(f"refund canceled: {refund.reason or 'no reason given'}")
         else:
             raise await self._later(op, "refund pending")
@@ -220,17 +334,17 @@ class PaymentProcessor(Processor[PaymentMessage]):
         problems = []
         if op.action == "refund":
             if answer.payment_ref != provider_id:
-                problems.append(f"refund of payment {answer.payment_ref} at the provider, "
+                problems.append(f"refund of payment {shown(answer.payment_ref)} at the provider, "
                                 f"of {provider_id} here")
         elif answer.id != provider_id:
-            problems.append(f"id {answer.id[:80]} at the provider, {provider_id} here")
+            problems.append(f"id {shown(answer.id)} at the provider, {provider_id} here")
         if answer.amount != amount or answer.currency != currency:
-            there = (f"{answer.amount:.2f} {answer.currency}" if answer.amount is not None
+            there = (f"{answer.amount:.2f} {shown(answer.currency)}" if answer.amount is not None
                      else "no amount")
             problems.append(f"amount {there} at the provider, {amount:.2f} {currency} here")
         if (op.action != "refund" and answer.payment_ref is not None
                 and answer.payment_ref != str(op.payment_id)):
-            problems.append(f"metadata.payment_id {answer.payment_ref[:80]} at the provider, "
+            problems.append(f"metadata.payment_id {shown(answer.payment_ref)} at the provider, "
                             f"{op.payment_id} here")
         if not problems:
             return
@@ -238,7 +352,7 @@ class PaymentProcessor(Processor[PaymentMessage]):
         if op.action == "verify":
             # Nothing moved: a later verify starts afresh. A capture or refund stays open,
             # so a replay repeats its Idempotence-Key instead of moving money twice.
-            await self._finish(op, "mismatch")
+            await self._close(op, "mismatch")
         self.bus.publish("payment.mismatch", self.queue, job.msg_id, job.delivery.attempt,
                          error=reason, payment_id=str(op.payment_id), action=op.action,
                          provider_payment_id=provider_id)
@@ -251,7 +365,7 @@ class PaymentProcessor(Processor[PaymentMessage]):
         limit = self.settings.payment_verify_max_age_s
         if age > limit:
             if op.action == "verify":
-                await self._finish(op, "expired")
+                await self._close(op, "expired")
                 hint = ""
             else:
                 hint = (f"; the {op.action} keeps its Idempotence-Key: `reactor dlq replay "
@@ -263,11 +377,21 @@ class PaymentProcessor(Processor[PaymentMessage]):
         return RetryLater(f"{what}; asking again in {delay}s", delay)
 
     # -- the operations ledger ------------------------------------------------------------
-    async def _claim(self, pid: UUID, action: Action, amount: Decimal) -> Operation:
-        row = await self.db.run(lambda c: c.execute(queries.CLAIM_PAYMENT_OPERATION, {
-            "payment_id": pid, "action": action, "amount": amount}).fetchone())
-        assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
-        seq, op_amount, object_id, age_s = row
+    async def _claim(self, job: Job[PaymentMessage], action: Action,
+                     amount: Decimal) -> Operation:
+        """The open operation of this payment and action (or a new one), now carried
+        by this message."""
+        pid = job.message.payment_id
+
+        def run(conn: psycopg.Connection) -> Any:
+            with conn.transaction():
+                row = conn.execute(queries.CLAIM_PAYMENT_OPERATION, {
+                    "payment_id": pid, "action": action, "amount": amount}).fetchone()
+                assert row is not None  # INSERT ... ON CONFLICT DO UPDATE returns the row
+                conn.execute(queries.CARRY_PAYMENT_OPERATION, {
+                    "payment_id": pid, "action": action, "seq": row[0], "msg_id": job.msg_id})
+                return row
+        seq, op_amount, object_id, age_s = await self.db.run(run)
         return Operation(pid, action, seq, op_amount, object_id, float(age_s))
 
     async def _record_check(self, op: Operation, object_id: str | None) -> None:
@@ -275,18 +399,51 @@ class PaymentProcessor(Processor[PaymentMessage]):
             "payment_id": op.payment_id, "action": op.action, "seq": op.seq,
             "object_id": object_id}))
 
-    async def _finish(self, op: Operation, outcome: str, status: str | None = None,
+    async def _close(self, op: Operation, outcome: str) -> None:
+        """Finish an operation that changed nothing on the payment."""
+        await self.db.run(lambda c: c.execute(queries.FINISH_PAYMENT_OPERATION, {
+            "payment_id": op.payment_id, "action": op.action, "seq": op.seq,
+            "outcome": outcome}))
+
+    async def _finish(self, op: Operation, row: Row, outcome: str, status: str,
                       reason: str | None = None) -> None:
-        """Close the operation and set the payment's status, in one transaction."""
-        def run(conn: psycopg.Connection) -> None:
+        """Close the operation and record its effect on the payment, in one transaction,
+        provided the row is still the one the provider was asked about.
+
+        Raises:
+            RetryLater: the row changed meanwhile (amount, currency, provider id, or
+                another row now names its provider payment): nothing was recorded,
+                and the next attempt checks the changed row from the start.
+        """
+        facts = {"payment_id": op.payment_id, "amount": row.amount, "currency": row.currency,
+                 "provider": row.provider, "provider_payment_id": row.provider_id}
+
+        def run(conn: psycopg.Connection) -> bool:
             with conn.transaction():
-                if status is not None:
-                    conn.execute(queries.SET_PAYMENT_STATUS, {
-                        "payment_id": op.payment_id, "status": status, "reason": reason})
+                if status == "refunded":
+                    recorded = conn.execute(queries.RECORD_REFUND, {
+                        **facts, "refund": op.amount}).fetchone()
+                else:
+                    recorded = conn.execute(queries.SET_PAYMENT_STATUS, {
+                        **facts, "status": status, "reason": reason}).fetchone()
+                if recorded is None:
+                    return False
                 conn.execute(queries.FINISH_PAYMENT_OPERATION, {
                     "payment_id": op.payment_id, "action": op.action, "seq": op.seq,
                     "outcome": outcome})
-        await self.db.run(run)
+                return True
+        if await self.db.run(run):
+            return
+        now = await self.db.run(lambda c: c.execute(
+            queries.LOAD_PAYMENT, {"payment_id": op.payment_id}).fetchone())
+        if now is None:
+            raise PermanentError(f"payment {op.payment_id} was deleted while it was checked")
+        expected = "completed" if status == "refunded" else "pending"
+        if now[0] != expected:  # decided meanwhile by someone else: never moved backwards
+            await self._supersede(op.payment_id, op.action)
+            return
+        raise RetryLater(f"payment {op.payment_id} changed while it was checked; checking "
+                         "it again", max(1, round(self.settings.retry_base_s)))
 
     async def _supersede(self, pid: UUID, action: Action) -> None:
         await self.db.run(lambda c: c.execute(queries.SUPERSEDE_PAYMENT_OPERATIONS, {

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import psycopg
@@ -180,7 +180,8 @@ class ReportProcessor(Processor[ReportMessage]):
     async def _store(self, relative: str, pdf: bytes) -> None:
         """Write atomically: a reader sees the old file or the new one, never half."""
         final = trio.Path(self.settings.reports_dir) / relative
-        temp = final.with_name(f".{final.name}.tmp")
+        # A temp name of its own: two deliveries of one report may render at once.
+        temp = final.with_name(f".{final.name}.{uuid4().hex}.tmp")
         try:
             await final.parent.mkdir(parents=True, exist_ok=True)
             await temp.write_bytes(pdf)

@@ -64,7 +64,7 @@ class OutgoingMail:
     raw: bytes
 
 
-class Mailer(Protocol):
+class MailSession(Protocol):
     async def send(self, mail: OutgoingMail) -> str:
         """Deliver one mail; return its Message-ID.
 
@@ -73,6 +73,17 @@ class Mailer(Protocol):
             RetryableError: anything that may work later.
         """
         ...
+
+
+class Mailer(MailSession, Protocol):
+    """Sends mail; `session()` first waits for the means (a pooled SMTP connection).
+
+    The wait is cancellable and starts nothing, so a job timeout or shutdown may
+    end it; the conversation that follows (`MailSession.send`) is what a caller
+    shields, because its outcome cannot be known once it is cut.
+    """
+
+    def session(self) -> contextlib.AbstractAsyncContextManager[MailSession]: ...
 
 
 # -- headers -----------------------------------------------------------------------------
@@ -455,18 +466,25 @@ class SmtpMailer:
             await self._discard(client)
         return await self._connect()
 
-    async def send(self, mail: OutgoingMail) -> str:
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[MailSession]:
+        """A pool slot and a working connection (waiting is cancellable); back to the
+        pool afterwards unless the conversation failed or was cut."""
         async with self._slots:
             client = await self._checkout()
+            session = _SmtpSession(client)
             try:
-                await trio_asyncio.aio_as_trio(client.sendmail)(
-                    mail.sender, [mail.recipient], mail.raw)
-            except Exception as exc:
-                await self._discard(client)
-                raise classify(exc) from None
-            self._idle.append((client, trio.current_time()))
-            self._went_idle.set()
-        return mail.message_id
+                yield session
+            finally:
+                if session.usable and client.is_connected:
+                    self._idle.append((client, trio.current_time()))
+                    self._went_idle.set()
+                else:
+                    await self._discard(client)
+
+    async def send(self, mail: OutgoingMail) -> str:
+        async with self.session() as session:
+            return await session.send(mail)
 
     async def reap_idle(self) -> None:
         """Close connections idle for SMTP_POOL_IDLE_S with QUIT; runs until cancelled."""
@@ -503,11 +521,33 @@ class SmtpMailer:
             await self._quit(client)
 
 
+class _SmtpSession:
+    """One conversation on a pooled connection."""
+
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        self.client = client
+        self.usable = True
+
+    async def send(self, mail: OutgoingMail) -> str:
+        self.usable = False  # until the server has answered the whole mail
+        try:
+            await trio_asyncio.aio_as_trio(self.client.sendmail)(
+                mail.sender, [mail.recipient], mail.raw)
+        except Exception as exc:
+            raise classify(exc) from None
+        self.usable = True
+        return mail.message_id
+
+
 class FileMailer:
     """Writes each mail as an .eml file, atomically (temp file, then rename)."""
 
     def __init__(self, outbox: Path) -> None:
         self.outbox = outbox
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[MailSession]:
+        yield self
 
     async def send(self, mail: OutgoingMail) -> str:
         message_id = mail.message_id

@@ -10,7 +10,13 @@ connection errors retry; 401/403 is a configuration error (retried, so
 fixing the keys resumes the work); 404 and other 4xx are permanent.
 Provider ids are checked against YooKassa's id format and URL-quoted before
 they go into a path, so an id taken from a row or a notification can never
-point a request at another endpoint.
+point a request at another endpoint. Text taken from a provider answer goes
+into errors only through `shown` (no control characters, no lone surrogates,
+bounded length).
+
+Each refund we create carries its operation's Idempotence-Key in
+`metadata.reactor_operation`, so that `find_refund` can tell, after the
+provider has forgotten the key (24 h), whether that refund was ever made.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from reactor.config import ConfigError, Settings
 from reactor.errors import PermanentError, RetryableError
 
 __all__ = ["PaymentProvider", "ProviderObject", "YooKassaProvider", "check_yookassa_id",
-           "open_provider"]
+           "open_provider", "shown"]
 
 ProviderStatus = Literal["pending", "waiting_for_capture", "succeeded", "canceled"]
 TIMEOUT = httpx.Timeout(15.0, connect=5.0)
@@ -35,6 +41,19 @@ TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 # 2d8d0ecb-000f-5000-9000-1b68e7b15f3f).
 YOOKASSA_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
                          r"-[0-9a-fA-F]{12}")
+OPERATION_KEY = "reactor_operation"  # refunds' metadata: the operation's Idempotence-Key
+REFUND_PAGE = 100  # GET /refunds?limit= (YooKassa's maximum)
+REFUND_PAGES_MAX = 20  # a payment with more refunds than this is not one of ours
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A provider value as it may appear in an error, a log or a status reason:
+    as is when short and printable, else quoted with escapes (so a NUL or a lone
+    surrogate can never reach a jsonb or text column) and cut to `limit`."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit and text.isprintable():
+        return text
+    return repr(text[:limit])
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,8 @@ class ProviderObject:
     # Payments: metadata.payment_id (our row id) when the app set it at creation.
     # Refunds: the id of the payment refunded.
     payment_ref: str | None = None
+    # Refunds: metadata.reactor_operation, the Idempotence-Key of the refund we asked for.
+    operation: str | None = None
 
 
 class PaymentProvider(Protocol):
@@ -60,6 +81,7 @@ class PaymentProvider(Protocol):
     async def refund(self, payment_id: str, amount: Decimal, currency: str,
                      idempotence_key: str) -> ProviderObject: ...
     async def get_refund(self, refund_id: str) -> ProviderObject: ...
+    async def find_refund(self, payment_id: str, idempotence_key: str) -> ProviderObject | None: ...
     async def aclose(self) -> None: ...
 
 
@@ -78,7 +100,7 @@ def check_yookassa_id(value: str, what: str = "provider_payment_id") -> str:
 def _cancellation(body: dict[str, Any]) -> str | None:
     details = body.get("cancellation_details")
     if isinstance(details, dict):
-        return ": ".join(str(details[k]) for k in ("party", "reason") if details.get(k))
+        return ": ".join(shown(details[k]) for k in ("party", "reason") if details.get(k))
     return None
 
 
@@ -109,10 +131,12 @@ class YooKassaProvider:
             auth=(settings.yookassa_shop_id, settings.yookassa_secret_key.get_secret_value()))
 
     async def _call(self, method: str, path: str, *, json: dict[str, Any] | None = None,
-                    idempotence_key: str | None = None) -> dict[str, Any]:
+                    idempotence_key: str | None = None, params: dict[str, str] | None = None,
+                    listing: bool = False) -> dict[str, Any]:
         headers = {"Idempotence-Key": idempotence_key} if idempotence_key else {}
         try:
-            response = await self.client.request(method, path, json=json, headers=headers)
+            response = await self.client.request(method, path, json=json, headers=headers,
+                                                 params=params)
         except httpx.TimeoutException as exc:
             raise RetryableError(f"YooKassa timed out: {type(exc).__name__}", outage=True) from None
         except httpx.HTTPError as exc:
@@ -127,19 +151,31 @@ class YooKassaProvider:
             raise RetryableError(f"YooKassa answered HTTP {code}", outage=True)
         if code >= 400:
             raise PermanentError(f"YooKassa rejected {method} {path}: HTTP {code} "
-                                 f"{response.text[:300]}")
+                                 f"{shown(response.text, 300)}")
         try:
             body = response.json()
         except ValueError:
             raise RetryableError(f"YooKassa answered HTTP {code} without JSON") from None
-        if not isinstance(body, dict) or body.get("status") not in get_args(ProviderStatus):
+        if not isinstance(body, dict):
+            raise RetryableError("YooKassa answered without a JSON object")
+        if listing:
+            return body
+        if body.get("status") not in get_args(ProviderStatus):
             raise RetryableError("YooKassa answered without a known status")
         return body
 
-    def _object(self, body: dict[str, Any], payment_ref: str | None) -> ProviderObject:
+    def _object(self, body: dict[str, Any], payment_ref: str | None,
+                operation: str | None = None) -> ProviderObject:
         amount, currency = _amount(body)
         return ProviderObject(str(body.get("id")), cast(ProviderStatus, body["status"]),
-                              amount, currency, _cancellation(body), payment_ref)
+                              amount, currency, _cancellation(body), payment_ref, operation)
+
+    def _refund(self, body: dict[str, Any]) -> ProviderObject:
+        ref = body.get("payment_id")
+        metadata = body.get("metadata")
+        operation = metadata.get(OPERATION_KEY) if isinstance(metadata, dict) else None
+        return self._object(body, ref if isinstance(ref, str) else None,
+                            operation if isinstance(operation, str) else None)
 
     def _payment(self, body: dict[str, Any]) -> ProviderObject:
         metadata = body.get("metadata")
@@ -162,16 +198,44 @@ class YooKassaProvider:
                      idempotence_key: str) -> ProviderObject:
         body = await self._call("POST", "/refunds", json={
             "payment_id": check_yookassa_id(payment_id),
-            "amount": {"value": f"{amount:.2f}", "currency": currency}},
+            "amount": {"value": f"{amount:.2f}", "currency": currency},
+            "metadata": {OPERATION_KEY: idempotence_key}},
             idempotence_key=idempotence_key)
-        ref = body.get("payment_id")
-        return self._object(body, ref if isinstance(ref, str) else None)
+        return self._refund(body)
 
     async def get_refund(self, refund_id: str) -> ProviderObject:
         rid = quote(check_yookassa_id(refund_id, "refund id"), safe="")
-        body = await self._call("GET", f"/refunds/{rid}")
-        ref = body.get("payment_id")
-        return self._object(body, ref if isinstance(ref, str) else None)
+        return self._refund(await self._call("GET", f"/refunds/{rid}"))
+
+    async def find_refund(self, payment_id: str, idempotence_key: str) -> ProviderObject | None:
+        """The refund of `payment_id` that we created with `idempotence_key`, if any.
+
+        Raises:
+            RetryableError: a page could not be read, or our refund came back without
+                a known status (never "none" then: that would post it again).
+            PermanentError: too many refunds to read them all.
+        """
+        params = {"payment_id": check_yookassa_id(payment_id), "limit": str(REFUND_PAGE)}
+        for _ in range(REFUND_PAGES_MAX):
+            page = await self._call("GET", "/refunds", params=params, listing=True)
+            items = page.get("items")
+            if not isinstance(items, list):
+                raise RetryableError("YooKassa listed refunds without `items`")
+            for item in items:
+                if not isinstance(item, dict):
+                    continue
+                metadata = item.get("metadata")
+                if isinstance(metadata, dict) and metadata.get(OPERATION_KEY) == idempotence_key:
+                    if item.get("status") not in get_args(ProviderStatus):
+                        raise RetryableError("YooKassa listed our refund without a known status")
+                    return self._refund(item)
+            cursor = page.get("next_cursor")
+            if not isinstance(cursor, str) or not cursor:
+                return None
+            params = {**params, "cursor": cursor}
+        raise PermanentError(f"YooKassa lists more than {REFUND_PAGE * REFUND_PAGES_MAX} "
+                             f"refunds of payment {payment_id}: look for the one with "
+                             f"metadata.{OPERATION_KEY}={idempotence_key} by hand")
 
     async def aclose(self) -> None:
         await self.client.aclose()
