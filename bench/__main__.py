@@ -32,6 +32,7 @@ import psycopg
 import trio
 
 from bench import mail, peers, profile, resources
+from bench.common import MissingDependency
 from reactor import queues
 from reactor.config import load_settings
 from reactor.core.app import Reactor
@@ -281,7 +282,10 @@ def main() -> None:
               f"fsync on; load average at start {os.getloadavg()[0]:.2f}\n", flush=True)
         for name in args.scenarios or [s for s in SCENARIOS if s not in LONG]:
             started = time.monotonic()
-            result = SCENARIOS[name](url)
+            try:
+                result = SCENARIOS[name](url)
+            except MissingDependency as exc:
+                parser.exit(2, f"python -m bench {name}: {exc}\n")
             rows = result if isinstance(result, list) else [result]
             print(f"### {name} ({time.monotonic() - started:.0f} s)\n\n{table(rows)}\n",
                   flush=True)

@@ -20,13 +20,27 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["QUEUE", "Child", "Spread", "fill_pgmq", "fill_pgqueuer", "pct", "reset_pgmq",
-           "reset_pgqueuer", "rss_kib", "spread"]
+__all__ = ["QUEUE", "Child", "MissingDependency", "Result", "Spread", "fill_pgmq",
+           "fill_pgqueuer", "pct", "require", "reset_pgmq", "reset_pgqueuer", "rss_kib",
+           "spread"]
 
 QUEUE = "analytics_queue"
 ROOT = Path(__file__).resolve().parent.parent
 
 Result = dict[str, Any]
+
+
+class MissingDependency(Exception):
+    """A bench-only package is not installed; the message names the fix."""
+
+
+def require(module: str, package: str) -> None:
+    """Refuse to start a scenario whose peer is not installed (before any child fails)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependency(f"{package} is not installed: run `make bench`, or "
+                                f"pip install -e '.[bench]'")
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -100,9 +114,12 @@ class Child:
     hanging the bench; the child is killed on the way out in any case.
     """
 
-    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *argv: str, env: dict[str, str] | None = None,
+                 quiet: bool = False) -> None:
+        """quiet: its stderr (e.g. a log line per job) goes to /dev/null."""
         self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT,
                                      stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL if quiet else None,
                                      text=True, env={**os.environ, **(env or {})})
         self.name = " ".join(argv[:2])
         self._lines: queue.Queue[str | None] = queue.Queue()

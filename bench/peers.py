@@ -27,6 +27,7 @@ from bench.common import (
     fill_pgmq,
     fill_pgqueuer,
     pct,
+    require,
     reset_pgmq,
     reset_pgqueuer,
     spread,
@@ -55,13 +56,19 @@ BARE = Worker("bare loop: pgmq.read(q, 30, 100) + pgmq.archive(q, ids), one psyc
               "connection, no dispatch", "bare", (), "pgmq")
 BARE_ASYNC = Worker("the same bare loop with synchronous_commit=off (the reactor's "
                     "bookkeeping commits so)", "bare", ("async",), "pgmq")
-REACTOR = Worker("reactor, defaults (MAX_TASKS_PER_CYCLE=100)", "reactor", (), "pgmq")
+REACTOR = Worker("reactor, defaults (MAX_TASKS_PER_CYCLE=100), LOG_LEVEL=warning", "reactor",
+                 (), "pgmq")
+REACTOR_INFO = Worker("reactor, defaults with LOG_LEVEL=info (a log line per finished job, "
+                      "to /dev/null)", "reactor", ("LOG_LEVEL=info",), "pgmq", every_size=False)
 REACTOR_500 = Worker("reactor, MAX_TASKS_PER_CYCLE=500", "reactor",
                      ("MAX_TASKS_PER_CYCLE=500",), "pgmq", every_size=False)
-WORKERS = (PGQ_BEST, PGQ_DEFAULT, BARE, BARE_ASYNC, REACTOR, REACTOR_500)
+WORKERS = (PGQ_BEST, PGQ_DEFAULT, BARE, BARE_ASYNC, REACTOR, REACTOR_INFO, REACTOR_500)
 
 
 def install_pgqueuer(url: str) -> None:
+    for module, package in (("pgqueuer", "PgQueuer"), ("asyncpg", "asyncpg"),
+                            ("uvloop", "uvloop")):
+        require(module, package)
     with Child("bench.workers", "pgqueuer-install", url) as child:
         child.expect("INSTALLED", 120)
 
@@ -88,7 +95,7 @@ def drain_once(url: str, worker: Worker, n: int) -> float:
     else:
         reset_pgqueuer(url)
         fill_pgqueuer(url, n)
-    with Child("bench.workers", worker.kind, url, str(n), *worker.args) as child:
+    with Child("bench.workers", worker.kind, url, str(n), *worker.args, quiet=True) as child:
         t0 = float(child.expect("READY", 60)[0])
         code = child.wait(DRAIN_TIMEOUT_S)
     end, done, left = _finished(url, worker.store)
@@ -154,7 +161,8 @@ def latency(url: str, n: int = 500, gap_s: float = 0.02, runs: int = 3) -> list[
     install_pgqueuer(url)
     cases = [(PGQ_BEST.label, "pgqueuer-latency", ("1000",)),
              (PGQ_DEFAULT.label, "pgqueuer-latency", ("10",)),
-             ("reactor, defaults, WORKER_INTERVAL_MS=60000", "reactor-latency", ())]
+             ("reactor, defaults, LOG_LEVEL=warning, WORKER_INTERVAL_MS=60000",
+              "reactor-latency", ())]
     p50: dict[str, list[float]] = {}
     p99: dict[str, list[float]] = {}
     for _ in range(runs):

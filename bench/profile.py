@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import Child, Result, fill_pgmq, reset_pgmq
+from bench.common import Child, MissingDependency, Result, fill_pgmq, reset_pgmq
 
 __all__ = ["profile", "profile_mail"]
 
@@ -38,6 +38,14 @@ WATCH = {
     "trio: thread hand-off (to_thread / thread cache)": "_thread_cache",
     "trio: scheduler (unrolled_run, not in a task)": "unrolled_run (trio/_core/_run.py:2",
 }
+
+
+def _py_spy() -> str:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise MissingDependency("py-spy is not installed: run `make bench`, or "
+                                "pip install -e '.[bench]'")
+    return spy
 
 
 def _xacts(url: str) -> int:
@@ -131,9 +139,7 @@ def _summarize(raw: Path, top: int, watch: dict[str, str] = WATCH) -> list[Resul
 
 def profile(url: str, n: int = 20_000, rate: int = 500, top: int = 25) -> list[Result]:
     """Counts per message, then py-spy samples of a drain of n no-op jobs."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists():
-        raise RuntimeError("py-spy is not installed: pip install -e '.[bench]'")
+    spy = _py_spy()
     rows = _count(url, n)
     reset_pgmq(url)
     fill_pgmq(url, n)
@@ -166,7 +172,7 @@ def profile_mail(url: str, pool: int = 5, n: int = 1500, top: int = 15) -> list[
 
     from bench.mail import _run
 
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = _py_spy()
     raw = Path(tempfile.gettempdir()) / f"reactor-mail-profile-{int(time.time())}.txt"
     sampler = subprocess.Popen(
         [spy, "record", "--pid", str(os.getpid()), "--threads", "--idle", "--nonblocking",

@@ -62,6 +62,9 @@ def reactor_runner(url: str, target: int, extra: dict[str, str], *,
     class AnyMessage(MessageModel):
         pass
 
+    # CONCURRENCY=N (a bench knob, not a setting) overrides the processor's concurrency.
+    concurrency = int(extra.pop("CONCURRENCY", Processor.concurrency))
+
     class Noop(Processor[AnyMessage]):
         queue = QUEUE
         model = AnyMessage
@@ -78,8 +81,9 @@ def reactor_runner(url: str, target: int, extra: dict[str, str], *,
             if cls.count == target:
                 cls.done.set()
 
-    configure_logging("warning", "json")
+    Noop.concurrency = concurrency
     settings = reactor_settings(url, extra)
+    configure_logging(settings.log_level, "json")  # as `reactor run` does
 
     async def main() -> None:
         Noop.done = trio.Event()

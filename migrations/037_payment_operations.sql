@@ -16,7 +16,7 @@
 -- An operation is finished (`finished_at`, `outcome`) when the provider has
 -- decided it; a capture or refund whose answer disagrees with our row stays
 -- open, so a replay repeats the same key and never moves money twice.
--- `msg_id` is the message that last carried it: if the reactor stops between
+-- `msg_id` is the message that finished it: if the reactor stops between
 -- recording the outcome and archiving that message, its redelivery finds the
 -- work done instead of starting a second refund.
 -- YooKassa honours an Idempotence-Key for 24 hours only: a refund that has no
@@ -106,12 +106,11 @@ END
 $$;
 
 -- One provider payment pays for one row: without this, a succeeded YooKassa
--- payment named by several rows would complete all of them. The index also
--- finds the row a notification names without a full scan. Rows that already
+-- payment named by several rows would complete all of them. Rows that already
 -- share a provider id cannot be sorted out by a migration (which row was
 -- paid is a fact only the payments' history knows), so they are named and
 -- the migration stops; the lock keeps new duplicates out between the check
--- and the index.
+-- and the index. The index also finds the row a notification names.
 LOCK TABLE public.payments IN SHARE MODE;
 DO $$
 DECLARE
@@ -135,6 +134,9 @@ BEGIN
     END IF;
 END
 $$;
-DROP INDEX IF EXISTS public.payments_provider_payment_id_idx;
 CREATE UNIQUE INDEX IF NOT EXISTS payments_provider_payment_id_key
     ON public.payments (provider, provider_payment_id) WHERE provider_payment_id IS NOT NULL;
+-- By the id alone: the reactor also refuses a row whose provider id a row of
+-- another provider names (queries.LOAD_PAYMENT), without a full scan.
+CREATE INDEX IF NOT EXISTS payments_provider_payment_id_idx
+    ON public.payments (provider_payment_id) WHERE provider_payment_id IS NOT NULL;

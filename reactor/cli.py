@@ -79,15 +79,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         reactor = Reactor(settings)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
-    async def run_and_report_ports() -> None:
+    def report_ports(event: Any) -> None:
         # FEED_PORT/METRICS_PORT may be 0 (any free port): say which ones were bound.
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reactor.run)
+        if event["type"] == "reactor.started":
             structlog.get_logger("reactor").info(
                 "reactor.listening", feed_port=reactor.feed_port, http_port=reactor.http_port)
 
+    reactor.bus.sinks.append(report_ports)
     try:
-        trio.run(run_and_report_ports)
+        trio.run(reactor.run)
     except* (SchemaNotReady, DatabaseRefused) as group:
         raise CliError(str(group.exceptions[0]), 2) from None
     return 0

@@ -323,11 +323,6 @@ DO UPDATE SET seq = o.seq
 RETURNING o.seq, o.amount, o.provider_object_id,
           extract(epoch FROM now() - o.requested_at)::float8 AS age_s
 """
-# The message now carrying an operation (see FINISHED_BY_MESSAGE).
-CARRY_PAYMENT_OPERATION: LiteralString = """
-UPDATE reactor.payment_operations SET msg_id = %(msg_id)s
- WHERE payment_id = %(payment_id)s AND action = %(action)s AND seq = %(seq)s
-"""
 # An operation this very message already finished: a redelivery (the reactor stopped
 # between recording the outcome and archiving the message) must not start another.
 FINISHED_BY_MESSAGE: LiteralString = """
@@ -356,8 +351,10 @@ UPDATE reactor.payment_operations
        provider_object_id = coalesce(provider_object_id, %(object_id)s)
  WHERE payment_id = %(payment_id)s AND action = %(action)s AND seq = %(seq)s
 """
+# msg_id: the message that finished it (see FINISHED_BY_MESSAGE).
 FINISH_PAYMENT_OPERATION: LiteralString = """
-UPDATE reactor.payment_operations SET outcome = %(outcome)s, finished_at = now()
+UPDATE reactor.payment_operations
+   SET outcome = %(outcome)s, finished_at = now(), msg_id = %(msg_id)s
  WHERE payment_id = %(payment_id)s AND action = %(action)s AND seq = %(seq)s
    AND finished_at IS NULL
 """

@@ -131,7 +131,7 @@ async def send(url: str, queue: str, body: Any, *, notify: bool = True) -> int:
 
 
 async def wait_for(sub: Subscription, predicate: Callable[[Event], bool], count: int = 1,
-                   within_s: float = 10.0) -> list[Event]:
+                   within_s: float = 30.0) -> list[Event]:
     """Collect `count` events matching `predicate`; fail after `within_s`."""
     found: list[Event] = []
     with trio.fail_after(within_s):
@@ -147,7 +147,7 @@ def of_type(type_: str, msg_id: int | None = None) -> Callable[[Event], bool]:
     return lambda e: e["type"] == type_ and (msg_id is None or e["msg_id"] == msg_id)
 
 
-async def eventually(condition: Callable[[], Any], within_s: float = 10,
+async def eventually(condition: Callable[[], Any], within_s: float = 30,
                      every_s: float = 0.02) -> Any:
     """Poll `condition` (state of another process or of the reactor; a coroutine function
     is awaited) until it is truthy."""
@@ -232,6 +232,16 @@ def reactor_process(url: str, log: Path, *args: str, **env: str
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def reactor_command(*args: str, cwd: Path | None = None, timeout_s: float = 60,
+                    env: Mapping[str, str] | None = None,
+                    **more_env: str) -> subprocess.CompletedProcess[str]:
+    """A `reactor ...` command that ends by itself (e.g. `run` refusing bad settings,
+    `dlq replay`), with only PATH and `env`/`more_env` in its environment; output captured."""
+    return subprocess.run([sys.executable, "-m", "reactor", *args], capture_output=True,
+                          text=True, env={"PATH": os.environ["PATH"], **(env or {}), **more_env},
+                          cwd=cwd or tempfile.gettempdir(), check=False, timeout=timeout_s)
 
 
 @dataclass(frozen=True)

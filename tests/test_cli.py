@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -13,16 +11,14 @@ import pytest
 import trio
 
 from tests import factories as f
-from tests.harness import of_type, running_reactor, send, wait_for
+from tests.harness import of_type, reactor_command, running_reactor, send, wait_for
 
 # Every test here runs the `reactor` command line as a child process.
 pytestmark = pytest.mark.process
 
 
 def cli(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reactor", *args], capture_output=True,
-                          text=True, env={"PATH": os.environ["PATH"], "DATABASE_URL": url},
-                          cwd=cwd, check=False, timeout=60)
+    return reactor_command(*args, cwd=cwd, DATABASE_URL=url)
 
 
 def test_enqueue_puts_a_message_and_wakes(database_url: str, db: psycopg.Connection,

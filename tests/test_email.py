@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from tests.harness import (
     eventually,
     in_db,
     of_type,
+    reactor_command,
     reactor_process,
     running_reactor,
     send,
@@ -294,9 +294,7 @@ async def test_a_send_of_unknown_outcome_is_dead_lettered_not_repeated(
 
 
 def _reactor_cli(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reactor", *args], capture_output=True,
-                          text=True, env={"PATH": os.environ["PATH"], "DATABASE_URL": url},
-                          cwd=cwd, check=False, timeout=60)
+    return reactor_command(*args, cwd=cwd, DATABASE_URL=url)
 
 
 @pytest.mark.process
@@ -585,11 +583,9 @@ def test_a_helo_name_that_is_not_fully_qualified_is_refused(env: dict[str, str],
 
 @pytest.mark.process
 def test_reactor_run_refuses_a_local_helo_name_with_one_line(tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "DATABASE_URL": "postgresql://x@127.0.0.1/db",
-           "EMAIL_PROVIDER": "smtp", "SMTP_HOST": "mail.example.com",
-           "SMTP_FROM": "noreply@localhost"}
-    result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
-                            text=True, env=env, cwd=tmp_path, check=False, timeout=60)
+    result = reactor_command("run", cwd=tmp_path, DATABASE_URL="postgresql://x@127.0.0.1/db",
+                             EMAIL_PROVIDER="smtp", SMTP_HOST="mail.example.com",
+                             SMTP_FROM="noreply@localhost")
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "'localhost' is not a fully qualified host name" in line

@@ -26,6 +26,7 @@ from reactor.watch import format_event
 from tests.harness import (
     eventually,
     of_type,
+    reactor_command,
     read_line,
     running_reactor,
     scripted_processor,
@@ -360,7 +361,7 @@ async def test_metrics_move_and_health_tells_strangers_only_the_reason_class(
 
         with reactor.bus.subscribe() as sub:
             await trio.to_thread.run_sync(private_cluster.stop)
-            await wait_for(sub, of_type("listener.lost"), within_s=10)
+            await wait_for(sub, of_type("listener.lost"), within_s=30)
         health = await http.get("/healthz")
         assert health.status_code == 503
         assert health.json()["status"] == "unhealthy"
@@ -447,9 +448,7 @@ async def test_dashboard_api_tells_history_from_the_database_masked(
 
 
 def reactor_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reactor", *args], capture_output=True,
-                          text=True, timeout=60, check=False,
-                          env={"PATH": os.environ["PATH"], "DATABASE_URL": database_url})
+    return reactor_command(*args, DATABASE_URL=database_url)
 
 
 async def test_status_separates_done_dead_lettered_and_retrying(database_url: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -49,7 +50,7 @@ class FakeYooKassa:
     `before` runs a coroutine before answering a key (e.g. to change our row while the
     reactor waits for the provider)."""
 
-    script: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
+    script: dict[str, list[tuple[int, dict[str, Any] | bytes]]] = field(default_factory=dict)
     calls: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
     before: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
@@ -65,6 +66,8 @@ class FakeYooKassa:
         if not steps:
             return JSONResponse({"type": "error", "code": "not_found"}, status_code=404)
         code, body = steps.pop(0) if len(steps) > 1 else steps[0]
+        if isinstance(body, bytes):  # JSON as written, e.g. with escapes JSONResponse refuses
+            return Response(body, status_code=code, media_type="application/json")
         return JSONResponse(body, status_code=code)
 
     def app(self) -> Starlette:
@@ -828,7 +831,8 @@ async def test_a_redelivered_partial_refund_is_not_made_twice(database_url: str)
                 WITH back AS (DELETE FROM pgmq.a_payment_processing_queue
                                WHERE msg_id = %s RETURNING msg_id, read_ct, message)
                 INSERT INTO pgmq.q_payment_processing_queue (msg_id, read_ct, vt, message)
-                OVERRIDING SYSTEM VALUE SELECT msg_id, read_ct, now(), message FROM back""", (done["msg_id"],))
+                OVERRIDING SYSTEM VALUE SELECT msg_id, read_ct, now(), message FROM back""",
+                      (done["msg_id"],))
             await sql(database_url, "SELECT pg_notify('reactor_wakeup', %s)", (QUEUE,))
             [again] = await wait_for(sub, on_payments("job.succeeded"))
     assert again["msg_id"] == done["msg_id"]
@@ -905,3 +909,29 @@ async def test_a_refund_unrecorded_for_a_day_is_looked_up_before_it_is_asked_aga
     assert await sql(database_url, "SELECT status FROM public.payments") == [("refunded",)]
     assert await sql(database_url, "SELECT seq, provider_object_id, outcome FROM "
                                    "reactor.payment_operations") == [(1, rid, "succeeded")]
+
+
+async def test_provider_text_with_nul_or_surrogates_is_recorded_escaped(
+        database_url: str) -> None:
+    """Provider answers are untrusted: their text reaches errors and status_reason only
+    escaped, so neither jsonb nor text refuses them and the queue keeps moving."""
+    odd, declined = yid(0x5c), yid(0x5d)
+    canceled = json.dumps(payment_body(declined, "canceled", cancellation_details={
+        "party": "bank\x00", "reason": "no\ud800"})).encode()  # ASCII, with \u escapes
+    fake = FakeYooKassa({f"GET {odd}": [(200, payment_body(odd + "\x00", "succeeded"))],
+                         f"GET {declined}": [(200, canceled)]})
+    first, _ = pending_payment(database_url, odd)
+    second, _ = pending_payment(database_url, declined)
+    async with provider_and_reactor(database_url, fake) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await verify(database_url, first)
+            [dead] = await wait_for(sub, on_payments("job.dead_lettered"))
+            await verify(database_url, second)
+            await wait_for(sub, on_payments("job.succeeded"))
+    assert f"id '{odd}\\x00' at the provider" in dead["error"]
+    [(letter,)] = await sql(database_url,
+                            "SELECT message FROM pgmq.q_payment_processing_queue_dlq")
+    assert "\\x00" in letter["error"]
+    assert await sql(database_url, "SELECT status, status_reason FROM public.payments "
+                                   "WHERE id = %s", (second,)) == [
+        ("failed", "'bank\\x00': 'no\\ud800'")]

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +21,7 @@ from reactor.startup import refusal, url_problem
 from reactor.web import serve_http
 from tests import factories as f
 from tests.conftest import start_on_a_free_port
-from tests.harness import log_lines, ports, reactor_process, wait_until
+from tests.harness import log_lines, ports, reactor_command, reactor_process, wait_until
 
 
 def scalar(url: str, query: str) -> int:
@@ -204,9 +201,7 @@ def test_log_format_console_writes_readable_lines_not_json(database_url: str,
 ])
 def test_bad_settings_stop_with_one_line_and_exit_2(
         tmp_path: Path, env: dict[str, str], expected: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
-                            text=True, env={"PATH": os.environ["PATH"], **env}, cwd=tmp_path,
-                            check=False, timeout=30)
+    result = reactor_command("run", cwd=tmp_path, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -311,10 +306,7 @@ def test_what_waiting_cannot_fix_stops_run_with_one_line_and_exit_2(
         "bad percent": (f"postgresql://postgres:s3cret%zz@127.0.0.1:{auth}/postgres",
                         ["s3cret"]),
     }[case]
-    result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
-                            text=True, env={"PATH": os.environ["PATH"], "EMAIL_PROVIDER": "file",
-                                            "DATABASE_URL": url},
-                            cwd=tmp_path, check=False, timeout=60)
+    result = reactor_command("run", cwd=tmp_path, EMAIL_PROVIDER="file", DATABASE_URL=url)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -352,10 +344,8 @@ def test_start_failures_are_told_apart_by_what_waiting_can_fix(
 @pytest.mark.process
 def test_unmigrated_database_is_refused_naming_the_fix(
         empty_database_url: str, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "reactor", "run"], capture_output=True,
-                            text=True, env={"PATH": os.environ["PATH"], "EMAIL_PROVIDER": "file",
-                                            "DATABASE_URL": empty_database_url},
-                            cwd=tmp_path, check=False, timeout=30)
+    result = reactor_command("run", cwd=tmp_path, EMAIL_PROVIDER="file",
+                             DATABASE_URL=empty_database_url)
     assert result.returncode == 2
     assert "run `reactor migrate`" in result.stderr.strip().splitlines()[-1]
 

@@ -13,15 +13,28 @@ again later, at intervals that grow with the operation's age, until
 PAYMENT_VERIFY_MAX_AGE, then dead-letter "still pending". A disagreement
 changes nothing: it is dead-lettered with the reason and published as a
 `payment.mismatch` event. A row of another provider is never checked with
-this one. The status update fires the payment trigger (migration 032),
+this one, and neither is a row whose provider payment another row also
+names (one provider payment pays for one row; migration 037 also makes that
+unique per provider). The status is written only while the row still has the
+amount, currency and provider id that were checked; else it is checked
+again. The status update fires the payment trigger (migration 032),
 which sends the mails and marks the consultation paid; this processor sends
 no mail. A final status never moves backwards.
+
+Amounts: a capture is for the row's amount (no partial capture); a refund is
+for `amount` (default: all that is left), more than 0 and at most what is
+left. A refund the provider confirms adds to `payments.refunded_amount`; the
+payment becomes `refunded` once all of it is. Bad amounts are dead-lettered
+before the provider is asked.
 
 Every verify, capture and refund is an operation recorded in
 `reactor.payment_operations` (migration 037): its Idempotence-Key
 ("<payment id>:<action>:<seq>") and its deadline belong to the operation,
 so a redelivery, a requeue or a `reactor dlq replay` repeats the same key,
-and a pending refund is then polled by its own id.
+and a pending refund is then polled by its own id. YooKassa forgets a key
+after 24 h: an older capture or refund with no answer on record is looked
+up at the provider before it is requested again. A message redelivered after
+its operation was recorded finds it done (`payment_operations.msg_id`).
 
 It also serves `POST /webhooks/yookassa` (YooKassa only): accepted only from
 YOOKASSA_WEBHOOK_NETWORKS (X-Forwarded-For only from WEBHOOK_TRUSTED_PROXIES),
@@ -98,6 +111,7 @@ class Operation:
     amount: Decimal | None
     object_id: str | None  # the refund's id at the provider, once known
     age_s: float  # since it was first requested (database clock)
+    msg_id: int  # the message carrying it now; recorded when it finishes
 
     @property
     def idempotence_key(self) -> str:
@@ -379,20 +393,14 @@ class PaymentProcessor(Processor[PaymentMessage]):
     # -- the operations ledger ------------------------------------------------------------
     async def _claim(self, job: Job[PaymentMessage], action: Action,
                      amount: Decimal) -> Operation:
-        """The open operation of this payment and action (or a new one), now carried
+        """The open operation of this payment and action (or a new one), as carried
         by this message."""
         pid = job.message.payment_id
-
-        def run(conn: psycopg.Connection) -> Any:
-            with conn.transaction():
-                row = conn.execute(queries.CLAIM_PAYMENT_OPERATION, {
-                    "payment_id": pid, "action": action, "amount": amount}).fetchone()
-                assert row is not None  # INSERT ... ON CONFLICT DO UPDATE returns the row
-                conn.execute(queries.CARRY_PAYMENT_OPERATION, {
-                    "payment_id": pid, "action": action, "seq": row[0], "msg_id": job.msg_id})
-                return row
-        seq, op_amount, object_id, age_s = await self.db.run(run)
-        return Operation(pid, action, seq, op_amount, object_id, float(age_s))
+        row = await self.db.run(lambda c: c.execute(queries.CLAIM_PAYMENT_OPERATION, {
+            "payment_id": pid, "action": action, "amount": amount}).fetchone())
+        assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
+        seq, op_amount, object_id, age_s = row
+        return Operation(pid, action, seq, op_amount, object_id, float(age_s), job.msg_id)
 
     async def _record_check(self, op: Operation, object_id: str | None) -> None:
         await self.db.run(lambda c: c.execute(queries.RECORD_PAYMENT_CHECK, {
@@ -403,7 +411,7 @@ class PaymentProcessor(Processor[PaymentMessage]):
         """Finish an operation that changed nothing on the payment."""
         await self.db.run(lambda c: c.execute(queries.FINISH_PAYMENT_OPERATION, {
             "payment_id": op.payment_id, "action": op.action, "seq": op.seq,
-            "outcome": outcome}))
+            "outcome": outcome, "msg_id": op.msg_id}))
 
     async def _finish(self, op: Operation, row: Row, outcome: str, status: str,
                       reason: str | None = None) -> None:
@@ -430,7 +438,7 @@ class PaymentProcessor(Processor[PaymentMessage]):
                     return False
                 conn.execute(queries.FINISH_PAYMENT_OPERATION, {
                     "payment_id": op.payment_id, "action": op.action, "seq": op.seq,
-                    "outcome": outcome})
+                    "outcome": outcome, "msg_id": op.msg_id})
                 return True
         if await self.db.run(run):
             return
