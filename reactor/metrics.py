@@ -36,6 +36,7 @@ class Metrics:
         clients = Gauge("reactor_feed_clients", "Websocket feed clients connected", registry=r)
         clients.set_function(lambda: float(feed_clients()))
         self._children: dict[tuple[str, str], Counter] = {}
+        self._durations: dict[str, Histogram] = {}  # labels() looks up under a lock: cache
 
     def observe(self, event: Event) -> None:
         """The bus sink."""
@@ -49,7 +50,10 @@ class Metrics:
                 child = self._children[key] = self.jobs.labels(queue, outcome)
             child.inc()
             if event["duration_ms"] is not None:
-                self.duration.labels(queue).observe(event["duration_ms"] / 1000)
+                histogram = self._durations.get(queue)
+                if histogram is None:
+                    histogram = self._durations[queue] = self.duration.labels(queue)
+                histogram.observe(event["duration_ms"] / 1000)
         elif kind == "queue.depth":
             self.depth.labels(queue).set(event.get("depth") or 0)
             self.oldest.labels(queue).set(event.get("oldest_age_s") or 0)

@@ -55,6 +55,16 @@ def payment(conn: psycopg.Connection, user_id: UUID, appointment_id: UUID | None
     return UUID(str(row[0]))
 
 
+def ledger_entry(conn: psycopg.Connection, key: str, *, msg_id: int,
+                 recipient: str = "a@example.com", template: str = "checkup_completed",
+                 status: str = "sending") -> None:
+    """A row of the email ledger, e.g. the 'sending' a worker killed mid-send leaves."""
+    conn.execute("""INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, recipient,
+                                                     template, status)
+                    VALUES (%s, 'email_queue', %s, %s, %s, %s)""",
+                 (key, msg_id, recipient, template, status))
+
+
 def queued(conn: psycopg.Connection, queue: str) -> list[dict[str, Any]]:
     """Bodies of the messages waiting in a queue, oldest first (without taking them)."""
     rows = conn.execute(sql.SQL("SELECT message FROM pgmq.{} ORDER BY msg_id").format(

@@ -281,10 +281,8 @@ async def test_a_send_of_unknown_outcome_is_dead_lettered_not_repeated(
     body = {"to": "a@example.com", "template": "checkup_completed", "locale": "en",
             "variables": {"full_name": "A", "assessment_id": "1"}}
     redelivery = Message("email_queue", 7, 2, datetime.now(UTC), body)
-    await sql(database_url, "INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, "
-                            "recipient, template, status) VALUES (%s, "
-                            "'email_queue', 7, 'a@example.com', 'checkup_completed', 'sending')",
-              (unkeyed_ledger_key(redelivery),))
+    await in_db(database_url, lambda c: f.ledger_entry(c, unkeyed_ledger_key(redelivery),
+                                                       msg_id=7))
     async with Database(database_url).opened() as db:
         processor = EmailProcessor(settings, db)
         async with processor.running():
@@ -316,9 +314,8 @@ async def test_a_mail_stuck_in_sending_is_resolved_by_the_operator_then_replayed
     [(enqueued_at,)] = await sql(database_url, "SELECT enqueued_at FROM pgmq.q_email_queue")
     key = body.get("idempotency_key") or unkeyed_ledger_key(
         Message("email_queue", msg_id, 1, enqueued_at, body))
-    await sql(database_url, "INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, "
-                            "recipient, template, status) VALUES (%s, 'email_queue', %s, "
-                            "'anna@example.com', 'checkup_completed', 'sending')", (key, msg_id))
+    await in_db(database_url, lambda c: f.ledger_entry(c, key, msg_id=msg_id,
+                                                       recipient="anna@example.com"))
     async with running_reactor(database_url, **smtp_env(server, "none")) as reactor:
         with reactor.bus.subscribe() as sub:
             [letter] = await wait_for(sub, of_type("job.dead_lettered", msg_id))

@@ -103,7 +103,7 @@ def test_job_log_lines_carry_the_fields_and_no_address(database_url: str, tmp_pa
                      "'{\"event\": \"ok\", \"properties\": {\"email\": \"anna@example.com\"}}')")
         conn.execute("SELECT public.enqueue('analytics_queue', "
                      "'{\"event\": \"x\", \"user_id\": \"anna.petrova@example.com\"}')")
-    with reactor_process(database_url, log) as proc:
+    with reactor_process(database_url, log, LOG_LEVEL="debug") as proc:  # job.succeeded: debug
         wait_until(lambda: scalar(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue")
                    == 2, what="both messages")
         proc.send_signal(signal.SIGINT)
@@ -170,7 +170,7 @@ def test_log_format_console_writes_readable_lines_not_json(database_url: str,
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("SELECT public.enqueue('analytics_queue', '{\"event\": \"console\", "
                      "\"properties\": {\"email\": \"anna@example.com\"}}')")
-    with reactor_process(database_url, log, LOG_FORMAT="console") as proc:
+    with reactor_process(database_url, log, LOG_FORMAT="console", LOG_LEVEL="debug") as proc:
         wait_until(lambda: "job.succeeded" in log.read_text(), what="a job line")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -34,8 +34,10 @@ EVENT_TYPES: Final = (
 )
 
 # Outcomes and lifecycle go to the log at info; the per-job chatter does not.
+# A job that succeeded is a counter (metrics) and a feed event, not a log line: one JSON
+# line per job cost a third of the throughput at LOG_LEVEL=info (docs/benchmarks.md).
 _LOG_LEVEL = {
-    "job.started": "debug", "wakeup": "debug", "queue.depth": "debug",
+    "job.started": "debug", "job.succeeded": "debug", "wakeup": "debug", "queue.depth": "debug",
     "job.retrying": "warning", "job.dead_lettered": "error", "listener.lost": "warning",
     # health.* are logged by reactor.core.health itself, once per change.
     "health.degraded": "debug", "health.recovered": "debug",
@@ -77,6 +79,11 @@ class EventBus:
         self.recent = deque(maxlen=self.ring_size)
         self.dropped_count = 0
         self._log = structlog.get_logger("reactor")
+
+    def wanted(self, type_: str) -> bool:
+        """Whether anyone would see an event of this type that no sink counts (job.started):
+        a subscriber or the log. Lets a hot path skip building it."""
+        return bool(self._subscribers) or level_enabled(_LOG_LEVEL.get(type_, "info"))
 
     def publish(self, type_: str, queue: str | None = None, msg_id: int | None = None,
                 attempt: int | None = None, duration_ms: float | None = None,
