@@ -51,10 +51,6 @@ TIERS = ("unit", "db", "process", "browser", "container")
 # fixture) is in the `db` tier unless it is marked process/browser/container.
 DB_FIXTURES = frozenset({"pg_cluster", "template_db", "supabase_cluster", "database_url",
                          "empty_database_url", "private_cluster", "db"})
-# Tests in files of other owners that start child processes (tests/test_faults.py).
-PROCESS_TESTS = frozenset({
-    "test_behind_pgbouncer_in_transaction_mode_it_drains_on_the_poll",
-    "test_sigterm_during_the_largest_report_exits_within_the_grace"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -63,9 +59,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
         fixtures = set(getattr(item, "fixturenames", ()))
-        if getattr(item, "originalname", item.name) in PROCESS_TESTS:
-            item.add_marker(pytest.mark.process)
-        elif fixtures & DB_FIXTURES or item.path.stem in SUPABASE_TIER:
+        if fixtures & DB_FIXTURES or item.path.stem in SUPABASE_TIER:
             item.add_marker(pytest.mark.db)
         else:
             item.add_marker(pytest.mark.unit)

@@ -15,7 +15,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +42,18 @@ from reactor.processors.reports import (
 )
 from tests import factories
 from tests.conftest import SmtpServer
-from tests.harness import eventually, of_type, running_reactor, send, sql, wait_for
+from tests.harness import (
+    eventually,
+    log_lines,
+    of_type,
+    ports,
+    reactor_process,
+    running_reactor,
+    send,
+    sql,
+    wait_for,
+    wait_until,
+)
 
 ANALYTICS_ONLY: dict[str, Any] = {AnalyticsProcessor.queue: AnalyticsProcessor}
 
@@ -120,11 +130,39 @@ async def test_a_read_only_database_for_10s_mid_drain_loses_and_doubles_nothing(
 # -- 2. behind a real PgBouncer in transaction mode ----------------------------------------
 @contextmanager
 def pgbouncer(cluster: PgCluster, *, pool_size: int = 2) -> Iterator[str]:
-    """A real PgBouncer in transaction mode in front of `cluster`; yields its URL."""
+    """A real PgBouncer in transaction mode in front of `cluster`; yields its URL.
+
+    PgBouncer cannot be handed a bound socket, so its port is chosen first: if another
+    process takes it meanwhile, PgBouncer exits and another port is tried.
+    """
     exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not Path(exe).exists():
         pytest.skip("pgbouncer is not installed: apt-get install -y pgbouncer")
     base = Path(tempfile.mkdtemp(prefix="reactor-test-pgbouncer-"))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        for _ in range(5):
+            url, proc = _start_pgbouncer(exe, base, cluster, pool_size)
+            if proc.poll() is None:
+                break
+        assert proc is not None
+        assert proc.poll() is None, "pgbouncer did not start: " + (
+            (base / "pgbouncer.log").read_text()[-500:])
+        yield url
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _start_pgbouncer(exe: str, base: Path, cluster: PgCluster,
+                     pool_size: int) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start PgBouncer on a free port; return once it answers or has exited."""
     port = free_port()
     (base / "users.txt").write_text('"postgres" ""\n')
     ini = base / "pgbouncer.ini"
@@ -150,30 +188,21 @@ pidfile = {base / "pgbouncer.pid"}
         argv = ["runuser", "-u", "postgres", "--", *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with psycopg.connect(url, connect_timeout=2) as conn:
-                    conn.execute("SELECT 1")
-                break
-            except psycopg.OperationalError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log = (base / "pgbouncer.log")
-                    raise AssertionError("pgbouncer did not start: " + (
-                        log.read_text()[-500:] if log.exists() else "no log")) from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            return True  # exited: the caller tries another port
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
+            with psycopg.connect(url, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            return False
+    wait_until(answers, 15, "pgbouncer to accept connections")
+    return url, proc
 
 
+@pytest.mark.process
 async def test_behind_pgbouncer_in_transaction_mode_it_drains_on_the_poll(
         private_cluster: PgCluster) -> None:
     total = 500
@@ -342,6 +371,7 @@ def _largest_accepted_results() -> dict[str, Any]:
         recommendations -= 1
 
 
+@pytest.mark.process
 def test_sigterm_during_the_largest_report_exits_within_the_grace(
         database_url: str, tmp_path: Path) -> None:
     grace_s = 0.5  # shorter than the render: the job is cancelled, the thread abandoned
@@ -349,51 +379,23 @@ def test_sigterm_during_the_largest_report_exits_within_the_grace(
         user = factories.profile(conn)
         checkup = factories.assessment(conn, user, results=_largest_accepted_results())
     log = tmp_path / "reactor.log"
-    env = {"PATH": os.environ["PATH"], "DATABASE_URL": database_url, "LOG_FORMAT": "json",
-           "LOG_LEVEL": "debug", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
-           "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox"), "REPORTS_DIR": str(tmp_path / "reports"),
-           "SHUTDOWN_GRACE_S": str(grace_s), "FEED_PORT": "0", "METRICS_PORT": "0"}
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "reactor", "run"], env=env, stdout=out,
-                                stderr=out, cwd=tmp_path)
-    try:
-        _wait(lambda: "reactor.started" in log.read_text(), "the reactor to start")
+    with reactor_process(database_url, log, LOG_LEVEL="debug", SHUTDOWN_GRACE_S=str(grace_s),
+                         REPORTS_DIR=str(tmp_path / "reports")) as proc:
+        ports(proc, log)  # started
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("UPDATE public.assessments SET status = 'completed', "
                          "completed_at = now() WHERE id = %s", (checkup,))
-        _wait(lambda: any(e.get("event") == "job.started"
-                          and e.get("queue") == "report_generation_queue"
-                          for e in _log_events(log)), "the report job to start")
+        wait_until(lambda: any(e.get("event") == "job.started"
+                               and e.get("queue") == "report_generation_queue"
+                               for e in log_lines(log)), what="the report job to start")
         sent_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=grace_s + 20)
         exit_s = time.monotonic() - sent_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert code == 0, log.read_text()[-2000:]
     assert exit_s < grace_s + 5, f"exited {exit_s:.1f} s after SIGTERM"
     print(f"SIGTERM during the largest report: exit 0 after {exit_s:.1f} s "
           f"(SHUTDOWN_GRACE_S={grace_s:g})")
-
-
-def _log_events(log: Path) -> list[dict[str, Any]]:
-    events = []
-    for line in log.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
-
-
-def _wait(condition: Callable[[], bool], what: str, within_s: float = 30) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- found by review: each of these once ended the process or did something twice -----------
