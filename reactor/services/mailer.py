@@ -9,6 +9,7 @@ permanent and carries the server's reply.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -439,11 +440,16 @@ class SmtpMailer:
         try:
             await trio_asyncio.aio_as_trio(client.connect)()
         except aiosmtplib.SMTPAuthenticationError as exc:
+            await self._discard(client)
             log.error("SMTP authentication failed: check SMTP_USER and SMTP_PASS",
                       host=self.settings.smtp_host, code=exc.code)
             raise classify(exc) from None
         except Exception as exc:
+            await self._discard(client)
             raise classify(exc) from None
+        except BaseException:  # cancelled while connecting (job timeout, shutdown)
+            await self._discard(client)
+            raise
         return client
 
     async def _checkout(self) -> aiosmtplib.SMTP:
@@ -463,6 +469,9 @@ class SmtpMailer:
                 except Exception as exc:
                     log.debug("pooled SMTP connection no longer answers; reconnecting",
                               error=f"{type(exc).__name__}: {exc}")
+                except BaseException:  # cancelled mid-NOOP: the connection is in doubt
+                    await self._discard(client)
+                    raise
             await self._discard(client)
         return await self._connect()
 
@@ -503,22 +512,36 @@ class SmtpMailer:
                 await self._went_idle.wait()
 
     async def _quit(self, client: aiosmtplib.SMTP) -> None:
-        with trio.move_on_after(min(5.0, self.settings.smtp_timeout_s)):
-            try:
-                await trio_asyncio.aio_as_trio(client.quit)()
-                return
-            except Exception as exc:
-                log.debug("QUIT on an idle SMTP connection failed", error=str(exc))
-        await self._discard(client)
+        try:
+            with trio.move_on_after(min(5.0, self.settings.smtp_timeout_s)):
+                try:
+                    await trio_asyncio.aio_as_trio(client.quit)()
+                except Exception as exc:
+                    log.debug("QUIT on an idle SMTP connection failed", error=str(exc))
+        finally:
+            await self._discard(client)  # after QUIT too: see _discard
 
     async def _discard(self, client: aiosmtplib.SMTP) -> None:
+        """Close the connection now, socket included.
+
+        A TLS transport's close() only starts the TLS shutdown, which finishes in a
+        later turn of the event loop — maybe never, when the loop ends with the
+        reactor — leaving the socket open; abort() closes it whatever state it is in.
+        """
+        transport = client.transport
         with contextlib.suppress(Exception):
             client.close()
+        if isinstance(transport, asyncio.WriteTransport):
+            with contextlib.suppress(Exception):
+                transport.abort()
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for client, _ in idle:
             await self._quit(client)
+        # The aborted transports close their sockets in the event loop's next turn;
+        # give it that turn before the loop itself ends.
+        await trio_asyncio.aio_as_trio(asyncio.sleep)(0.01)
 
 
 class _SmtpSession:
