@@ -333,7 +333,8 @@ async def test_a_slow_relay_with_jobs_past_their_timeout_sends_each_mail_once(
     async with running_reactor(database_url, {EmailProcessor.queue: QuickEmail},
                                EMAIL_PROVIDER="smtp", SMTP_HOST="127.0.0.1",
                                SMTP_PORT=relay.port, SMTP_SECURITY="none", SMTP_POOL_SIZE=1,
-                               SMTP_FROM="noreply@family.example", MAX_ATTEMPTS=50) as reactor:
+                               SMTP_FROM="noreply@family.example", MAX_ATTEMPTS=50,
+                               RETRY_MAX_S=1) as reactor:
         reactor.bus.sinks.append(events.append)
         await eventually(lambda: _count(database_url, "SELECT count(*) FROM pgmq.q_email_queue")
                          == 0, within_s=90, every_s=0.2)
