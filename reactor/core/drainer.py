@@ -163,27 +163,34 @@ class Drainer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch)
-                async with trio.open_nursery() as workers:
-                    self._workers_scope = workers.cancel_scope
-                    if self._cancel_jobs:
-                        workers.cancel_scope.cancel()
-                    for _ in range(self.concurrency):
-                        workers.start_soon(self._worker)
-                    task_status.started()
-                    while not self._stopping:
-                        try:
-                            await self._read_loop()
-                            await self._idle()
-                        except DatabaseUnavailable as exc:
-                            await self._db_down(exc)
-                    await self._finish_in_flight()
-                    workers.cancel_scope.cancel()  # the workers are idle now
-                nursery.cancel_scope.cancel()
+                await nursery.start(self._run_workers)
+                task_status.started()
+                while not self._stopping:
+                    try:
+                        await self._read_loop()
+                        await self._idle()
+                    except DatabaseUnavailable as exc:
+                        await self._db_down(exc)
+                await self._finish_in_flight()
+                nursery.cancel_scope.cancel()  # the workers are idle now; and _watch
         finally:
             with trio.CancelScope(shield=True) as final:
                 final.deadline = trio.current_time() + FINAL_FLUSH_S
                 await self._flush_final()
             self.finished.set()
+
+    async def _run_workers(self, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The workers, in a nursery of their own: `cancel_jobs` cancels them and only
+        them. The read loop and its bookkeeping are never cut by it (an abandoned read
+        would still take messages in the database after their release was written)."""
+        async with trio.open_nursery() as workers:
+            self._workers_scope = workers.cancel_scope
+            if self._cancel_jobs:
+                workers.cancel_scope.cancel()
+            for _ in range(self.concurrency):
+                workers.start_soon(self._worker)
+            task_status.started()
 
     async def _worker(self) -> None:
         """Run jobs one after another; come back to life after a job's timeout.
@@ -327,6 +334,8 @@ class Drainer:
             await self._db(partial(queues.requeue, msg=again.message, delay_s=again.delay_s))
             self._requeues.pop(0)
             self._publish_retry(again)
+        if self._stopping:
+            read = 0  # what was just released (set visible) must not be read back in
         done, self._done = self._done, []
         try:
             if read:
