@@ -40,6 +40,9 @@ async def test_message_committed_while_listener_was_down_is_drained(database_url
                 await sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                         "WHERE application_name = 'reactor listener'")
                 await wait_for(sub, of_type("listener.lost"))
+                # The drainer has finished what the listener's start woke it for, and sleeps
+                # on the 60 s poll: only a wake-up can make it read now.
+                await eventually(lambda: reactor.drainers["analytics_queue"].idle)
                 # Its NOTIFY reaches nobody: nothing listens now.
                 msg_id = await send(database_url, "analytics_queue", {"event": "gap"})
                 assert not reactor.listener.connected

@@ -139,6 +139,7 @@ class Drainer:
         self._degraded = False
         self._source = f"drainer:{self.queue}"
         self.finished = trio.Event()
+        self.idle = False  # waiting for a wake-up (tests and the dashboard may look)
 
     # -- control (called from other tasks) --------------------------------------
     def wake(self) -> None:
@@ -260,7 +261,11 @@ class Drainer:
         due = await self._db(lambda c: queues.next_visible_in(c, self.queue))
         if due is not None:
             timeout = min(timeout, max(due, MIN_IDLE_S))
-        await self._wait_signal(timeout)
+        self.idle = True  # nothing more will be read until a wake-up, a due message, the poll
+        try:
+            await self._wait_signal(timeout)
+        finally:
+            self.idle = False
         if not self._stopping:
             self._wake_pending = True  # woken, due, or poll: look again
 
