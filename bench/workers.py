@@ -98,7 +98,8 @@ def reactor_runner(url: str, target: int, extra: dict[str, str], *,
 
 def count_calls() -> Callable[[], dict[str, int]]:
     """Count, from now on, what a drain costs the reactor process: thread hops
-    (trio.to_thread.run_sync), statements (psycopg execute) and their wall time,
+    (trio.to_thread.run_sync), statements (psycopg execute, in a thread or on the
+    trio-native connection) and their wall time,
     events published, and GC generation-0 collections (each one means ~700 more container objects
     allocated than freed). Returns a function that reads the counts."""
     import gc
@@ -124,8 +125,22 @@ def count_calls() -> Callable[[], dict[str, int]]:
 
         setattr(owner, name, wrapper)
 
+    def counting_async(owner: Any, name: str, key: str) -> None:
+        original = getattr(owner, name)
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[key] += 1
+            t0 = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:  # wall time of the round trip, on the trio thread
+                counts["statement_us"] += int((time.perf_counter() - t0) * 1e6)
+
+        setattr(owner, name, wrapper)
+
     counting(trio.to_thread, "run_sync", "thread_hops")
     counting(psycopg.Connection, "execute", "statements")
+    counting_async(psycopg.AsyncCursor, "execute", "statements")  # Database.fetch
     counting(EventBus, "publish", "events")
     gen0 = gc.get_stats()[0]["collections"]
     return lambda: counts | {"gc_gen0_collections": gc.get_stats()[0]["collections"] - gen0}

@@ -1,4 +1,5 @@
-"""pgmq operations on a sync connection (called through `Database.run`).
+"""pgmq operations: on a sync connection (called through `Database.run`), and the
+drainers' hot statements on the database's trio-native connections (`Database.fetch`).
 
 Only what Supabase's pgmq 1.4.4-1.5.1 offers is used: read, archive,
 set_vt, send, delete, metrics_all.
@@ -17,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from reactor import queries
 from reactor.config import QUEUES
+from reactor.db import Database
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_NESTING", "Message", "QueueDepth", "decode_body",
            "dlq_name", "validate_queue"]
@@ -116,7 +118,7 @@ def decode_body(text: str | None, size: int | None) -> tuple[Any, str | None]:
         return None, f"message nests deeper than {MAX_NESTING} levels: not processed"
     except ValueError as exc:
         return None, f"message is not valid JSON: {exc}"
-    if _deeper_than(body, MAX_NESTING):
+    if text.count("[") + text.count("{") > MAX_NESTING and _deeper_than(body, MAX_NESTING):
         return None, f"message nests deeper than {MAX_NESTING} levels: not processed"
     return body, None
 
@@ -149,10 +151,10 @@ def archive(conn: psycopg.Connection, queue: str, ids: list[int]) -> None:
         conn.execute(queries.ARCHIVE_MANY, {"queue": queue, "ids": ids})
 
 
-def archive_fast(conn: psycopg.Connection, queue: str, ids: list[int]) -> None:
+async def archive_fast(db: Database, queue: str, ids: list[int]) -> None:
     """Archive without waiting for the WAL flush (see archive_then_read for why that is safe)."""
     if ids:
-        conn.execute(queries.ARCHIVE_ASYNC, {"queue": queue, "ids": ids})
+        await db.fetch(queries.ARCHIVE_ASYNC, {"queue": queue, "ids": ids})
 
 
 def set_vt(conn: psycopg.Connection, queue: str, ids: list[int], seconds: int) -> None:
@@ -161,20 +163,29 @@ def set_vt(conn: psycopg.Connection, queue: str, ids: list[int], seconds: int) -
         conn.execute(queries.SET_VT_MANY, {"queue": queue, "ids": ids, "vt": seconds})
 
 
-def archive_then_read(
-    conn: psycopg.Connection, queue: str, done: list[int], vt: int, qty: int
-) -> list[Message]:
-    """Archive finished messages and read the next batch: one statement, one commit.
+def take_statement(conn: psycopg.Connection, queue: str) -> bytes:
+    """The drainer's archive-and-take statement for `queue` (queries.TAKE), composed
+    once for this queue's table and pgmq version."""
+    row = conn.execute(queries.HAS_LAST_READ_AT, {"table": f"pgmq.q_{validate_queue(queue)}"}
+                       ).fetchone()
+    last_read = sql.SQL(queries.TAKE_SETS_LAST_READ if row and row[0] else "")
+    return sql.SQL(queries.TAKE).format(table=_table(queue), last_read=last_read).as_bytes(conn)
+
+
+async def archive_then_read(db: Database, statement: bytes, queue: str, done: list[int],
+                            vt: int, qty: int) -> list[Message]:
+    """Archive finished messages and take the next batch: one statement, one commit
+    (`statement` from take_statement).
 
     The commit does not wait for the WAL flush (synchronous_commit off, for
     the reactor's bookkeeping only: taking and archiving messages). That is
     safe: if Postgres crashes before the flush, a read or an archive is undone
     and the message is delivered again, and every effect is idempotent and was
     committed durably by its handler. It saves a busy drainer a disk flush and
-    three round trips per batch.
+    three round trips per batch. It runs on a trio-native connection
+    (`Database.fetch`): it is what a wake-up waits for.
     """
-    rows = conn.execute(queries.ARCHIVE_THEN_READ,
-                        {**_take_params(queue, vt, qty), "ids": done}).fetchall()
+    rows = await db.fetch(statement, {**_take_params(queue, vt, qty), "ids": done})
     return _taken(queue, rows)
 
 

@@ -25,6 +25,7 @@ Two rules keep it standing:
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -104,9 +105,11 @@ class Drainer:
     """Drains one queue with one processor. Owned by the Reactor's nursery.
 
     `concurrency` long-lived workers take jobs from a bounded channel that the
-    read loop fills, highest priority first. Up to one batch beyond the busy
-    workers may wait there (prefetched, its leases kept alive), so priority
-    decides what runs next even when every worker is busy.
+    read loop fills, highest priority first. Up to two batches beyond the busy
+    workers may wait there (prefetched, their leases kept alive): priority
+    decides what runs next even when every worker is busy, and the next batch
+    is read while the workers still have one to work on, so a busy queue never
+    waits for the database's round trip.
     """
 
     def __init__(self, processor: Processor[Any], db: Database, bus: EventBus,
@@ -118,7 +121,7 @@ class Drainer:
         self.health = health or Health()
         self.cfg = settings
         self.concurrency = max(1, processor.concurrency)
-        self.max_in_flight = self.concurrency + settings.batch_size
+        self.max_in_flight = self.concurrency + 2 * settings.batch_size
         self._send, self._receive = trio.open_memory_channel[_Job](self.max_in_flight)
         # Read and not yet settled, by msg_id.
         self._jobs: dict[int, _Job] = {}
@@ -137,6 +140,7 @@ class Drainer:
         self._cancel_jobs = False
         self._backoff = DB_BACKOFF_START_S
         self._degraded = False
+        self._take: bytes | None = None  # queues.take_statement, composed at first use
         self._source = f"drainer:{self.queue}"
         self.finished = trio.Event()
         self.idle = False  # waiting for a wake-up (tests and the dashboard may look)
@@ -225,8 +229,12 @@ class Drainer:
         of the database (read-only, a pooler, a dropped pgmq, permissions):
         waited out, never allowed to end the process.
         """
+        return await self._db_native(self.db.run(fn))
+
+    async def _db_native(self, call: Awaitable[T]) -> T:
+        """`_db` for a call that runs on the trio-native connection (the hot statement)."""
         try:
-            result = await self.db.run(fn)
+            result = await call
         except psycopg.Error as exc:
             raise DatabaseUnavailable(describe_db_error(exc, self.db.url),
                                       "database_error") from exc
@@ -239,6 +247,7 @@ class Drainer:
     async def _db_down(self, exc: DatabaseUnavailable) -> None:
         """Report, back off (capped, doubling), then look again."""
         self._degraded = True
+        self._take = None  # composed again: the queue (or pgmq) may have been recreated
         self.health.report(self._source, exc.reason, str(exc))
         log.debug("database unavailable", queue=self.queue, error=str(exc),
                   retry_in_s=self._backoff)
@@ -345,10 +354,12 @@ class Drainer:
         try:
             if read:
                 vt = self.cfg.visibility_timeout_s
-                return await self._db(  # type: ignore[no-any-return]
-                    lambda c: queues.archive_then_read(c, self.queue, done, vt, read))
+                if self._take is None:
+                    self._take = await self._db(partial(queues.take_statement, queue=self.queue))
+                return await self._db_native(
+                    queues.archive_then_read(self.db, self._take, self.queue, done, vt, read))
             if done:
-                await self._db(lambda c: queues.archive_fast(c, self.queue, done))
+                await self._db_native(queues.archive_fast(self.db, self.queue, done))
             return []
         except BaseException:
             self._done[:0] = done  # archived next time (archive is idempotent)
