@@ -339,3 +339,135 @@ async def test_reports_are_also_upserted_into_supabase_storage(
     assert sent["body"] == (tmp_path / str(user) / f"{checkup}.pdf").read_bytes()
     assert (sent["auth"], sent["upsert"], sent["type"]) == (
         "Bearer service-role-key-for-tests", "true", "application/pdf")
+
+
+# -- fonts and wording shared across documents (reactor.services.pdf caches them) --------
+DEJAVU = Path("/usr/share/fonts/truetype/dejavu")
+WHEN = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+RU_REPORT = ReportData("r-1", "Маша Петрова", "Анна Петрова", WHEN,
+                       [Score("Сон", 8, 20, "low"), Score("Внимание", 17, 20, "high")],
+                       "Спит хорошо, устаёт к вечеру.", ["Режим сна и прогулки."])
+# Letters the Russian report does not use (Latin Extended, Latin-1, €): after it, the
+# English report must still draw them.
+EN_REPORT = ReportData("e-1", "Zoë Łukasiewicz-Núñez", None, WHEN,
+                       [Score("Focus", 17, 20, "high"), Score("Sleep", 3, 20, "low")],
+                       "Quiet week; swimming costs 5 € a week.", ["Ask Dr. Øberg about focus."])
+ONLY_EN = set("ZëŁkzúñ€ØQ")
+
+
+def render(data: ReportData, locale: str, fonts: Any, templates_dir: Path = TEMPLATES_DIR,
+           ) -> bytes:
+    return render_report(data, locale=locale, fonts=fonts, templates_dir=templates_dir,
+                         app_name="Family Mind", now=WHEN)
+
+
+def pdftotext(pdf: bytes) -> str:
+    """The text as poppler reads it, whitespace folded."""
+    out = subprocess.run(["pdftotext", "-enc", "UTF-8", "-", "-"], input=pdf,
+                         capture_output=True, check=True, timeout=60)
+    return fold(out.stdout.decode())
+
+
+def outlined(pdf: bytes) -> set[str]:
+    """The characters the embedded regular font can draw: a glyph with an outline, or a
+    composite one (an accented letter) whose every part has one."""
+    from fontTools.ttLib import TTFont
+
+    def drawn(glyf: Any, name: str) -> bool:
+        glyph = glyf[name]
+        if glyph.isComposite():
+            return all(drawn(glyf, part) for part in glyph.getComponentNames(glyf))
+        return bool(glyph.numberOfContours > 0)
+
+    resources: Any = PdfReader(io.BytesIO(pdf)).pages[0]["/Resources"]
+    for ref in resources["/Font"].values():
+        cid_font = ref.get_object()["/DescendantFonts"][0].get_object()
+        if str(cid_font["/BaseFont"]).endswith("Book"):
+            program = cid_font["/FontDescriptor"].get_object()["/FontFile2"].get_object()
+            # checkChecksums=2: a wrong table checksum in the embedded font is an error.
+            font = TTFont(io.BytesIO(program.get_data()), checkChecksums=2)
+            return {chr(code) for code, name in font.getBestCmap().items()
+                    if drawn(font["glyf"], name)}
+    raise AssertionError("no regular DejaVu font in the PDF")
+
+
+def test_reports_one_after_another_each_hold_their_own_text_and_glyphs(
+        tmp_path: Path) -> None:
+    fonts = prepare_fonts(find_fonts(DEJAVU), tmp_path)
+    ru_first = render(RU_REPORT, "ru", fonts)
+    en = render(EN_REPORT, "en", fonts)
+    # Nothing the English report did is carried into a later Russian one, byte for byte.
+    assert render(RU_REPORT, "ru", fonts) == ru_first
+    ru_text, en_text = pdftotext(ru_first), pdftotext(en)
+    for text, data, locale in ((ru_text, RU_REPORT, "ru"), (en_text, EN_REPORT, "en")):
+        words = report_words(locale)
+        assert f"{words['child_label']}: {data.child_name}" in text
+        assert fold(data.summary or "") in text
+        assert all(item in text for item in data.recommendations)
+        assert all(score.domain in text for score in data.scores)
+        assert fold(words["legend_heading"]) in text
+        assert fold(f"{words['bands']['high']} — {words['legend']['high']}") in text
+        assert words["page"].format(page=1, pages=1) in text
+        _, _, meta = pdf_text(render(data, locale, fonts))
+        assert meta["/Title"] == f"{words['title']}: {data.child_name}"
+        assert meta["/Author"] == meta["/Creator"] == "Family Mind"
+    assert "Маша" not in en_text
+    assert "Zoë" not in ru_text
+    # Each font program has outlines for what its document draws, and only that: the
+    # English report's letters are absent from the Russian one's and present in its own.
+    ru_glyphs, en_glyphs = outlined(ru_first), outlined(en)
+    assert en_glyphs >= ONLY_EN
+    assert not ONLY_EN & ru_glyphs
+    assert ru_glyphs >= set("МашаПетроваСн")
+    assert en_glyphs >= set(fold(EN_REPORT.summary or "").replace(" ", ""))
+
+
+def test_concurrent_renders_give_the_bytes_of_sequential_ones(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    # A new font file: the two threads also race to parse it for the first time.
+    fonts = prepare_fonts(find_fonts(DEJAVU), tmp_path)
+    long_report = ReportData("l-1", "Маша", None, WHEN,
+                             [Score(f"Область {i}", i, 20, "moderate") for i in range(20)],
+                             "Длинный текст. " * 60, [f"Совет {i}: " + "гулять. " * 30
+                                                      for i in range(10)])
+    reports = [(RU_REPORT, "ru"), (EN_REPORT, "en"), (long_report, "ru"), (EN_REPORT, "ru")]
+    start = Barrier(2, timeout=60)
+
+    def renders(order: list[int]) -> list[bytes]:
+        start.wait()
+        return [render(*reports[i], fonts) for i in order]
+
+    orders = ([0, 1, 2, 3, 0, 2, 1, 3], [3, 2, 1, 0, 1, 3, 0, 2])
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(renders, order) for order in orders]
+        results = [future.result(timeout=300) for future in futures]
+    sequential = [render(*report, fonts) for report in reports]
+    for order, got in zip(orders, results, strict=True):
+        assert got == [sequential[i] for i in order]
+    assert "Zoë Łukasiewicz-Núñez" in pdftotext(sequential[1])
+
+
+def test_an_edited_report_wording_is_used_at_once(tmp_path: Path) -> None:
+    import shutil
+
+    fonts = prepare_fonts(find_fonts(DEJAVU), tmp_path / "fonts")
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES_DIR / "report", templates / "report")
+    assert "Checkup report" in pdftotext(render(EN_REPORT, "en", fonts, templates))
+    words = templates / "report" / "en.toml"
+    words.write_text(words.read_text(encoding="utf-8").replace(
+        'title = "Checkup report"', 'title = "Family checkup summary"'), encoding="utf-8")
+    text = pdftotext(render(EN_REPORT, "en", fonts, templates))
+    assert "Family checkup summary" in text
+    assert "Checkup report" not in text
+
+
+def test_reports_still_render_after_a_temp_cleaner_removes_the_prepared_fonts(
+        tmp_path: Path) -> None:
+    fonts = prepare_fonts(find_fonts(DEJAVU), tmp_path)
+    before = render(EN_REPORT, "en", fonts)
+    fonts.regular.unlink()
+    fonts.bold.unlink()
+    assert render(EN_REPORT, "en", fonts) == before

@@ -44,7 +44,7 @@ STORAGE_TIMEOUT_S = 30.0
 
 # What a report may hold. Rendering is CPU-bound and cannot be interrupted, so the
 # input is capped to keep every render short (the worst accepted report renders in
-# about a second here: docs/operations.md); a checkup beyond these is dead-lettered
+# under a second here: docs/operations.md); a checkup beyond these is dead-lettered
 # with the reason, never rendered. A real checkup is far below them.
 MAX_RESULTS_BYTES = 64 * 1024
 MAX_SCORES = 40
