@@ -299,26 +299,27 @@ class Database:
         """
         async with self._limiter:
             conn: TrioConnection | None = None
-            done = False
+            cut = True  # until the server has answered (rows or an error)
             try:
                 with trio.move_on_after(self.statement_timeout_s):
                     conn = await self._native()
                     cursor = conn.cursor()
                     await cursor.execute(query, params)
                     rows = await cursor.fetchall() if cursor.description else []
-                    done = True
+                    cut = False
                     return rows
                 raise DatabaseUnavailable(
                     f"the database did not answer within {self.statement_timeout_s:g}s",
                     "database_unreachable")
             except psycopg.Error as exc:
+                cut = False  # an answer; whether the connection still works is checked below
                 reason = reason_of(exc)
                 if reason is None:
                     raise
                 raise DatabaseUnavailable(describe_db_error(exc, self.url), reason) from exc
             finally:
                 if conn is not None:
-                    self._give_back_native(conn, interrupted=not done)
+                    self._give_back_native(conn, interrupted=cut)
 
     async def _native(self) -> TrioConnection:
         """An idle trio-native connection, or a new one (connected in a worker thread:

@@ -127,3 +127,12 @@ async def test_fetch_honours_the_callers_cancel_scope(database_url: str) -> None
                              "WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'") == []
 
         await eventually(cancelled_on_the_server, within_s=10, every_s=0.05)
+
+
+async def test_a_statement_error_is_raised_as_is_and_the_connection_kept(
+        database_url: str) -> None:
+    async with Database(database_url, 2).opened() as db:
+        [(pid,)] = await db.fetch(b"SELECT pg_backend_pid()")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await db.fetch(b"SELECT * FROM no_such_table")
+        assert await db.fetch(b"SELECT pg_backend_pid()") == [(pid,)]
