@@ -60,6 +60,8 @@ KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10,
                              "keepalives_interval": 5, "keepalives_count": 3}
 # No single statement of the reactor's may run longer than this (client-side deadline).
 STATEMENT_TIMEOUT_S = 30.0
+# Asking the server to stop an interrupted statement may take this long (a thread).
+CANCEL_WAIT_S = 5.0
 # Errors that mean "a pooler shuffled prepared statements between server connections"
 # (ours are off; another client's, or a pooler's own, can still show up).
 _PREPARED_STATEMENT_ERRORS = (pgerrors.InvalidSqlStatementName, pgerrors.DuplicatePreparedStatement)
@@ -319,7 +321,7 @@ class Database:
                 raise DatabaseUnavailable(describe_db_error(exc, self.url), reason) from exc
             finally:
                 if conn is not None:
-                    self._give_back_native(conn, interrupted=cut)
+                    await self._give_back_native(conn, interrupted=cut)
 
     async def _native(self) -> TrioConnection:
         """An idle trio-native connection, or a new one (connected in a worker thread:
@@ -329,12 +331,19 @@ class Database:
             if not conn.closed:
                 return conn
         lease: _Lease[TrioConnection] = _Lease(None)
+        handed_over = False
         try:
-            return await trio.to_thread.run_sync(self._connect_native, lease,
+            conn = await trio.to_thread.run_sync(self._connect_native, lease,
                                                  abandon_on_cancel=True)
+            handed_over = True
+            return conn
         finally:
             with lease.lock:
-                lease.abandoned = not lease.finished  # the thread closes what it opens
+                if not lease.finished:
+                    lease.abandoned = True  # the thread closes what it opens
+                elif not handed_over and lease.conn is not None:
+                    # Connected just as the caller was cancelled: nobody else will close it.
+                    lease.conn.pgconn.finish()
 
     def _connect_native(self, lease: _Lease[TrioConnection]) -> TrioConnection:
         # In a worker thread. The connection keeps the settings of connect_sync.
@@ -357,18 +366,26 @@ class Database:
                 if lease.abandoned and lease.conn is not None:
                     lease.conn.pgconn.finish()
 
-    def _give_back_native(self, conn: TrioConnection, *, interrupted: bool) -> None:
-        """Keep a connection that is idle and sound; otherwise close it (and if it was cut
-        off mid-statement, ask the server to stop the statement first)."""
+    async def _give_back_native(self, conn: TrioConnection, *, interrupted: bool) -> None:
+        """Keep a connection that is idle and sound; otherwise close it.
+
+        One cut off mid-statement (deadline, shutdown) is cancelled on the server
+        first, and that is waited for (shielded, at most CANCEL_WAIT_S): when the
+        caller goes on, the statement is no longer running, so it cannot take
+        messages the caller releases next.
+        """
         idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
         if not (self._closed or conn.closed or conn.broken or not idle or interrupted):
             self._native_idle.append(conn)
             return
         if conn.closed:
             return
-        if conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
-            _cancel_in_background(conn.cancel, conn.pgconn.finish)
-        else:
+        try:
+            if conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_WAIT_S):
+                    await trio.to_thread.run_sync(_cancel_quietly, conn,
+                                                  abandon_on_cancel=True)
+        finally:
             conn.pgconn.finish()
 
     async def aclose(self) -> None:
@@ -389,19 +406,23 @@ class Database:
                 await self.aclose()
 
 
-def _cancel_in_background(cancel_query: Callable[[], None],
-                          then: Callable[[], None] | None = None) -> None:
-    """Ask the server to stop the query of an abandoned call, then run `then`
-    (a thread: it is network I/O)."""
+def _cancel_in_background(cancel_query: Callable[[], None]) -> None:
+    """Ask the server to stop the query of an abandoned call (a thread: it is network I/O)."""
     def cancel() -> None:
         try:
             cancel_query()
         except Exception as exc:  # the connection may be gone already; nothing else to do
             log.debug("could not cancel a timed-out query", error=type(exc).__name__)
-        if then is not None:
-            then()
 
     threading.Thread(target=cancel, name="reactor-db-cancel", daemon=True).start()
+
+
+def _cancel_quietly(conn: TrioConnection) -> None:
+    """Ask the server to stop the statement running on `conn` (blocking: a thread)."""
+    try:
+        conn.cancel()
+    except Exception as exc:  # the connection may be gone already; nothing else to do
+        log.debug("could not cancel an interrupted statement", error=type(exc).__name__)
 
 
 class ListenConnection:

@@ -87,7 +87,10 @@ READ: LiteralString = _TAKEN_COLUMNS + """
 # for). `{last_read}` is empty, or sets last_read_at where the queue's table has it
 # (pgmq >= 1.8 does, Supabase's 1.4.4-1.5.x does not). The archived ids are excluded
 # from the take, so a message whose lease ran out while it ran is not taken again in
-# the same statement that archives it.
+# the same statement that archives it. The take is LATERAL on `pre` (the
+# `pre.async_commit IS NOT NULL` term): `pre` is evaluated first, once, whatever the
+# planner estimates; joined as a plain FROM item, a plan that scans the (empty) take
+# first never executes `pre`, and the archive with it.
 TAKE: LiteralString = """
 WITH pre AS (
     SELECT set_config('synchronous_commit', 'off', true) AS async_commit,
@@ -95,14 +98,16 @@ WITH pre AS (
                 THEN (SELECT count(*) FROM pgmq.archive(%(queue)s, %(ids)s::bigint[]))
            END AS archived
 ), next AS (
-    SELECT q.msg_id FROM pgmq.{table} AS q
-     WHERE q.vt <= clock_timestamp() AND q.msg_id <> ALL(%(ids)s::bigint[])
-     ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
+    SELECT t.msg_id FROM pre, LATERAL (
+        SELECT q.msg_id FROM pgmq.{table} AS q
+         WHERE q.vt <= clock_timestamp() AND q.msg_id <> ALL(%(ids)s::bigint[])
+           AND pre.async_commit IS NOT NULL
+         ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED) AS t
 ), r AS (
     UPDATE pgmq.{table} AS m
        SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
            read_ct = m.read_ct + 1{last_read}
-      FROM next, pre
+      FROM next
      WHERE m.msg_id = next.msg_id
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
 )""" + _TAKEN_COLUMNS + """

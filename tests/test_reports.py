@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import trio
 from pypdf import PdfReader
+from structlog.testing import capture_logs
 
 from reactor.config import ConfigError
 from reactor.core.app import Reactor
@@ -292,8 +293,11 @@ def test_bad_results_entries_are_skipped() -> None:
     from reactor.processors.reports import report_data
 
     data = report_data("a", {"scores": [{"domain": "A", "score": "x"}, "junk",
-                                        {"domain": "B", "score": 3, "max": 5, "band": "??"}],
+                                        {"domain": "B", "score": 3, "max": 5, "band": "??"},
+                                        {"domain": "C", "score": "nan", "max": 5},
+                                        {"domain": "D", "score": 1, "max": "inf"}],
                              "recommendations": None}, None, None)
+    # No bar can show "nan" or "inf" (it would be drawn full): skipped like the others.
     assert [(s.domain, s.band) for s in data.scores] == [("B", "moderate")]
     assert data.recommendations == []
     assert report_data("a", None, None, None).scores == []
@@ -471,3 +475,17 @@ def test_reports_still_render_after_a_temp_cleaner_removes_the_prepared_fonts(
     fonts.regular.unlink()
     fonts.bold.unlink()
     assert render(EN_REPORT, "en", fonts) == before
+
+
+def test_a_name_the_font_cannot_draw_is_not_written_to_the_logs(tmp_path: Path) -> None:
+    """The characters a font lacks may spell a child's name: the log says which scripts."""
+    fonts = prepare_fonts(find_fonts(Path("/usr/share/fonts/truetype/dejavu")), tmp_path)
+    data = ReportData("a1", "王小明", "Parent", None, [Score("Sleep", 3, 10, "low")])
+    with capture_logs() as logs:
+        pdf = render_report(data, locale="en", fonts=fonts, templates_dir=TEMPLATES_DIR,
+                            app_name="X")
+    assert pdf.startswith(b"%PDF")
+    lacking = [e for e in logs if e["event"] == "report font lacks characters, drawn as boxes"]
+    assert lacking
+    assert all(e["scripts"] == ["CJK"] and e["count"] == 3 for e in lacking)
+    assert not any(ch in repr(logs) for ch in "王小明")

@@ -137,6 +137,7 @@ class Drainer:
         self._signal_at_in_flight = 0
         self._stopping = False
         self._workers_scope: trio.CancelScope | None = None
+        self._take_scope: trio.CancelScope | None = None  # around a take, while it runs
         self._cancel_jobs = False
         self._backoff = DB_BACKOFF_START_S
         self._degraded = False
@@ -157,10 +158,14 @@ class Drainer:
         self._signal.set()
 
     def cancel_jobs(self) -> None:
-        """Grace is over: cancel in-flight jobs (their messages become visible at once)."""
+        """Grace is over: cancel in-flight jobs (their messages become visible at once),
+        and a take still waiting for the database (a lock, a slow server): it is
+        cancelled on the server before anything is released."""
         self._cancel_jobs = True
         if self._workers_scope is not None:
             self._workers_scope.cancel()
+        if self._take_scope is not None:
+            self._take_scope.cancel()
 
     # -- the loop --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -206,6 +211,8 @@ class Drainer:
         while True:
             with trio.CancelScope() as scope:
                 async for job in self._receive:
+                    if job.settled:  # orphaned before it started (see _dispatch)
+                        continue
                     job.worker = scope
                     await self._process(job)
                 return  # the channel was closed
@@ -300,20 +307,51 @@ class Drainer:
             self._wake_pending = False
             messages = await self._flush(read=min(batch, free))
             empty = not messages
-            if len(messages) > 1:
-                messages.sort(key=lambda m: (-m.priority, m.msg_id))  # FIFO within a priority
-            now = trio.current_time()
-            for message in messages:
-                if message.msg_id in self._jobs:
+            self._dispatch(messages)
+            await trio.lowlevel.checkpoint()
+
+    def _dispatch(self, messages: list[Message]) -> None:
+        """Hand new messages to the workers: together with those read earlier that no
+        worker has started yet, highest priority first (FIFO within a priority)."""
+        if not messages:
+            return
+        now = trio.current_time()
+        jobs = []
+        for message in messages:
+            held = self._jobs.get(message.msg_id)
+            if held is not None:
+                if held.message.enqueued_at == message.enqueued_at:
                     # Its lease ran out while the database was away and we read it again:
                     # the job that holds it here settles it. Keep the new lease, and count
                     # this delivery as accounted for (it is not a crash).
-                    self._outcomes.append(Outcome(message, self.cfg.visibility_timeout_s, None))
+                    self._outcomes.append(Outcome(message, self.cfg.visibility_timeout_s,
+                                                  None))
                     continue
-                job = _Job(message, now)
-                self._jobs[message.msg_id] = job
-                self._send.send_nowait(job)  # room is guaranteed by max_in_flight
-            await trio.lowlevel.checkpoint()
+                self._orphan(held)
+            job = _Job(message, now)
+            self._jobs[message.msg_id] = job
+            jobs.append(job)
+        while True:  # no await from here on: no worker sees a partial state
+            try:
+                jobs.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        if len(jobs) > 1:
+            jobs.sort(key=lambda j: (-j.message.priority, j.message.msg_id))
+        for job in jobs:
+            self._send.send_nowait(job)  # room is guaranteed by max_in_flight
+
+    def _orphan(self, job: _Job) -> None:
+        """The queue was dropped and recreated under this job (pgmq numbers messages from 1
+        again, and a new message came with its id): its message is gone with the old
+        queue, and nothing recorded for it may touch the new one. Stopped, never settled."""
+        log.warning("queue recreated under a running job: that job is stopped (its "
+                    "message went with the old queue)", queue=self.queue,
+                    msg_id=job.message.msg_id)
+        job.settled = True
+        del self._jobs[job.message.msg_id]
+        if job.started is not None and job.worker is not None:
+            job.worker.cancel()
 
     async def _flush(self, read: int = 0) -> list[Message]:
         """Write what settled (and read up to `read` more messages in the same trip).
@@ -356,8 +394,16 @@ class Drainer:
                 vt = self.cfg.visibility_timeout_s
                 if self._take is None:
                     self._take = await self._db(partial(queues.take_statement, queue=self.queue))
-                return await self._db_native(
-                    queues.archive_then_read(self.db, self._take, self.queue, done, vt, read))
+                scope = self._take_scope = trio.CancelScope()
+                try:
+                    with scope:
+                        return await self._db_native(queues.archive_then_read(
+                            self.db, self._take, self.queue, done, vt, read))
+                finally:
+                    self._take_scope = None
+                # Cut at the end of the grace (cancel_jobs), cancelled on the server.
+                self._done[:0] = done
+                return []
             if done:
                 await self._db_native(queues.archive_fast(self.db, self.queue, done))
             return []

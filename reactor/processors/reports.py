@@ -10,6 +10,7 @@ the row is new, with an idempotency key for the email ledger besides.
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -71,6 +72,8 @@ def report_data(assessment_id: str, results: Any, parent_name: str | None,
             score, top = float(item.get("score", 0)), float(item.get("max", 0))
         except (TypeError, ValueError):
             continue
+        if not (math.isfinite(score) and math.isfinite(top)):
+            continue  # "nan" / "inf": no bar can show it
         band: Band = item["band"] if item.get("band") in ("low", "moderate", "high") \
             else "moderate"
         scores.append(Score(str(item["domain"]), score, top, band))

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import struct
 import threading
 import tomllib
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,6 +52,15 @@ __all__ = ["Band", "Fonts", "ReportData", "Score", "find_fonts", "prepare_fonts"
 Band = Literal["low", "moderate", "high"]
 
 log = structlog.get_logger("reactor.pdf")
+
+
+def _no_missing_glyph_lines(record: logging.LogRecord) -> bool:
+    """fpdf2's own line quotes the characters a font lacks (they may spell a child's
+    name); _embed logs which scripts instead. This drops fpdf2's (its fallback path)."""
+    return not str(record.msg).startswith("Font %s is missing the following glyphs")
+
+
+logging.getLogger("fpdf.output").addFilter(_no_missing_glyph_lines)
 
 
 @dataclass(frozen=True)
@@ -153,15 +164,23 @@ def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
 
 _LOCK = threading.Lock()          # guards the two caches below (not the renders)
 _CACHE_SIZE = 8                   # fonts and wording files kept; LRU beyond that
-_faces: OrderedDict[tuple[str, str], tuple[tuple[str, int, int], _Face | None]] = OrderedDict()
-_wording: OrderedDict[tuple[str, int, int, str, int, int],
+_FileKey = tuple[str, int, int, int, int]
+_faces: OrderedDict[tuple[str, str], tuple[_FileKey, _Face | None]] = OrderedDict()
+_wording: OrderedDict[tuple[_FileKey, _FileKey],
                       tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """A file as its content goes: replaced or edited, it is a new key."""
+def _script(code: int) -> str:
+    """The first word of a character's Unicode name ("CJK", "HEBREW", "EMOJI"…)."""
+    return unicodedata.name(chr(code), "UNKNOWN").split(" ", 1)[0]
+
+
+def _file_key(path: Path) -> _FileKey:
+    """A file as its content goes: replaced or edited, it is a new key. The inode and
+    ctime see a replacement that kept size and mtime (cp -p, rsync -t, tar): ctime
+    cannot be set back."""
     st = path.stat()
-    return str(path), st.st_size, st.st_mtime_ns
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
@@ -177,7 +196,7 @@ def _load(templates_dir: Path, locale: str) -> tuple[dict[str, Any], dict[str, A
     """
     folder = templates_dir / "report"
     words_path, style_path = folder / f"{locale}.toml", folder / "style.toml"
-    key = (*_file_key(words_path), *_file_key(style_path))
+    key = (_file_key(words_path), _file_key(style_path))
     with _LOCK:
         found = _wording.get(key)
     if found is not None:
@@ -460,8 +479,10 @@ class _Producer(OutputProducer):
         fontname = f"MPDFAA+{font.name}"
         used = [(glyph, code) for glyph, code in font.subset.items() if glyph is not None]
         if font.missing_glyphs:
+            # Which scripts, not which characters: they may spell a child's name.
             log.warning("report font lacks characters, drawn as boxes", font=font.name,
-                        characters="".join(chr(c) for c in font.missing_glyphs[:20]))
+                        count=len(font.missing_glyphs),
+                        scripts=sorted({_script(c) for c in font.missing_glyphs}))
         composite = PDFFont(subtype="Type0", base_font=fontname, encoding="Identity-H")
         self._add_pdf_obj(composite, "fonts")
         cid_font = PDFFont(subtype="CIDFontType2", base_font=fontname,
