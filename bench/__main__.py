@@ -10,7 +10,7 @@ Prints Markdown tables to paste into docs/benchmarks.md. Scenarios:
 - pdf: render time of the standard and the largest report
 - idle: CPU of `reactor run` with nothing to do
 - analytics, old, feed: the analytics handler, the old Node design, feed clients
-- memory (long, only when named): RSS after 100,000 and 1,000,000 jobs
+- memory: RSS after 100,000 and 1,000,000 jobs (a few minutes)
 - profile (only when named): per-message counts and a py-spy profile of a drain
 """
 
@@ -248,9 +248,8 @@ SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
     "memory": resources.memory,
     "profile": profile.profile,
 }
-# Not in a plain `make bench`: a million jobs take several minutes; profiling is for
-# whoever changes the drainer.
-LONG = {"memory", "profile"}
+# Not in a plain `make bench`: profiling is for whoever changes the drainer.
+LONG = {"profile"}
 
 
 def table(results: list[Result]) -> str:

@@ -1,10 +1,13 @@
 """Mail through the whole pipeline (render, ledger, send) against a relay with
-40 ms of latency per reply and against a zero-latency local sink, at
-SMTP_POOL_SIZE 1, 5 and 20.
+40 ms of latency per reply (SMTP_POOL_SIZE 1, 5 and 20; and 5 against a relay
+that does not offer PIPELINING) and against a zero-latency local sink
+(SMTP_POOL_SIZE 1, 3 = the default, 5 and 20).
 
 The ceiling a pool can reach against a relay is pool ÷ (round trips per mail
 × latency): each connection carries one mail at a time and waits one
-latency per round trip. The relay counts the round trips it answered.
+latency per round trip. The relay counts the round trips it answered: 2 a
+mail when it offers PIPELINING (MAIL, RCPT and DATA in one write, then the
+message), 4 when it does not.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from bench.common import Child, Result
 __all__ = ["mail"]
 
 POOLS = (1, 5, 20)
+SINK_POOLS = (1, 3, 5, 20)  # 3 is the default SMTP_POOL_SIZE
+NO_PIPELINING_POOL = 5
 LATENCY_MS = 40.0
 SECONDS_PER_RUN = 8.0  # against the relay: enough mails for ~8 s at the ceiling
 SINK_MAILS = 1500
@@ -83,10 +88,12 @@ def _drain(url: str, port: int, pool: int, n: int) -> float:
     return trio.run(main)
 
 
-def _run(url: str, pool: int, n: int, delay_ms: float) -> tuple[float, float]:
+def _run(url: str, pool: int, n: int, delay_ms: float,
+         pipelining: bool = True) -> tuple[float, float]:
     """(mails per second, round trips per mail) for one pool size and relay."""
     _fill(url, n)
-    with Child("bench.slow_smtp", "--delay-ms", str(delay_ms)) as relay:
+    with Child("bench.slow_smtp", "--delay-ms", str(delay_ms),
+               *([] if pipelining else ["--no-pipelining"])) as relay:
         port = int(relay.expect("READY", 30)[0])
         elapsed = _drain(url, port, pool, n)
         relay.end_input()  # it prints STATS and exits
@@ -101,20 +108,24 @@ def _run(url: str, pool: int, n: int, delay_ms: float) -> tuple[float, float]:
 
 def mail(url: str) -> list[Result]:
     results: list[Result] = []
-    for pool in POOLS:
-        ceiling_guess = pool / (4 * LATENCY_MS / 1000)  # 4 round trips without pipelining
+    relay_runs = [(pool, True) for pool in POOLS] + [(NO_PIPELINING_POOL, False)]
+    for pool, pipelining in relay_runs:
+        ceiling_guess = pool / ((2 if pipelining else 4) * LATENCY_MS / 1000)
         n = max(40, int(ceiling_guess * SECONDS_PER_RUN))
-        rate, per_mail = _run(url, pool, n, LATENCY_MS)
+        rate, per_mail = _run(url, pool, n, LATENCY_MS, pipelining)
         ceiling = pool / (per_mail * LATENCY_MS / 1000)
-        results.append({"relay": f"{LATENCY_MS:g} ms per reply", "SMTP_POOL_SIZE": pool,
-                        "mails": n, "round_trips_per_mail": round(per_mail, 2),
+        results.append({"relay": f"{LATENCY_MS:g} ms per reply",
+                        "PIPELINING": "offered" if pipelining else "not offered",
+                        "SMTP_POOL_SIZE": pool, "mails": n,
+                        "round_trips_per_mail": round(per_mail, 2),
                         "ceiling_mails_per_s": round(ceiling, 1),
                         "mails_per_s": round(rate, 1),
                         "of_ceiling_pct": round(rate / ceiling * 100)})
-    for pool in POOLS:
+    for pool in SINK_POOLS:
         rate, per_mail = _run(url, pool, SINK_MAILS, 0)
-        results.append({"relay": "local sink, no delay", "SMTP_POOL_SIZE": pool,
-                        "mails": SINK_MAILS, "round_trips_per_mail": round(per_mail, 2),
+        results.append({"relay": "local sink, no delay", "PIPELINING": "offered",
+                        "SMTP_POOL_SIZE": pool, "mails": SINK_MAILS,
+                        "round_trips_per_mail": round(per_mail, 2),
                         "ceiling_mails_per_s": "—", "mails_per_s": round(rate, 1),
                         "of_ceiling_pct": "—"})
     return results

@@ -91,13 +91,16 @@ def _state(main: bool, frames: list[str]) -> str:
 
 
 MAIL_WATCH = {
-    "aiosmtplib through trio-asyncio (sendmail and its I/O)": "trio_asyncio",
-    "aiosmtplib SMTP.sendmail": "SMTP.sendmail ",
-    "socket writes of the asyncio transport": "_SelectorSocketTransport.write ",
+    "the SMTP conversation (SmtpConnection.sendmail)": "SmtpConnection.sendmail ",
+    "socket writes to the relay (SocketStream.send_all)": "SocketStream.send_all ",
+    "waiting for a pooled connection, NOOP or connect (SmtpMailer._checkout)":
+        "SmtpMailer._checkout ",
     "MIME build (build_message)": "build_message ",
-    "MIME flatten (as_bytes)": "as_bytes ",
     "template render (EmailRenderer.render)": "EmailRenderer.render ",
-    "database hops (Database.run)": "Database.run ",
+    "ledger verdicts, group-committed (EmailProcessor._record_sent)":
+        "EmailProcessor._record_sent ",
+    "statements on trio-native connections (Database.fetch)": "Database.fetch ",
+    "database hops to worker threads (Database.run)": "Database.run ",
     "events (EventBus.publish)": "EventBus.publish ",
 }
 
@@ -166,8 +169,9 @@ def profile(url: str, n: int = 20_000, rate: int = 500, top: int = 25) -> list[R
     return rows + _summarize(raw, top) + profile_mail(url)
 
 
-def profile_mail(url: str, pool: int = 5, n: int = 1500, top: int = 15) -> list[Result]:
-    """py-spy on this process while it sends n mails to the zero-latency sink."""
+def profile_mail(url: str, pool: int = 3, n: int = 3000, top: int = 15) -> list[Result]:
+    """py-spy on this process while it sends n mails to the zero-latency sink, at the
+    default SMTP_POOL_SIZE."""
     import os
 
     from bench.mail import _run

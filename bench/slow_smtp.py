@@ -11,8 +11,8 @@ independently (in order), so commands that a client pipelines (RFC 2920:
 MAIL, RCPT and DATA in one write) cost one round trip together, as they would
 against a real relay. A "round trip" is counted each time the server sends a
 reply and then has nothing more to say: the client had to wait for it.
-Mails are accepted and dropped (only counted). Runs in its own process,
-because the reactor's trio-asyncio changes asyncio for the whole process.
+Mails are accepted and dropped (only counted). Runs in its own process, as
+a relay does: its CPU is not the reactor's, and the reactor sees only the wire.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 TEMPLATE_DB = "reactor_template"
 # Modules whose database tests run on plain Postgres and on the Supabase-like database.
 SUPABASE_TIER = frozenset({"test_schema", "test_triggers", "test_rpc", "test_cron_functions",
-                           "test_supabase_access"})
+                           "test_supabase_access", "test_hot_path"})
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -242,13 +242,14 @@ class SmtpServer:
 @pytest.fixture
 def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
     """A factory: smtp_server(tls="starttls", user="u", password="p", reject=[...],
-    defer=[...] (451 always), defer_once=[...] (451 the first time: greylisting))."""
+    defer=[...] (451 always), defer_once=[...] (451 the first time: greylisting),
+    pipelining=True (offers PIPELINING, RFC 2920))."""
     servers: list[SmtpServer] = []
 
     def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
              reject: Sequence[str] = (), defer: Sequence[str] = (),
              defer_once: Sequence[str] = (), start: bool = True, delay_ms: int = 0,
-             idle_timeout_s: float | None = None) -> SmtpServer:
+             idle_timeout_s: float | None = None, pipelining: bool = False) -> SmtpServer:
         # Bound now (port 0: the kernel's choice), listened on once started: until then
         # a client is refused, and no other process can take the port meanwhile.
         sock = socket.socket()
@@ -269,6 +270,8 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
             argv += ["--delay-ms", str(delay_ms)]
         if idle_timeout_s is not None:
             argv += ["--idle-timeout-s", str(idle_timeout_s)]
+        if pipelining:
+            argv += ["--pipelining"]
         server = SmtpServer(port, maildir, argv, sock)
         servers.append(server)
         return server.start() if start else server

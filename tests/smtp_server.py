@@ -1,14 +1,16 @@
 """A real SMTP server (aiosmtpd) for the tests, run as a subprocess.
 
-It runs in its own process because trio-asyncio (used by the reactor's
-mailer) changes asyncio for the whole process, and aiosmtpd's threaded
-Controller then fails with "Cannot switch to a different thread".
+It runs in its own process, as a relay does: its event loop and CPU stay
+apart from the reactor's under test, and the test sees only the wire.
 
     python -m tests.smtp_server (--port P | --fd N) --maildir DIR
         [--tls starttls|ssl --cert C --key K]
         [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...]
         [--defer-once ADDR ...] [--delay-ms MS]
-        [--idle-timeout-s S]
+        [--idle-timeout-s S] [--pipelining]
+
+`--pipelining` adds PIPELINING (RFC 2920) to the EHLO reply; aiosmtpd reads
+commands one at a time from its stream, so it answers pipelined ones in order.
 
 Each accepted mail is written to DIR/NNNN.eml (atomically), its envelope, TLS,
 AUTH and EHLO name to DIR/NNNN.meta. DIR/sessions.log gets one line per
@@ -38,7 +40,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 class Handler:
     def __init__(self, maildir: Path, reject: set[str], defer: set[str],
-                 delay_s: float = 0.0, defer_once: set[str] | None = None) -> None:
+                 delay_s: float = 0.0, defer_once: set[str] | None = None,
+                 pipelining: bool = False) -> None:
+        self.pipelining = pipelining
         self.maildir = maildir
         self.reject = reject
         self.defer = defer
@@ -54,6 +58,8 @@ class Handler:
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
         self.session_event(f"ehlo {hostname}")
+        if self.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--defer-once", nargs="*", default=[])
     parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--idle-timeout-s", type=float, default=300.0)
+    parser.add_argument("--pipelining", action="store_true")
     args = parser.parse_args()
     args.maildir.mkdir(parents=True, exist_ok=True)
 
@@ -124,7 +131,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     handler = Handler(args.maildir, set(args.reject), set(args.defer), args.delay_ms / 1000,
-                      set(args.defer_once))
+                      set(args.defer_once), args.pipelining)
 
     class RecordingSMTP(SMTP):
         def connection_lost(self, error: Exception | None) -> None:

@@ -23,6 +23,7 @@ import trio
 from reactor.config import ConfigError, load_settings
 from reactor.db import Database
 from reactor.devstack import DevStack, dev_settings
+from reactor.errors import RetryableError
 from reactor.paths import TEMPLATES_DIR
 from reactor.pgcluster import free_port
 from reactor.processors.base import PermanentError
@@ -30,6 +31,8 @@ from reactor.processors.email import EmailProcessor, unkeyed_ledger_key
 from reactor.queues import Message
 from reactor.services.mailer import (
     Attachment,
+    OutgoingMail,
+    SmtpMailer,
     ascii_filename,
     build_message,
     check_mail_settings,
@@ -152,9 +155,10 @@ async def test_an_smtp_outage_is_waited_out_and_nothing_dead_letters(
     assert await sql(database_url, "SELECT count(*) FROM pgmq.q_email_queue_dlq") == [(0,)]
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
 async def test_rejected_recipient_is_dead_lettered_with_the_reply(
-        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
-    server = smtp_server(reject=["nobody@example.com"])
+        database_url: str, smtp_server: Callable[..., SmtpServer], pipelining: bool) -> None:
+    server = smtp_server(reject=["nobody@example.com"], pipelining=pipelining)
     async with running_reactor(database_url, **smtp_env(server, "none")) as reactor:
         with reactor.bus.subscribe() as sub:
             await send(database_url, "email_queue", {
@@ -169,9 +173,10 @@ async def test_rejected_recipient_is_dead_lettered_with_the_reply(
     assert await sql(database_url, "SELECT status FROM public.email_ledger") == [("failed",)]
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
 async def test_greylisting_4xx_is_retried_and_the_mail_then_goes_out_once(
-        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
-    server = smtp_server(defer_once=["grey@example.com"])
+        database_url: str, smtp_server: Callable[..., SmtpServer], pipelining: bool) -> None:
+    server = smtp_server(defer_once=["grey@example.com"], pipelining=pipelining)
     async with running_reactor(database_url, **smtp_env(server, "none")) as reactor:
         with reactor.bus.subscribe() as sub:
             msg_id = await send(database_url, "email_queue", {
@@ -185,6 +190,30 @@ async def test_greylisting_4xx_is_retried_and_the_mail_then_goes_out_once(
     assert mail["To"] == "grey@example.com"
     assert await sql(database_url, "SELECT status, message_id FROM public.email_ledger") == [
         ("sent", mail["Message-ID"])]
+
+
+async def test_mails_sent_together_each_record_their_own_message_id(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    """Verdicts that wait at the same moment are written in one statement: each ledger
+    row still gets the Message-ID of its own mail."""
+    server = smtp_server(pipelining=True)
+    count = 12
+    async with running_reactor(database_url, **smtp_env(server, "none"),
+                               SMTP_POOL_SIZE=3) as reactor:
+        with reactor.bus.subscribe() as sub:
+            for n in range(count):
+                await send(database_url, "email_queue", {
+                    "to": f"parent{n}@example.com", "template": "checkup_completed",
+                    "locale": "en", "variables": {"full_name": "A", "assessment_id": str(n)}})
+            done = await wait_for(sub, lambda e: e["type"] in (
+                "job.succeeded", "job.retrying", "job.dead_lettered"), count=count,
+                within_s=60)
+    assert {e["type"] for e in done} == {"job.succeeded"}, done
+    sent = {str(m["To"]): str(m["Message-ID"]) for m in server.mails()}
+    assert len(sent) == count
+    rows = await sql(database_url, "SELECT recipient, status, message_id "
+                                   "FROM public.email_ledger")
+    assert sorted(rows) == sorted((to, "sent", message_id) for to, message_id in sent.items())
 
 
 @pytest.mark.parametrize("body", [
@@ -293,6 +322,28 @@ async def test_a_send_of_unknown_outcome_is_dead_lettered_not_repeated(
 
 def _reactor_cli(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return reactor_command(*args, cwd=cwd, DATABASE_URL=url)
+
+
+async def test_no_answer_to_the_end_of_a_message_is_dead_lettered_never_resent(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    """The relay has the whole message but answers after SMTP_TIMEOUT_S: it may have
+    accepted it, so the ledger keeps 'sending', nothing is sent again, a person decides."""
+    server = smtp_server(delay_ms=2500)  # the answer to the end of the message comes late
+    async with running_reactor(database_url,
+                               **{**smtp_env(server, "none"), "SMTP_TIMEOUT_S": 1}) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await send(database_url, "email_queue", {
+                "to": "late@example.com", "template": "checkup_completed", "locale": "en",
+                "variables": {"full_name": "A", "assessment_id": "1"}})
+            [event] = await wait_for(sub, lambda e: e["type"] in (
+                "job.succeeded", "job.retrying", "job.dead_lettered"), within_s=30)
+    assert event["type"] == "job.dead_lettered", event
+    assert "delivery state unknown: no answer to the end of the message" in event["error"]
+    assert "reactor email resolve" in event["error"]
+    assert await sql(database_url, "SELECT status FROM public.email_ledger") == [("sending",)]
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.q_email_queue_dlq") == [(1,)]
+    # One conversation only: the mail was not tried again.
+    assert [e for e in server.sessions() if e.startswith("ehlo")] == ["ehlo family.example"]
 
 
 @pytest.mark.process
@@ -655,6 +706,78 @@ async def test_a_connection_the_server_closed_is_replaced_without_a_failed_send(
     assert len(server.mails()) == 3
 
 
+# -- the SMTP client on its own, against the same real server -------------------------------
+
+def client_settings(server: SmtpServer, security: str = "none", **env: Any) -> Any:
+    return load_settings(_env_file=None, DATABASE_URL="postgresql://x@127.0.0.1/db",
+                         **smtp_env(server, security), **env)
+
+
+def outgoing(raw: bytes, n: int = 1) -> OutgoingMail:
+    return OutgoingMail("noreply@family.example", "a@example.com", f"<{n}@family.example>", raw)
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_lines_that_start_with_a_dot_arrive_intact(
+        smtp_server: Callable[..., SmtpServer], pipelining: bool) -> None:
+    """A line of a lone dot would end the message early; the client doubles leading dots
+    and the server strips them again (RFC 5321 §4.5.2)."""
+    server = smtp_server(pipelining=pipelining)
+    raw = b"Subject: dots\n\n.\n.hidden line\n..two dots\nlast line without a newline"
+    mailer = SmtpMailer(client_settings(server))
+    try:
+        assert await mailer.send(outgoing(raw)) == "<1@family.example>"
+    finally:
+        await mailer.aclose()
+    [mail] = server.mails()
+    body = str(mail.get_payload()).replace("\r\n", "\n")
+    assert body == ".\n.hidden line\n..two dots\nlast line without a newline\n"
+    assert "quit" in server.sessions()
+
+
+async def test_the_slot_is_free_once_the_server_accepted_the_mail(
+        smtp_server: Callable[..., SmtpServer]) -> None:
+    """With a pool of one, the next mail takes the connection while the first mail's caller
+    still holds its session (writing the ledger's verdict): same connection, no wait."""
+    server = smtp_server(pipelining=True)
+    mailer = SmtpMailer(client_settings(server, SMTP_POOL_SIZE=1))
+    try:
+        async with mailer.session() as first:
+            await first.send(outgoing(b"Subject: 1\n\none\n", 1))
+            with trio.fail_after(30):  # a bound for a broken pool, not a timing
+                async with mailer.session() as second:
+                    await second.send(outgoing(b"Subject: 2\n\ntwo\n", 2))
+    finally:
+        await mailer.aclose()
+    assert [m["Subject"] for m in server.mails()] == ["1", "2"]
+    await eventually(sessions_closed(server, 1))
+    assert server.sessions() == ["ehlo family.example", "quit", "closed"]
+
+
+@pytest.mark.parametrize(("security", "user", "expected"), [
+    ("starttls", None, "does not offer STARTTLS, which SMTP_SECURITY=starttls asks for"),
+    ("none", "mailer", "offers no AUTH, yet SMTP_USER is set"),
+])
+async def test_what_the_server_does_not_offer_is_an_outage_naming_the_setting(
+        smtp_server: Callable[..., SmtpServer], tls_files: TlsFiles, security: str,
+        user: str | None, expected: str) -> None:
+    server = smtp_server()  # plain: no STARTTLS, no AUTH
+    env: dict[str, Any] = {"SMTP_CA_FILE": str(tls_files.ca)}
+    if user:
+        env |= {"SMTP_USER": user, "SMTP_PASS": PASSWORD}
+    mailer = SmtpMailer(client_settings(server, security, **env))
+    try:
+        with pytest.raises(RetryableError) as info:
+            await mailer.send(outgoing(b"Subject: x\n\nx\n"))
+    finally:
+        await mailer.aclose()
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+    assert PASSWORD not in str(info.value)
+    assert info.value.outage
+    assert server.mails() == []
+
+
 def test_reactor_dev_honours_smtp_from_and_its_name(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # no stray .env
@@ -824,6 +947,8 @@ async def test_every_template_goes_through_postfix_with_reject_non_fqdn_helo(
     log = postfix_relay.log()
     assert "Helo command rejected" not in log
     assert "timeout after" not in log
+    # Postfix offers PIPELINING and checks that clients keep its rules (RFC 2920).
+    assert "improper command pipelining" not in log
     assert sorted(m["To"] for m in mails) == sorted(expected)
     for mail in mails:
         # Postfix records the greeting it accepted in its Received header.

@@ -1,41 +1,44 @@
-"""Sending mail: SMTP (aiosmtplib through trio-asyncio, pooled) or a file outbox.
+"""Sending mail: SMTP (a trio-native client, pooled, pipelining) or a file outbox.
 
-aiosmtplib is asyncio; trio-asyncio runs it inside the reactor's trio loop.
-That is confined to this module: everything else sees `Mailer.send`.
+The SMTP client is this module's own, on trio streams (TCP, TLS): the
+asyncio libraries need an asyncio loop, and aiosmtplib driven through
+trio-asyncio cost the reactor ~1.2 ms of CPU a mail and could not pipeline.
+Everything else sees `Mailer.session` / `Mailer.send`.
 Every SMTP failure is classified here into the failure policy's two kinds:
-connection trouble, timeouts and 4xx replies are retried; a 5xx rejection is
-permanent and carries the server's reply.
+connection trouble, timeouts and 4xx replies are retried; a 5xx rejection of
+a mail is permanent and carries the server's reply.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import ipaddress
 import re
 import secrets
+import select
 import ssl
 import unicodedata
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
 from typing import Final, Protocol
 
-import aiosmtplib
 import structlog
 import trio
-import trio_asyncio
 
 from reactor.config import ConfigError, Settings
 from reactor.errors import PermanentError, RetryableError
 from reactor.services.templates import RenderedEmail
 
-__all__ = ["Attachment", "FileMailer", "Mailer", "OutgoingMail", "SmtpMailer", "ascii_filename",
-           "build_message", "check_mail_settings", "classify", "helo_name", "open_mailer"]
+__all__ = ["Attachment", "DeliveryUnknown", "FileMailer", "Mailer", "OutgoingMail",
+           "SmtpConnection", "SmtpMailer",
+           "ascii_filename", "build_message", "check_mail_settings", "classify", "helo_name",
+           "open_mailer"]
 
 log = structlog.get_logger("reactor.mailer")
 
@@ -65,13 +68,19 @@ class OutgoingMail:
     raw: bytes
 
 
+class DeliveryUnknown(Exception):
+    """The whole message went out but the server's answer did not come back (timeout,
+    connection lost): it may have accepted the mail, so sending it again is not safe."""
+
+
 class MailSession(Protocol):
     async def send(self, mail: OutgoingMail) -> str:
         """Deliver one mail; return its Message-ID.
 
         Raises:
             PermanentError: the server refused it for good (5xx).
-            RetryableError: anything that may work later.
+            RetryableError: anything that may work later; nothing was accepted.
+            DeliveryUnknown: the server may have accepted it.
         """
         ...
 
@@ -300,31 +309,305 @@ def build_message(*, sender: str, sender_name: str | None, to: str, email: Rende
     return OutgoingMail(sender, to, message_id, raw)
 
 
+# -- the SMTP client -------------------------------------------------------------------------
+
+class SmtpReplyError(Exception):
+    """The server answered a command with a reply the conversation cannot go on from."""
+
+    def __init__(self, command: str, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}" if text else str(code))
+        self.command = command
+        self.code = code
+        self.reply = str(self)
+
+
+class SmtpSessionRefused(SmtpReplyError):
+    """The greeting, EHLO or STARTTLS was refused: the session, not a mail."""
+
+
+class SmtpAuthFailed(SmtpReplyError):
+    """AUTH was refused."""
+
+
+class SmtpRecipientRefused(SmtpReplyError):
+    """RCPT TO was refused."""
+
+
+class SmtpUnsupported(Exception):
+    """The server lacks what the settings ask for (STARTTLS, AUTH); the text names the fix."""
+
+
+class SmtpProtocolError(ConnectionError):
+    """The server closed the connection, or said something that is not SMTP."""
+
+
 def classify(exc: BaseException) -> PermanentError | RetryableError:
-    """Map an aiosmtplib (or socket) failure onto the failure policy."""
-    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return RetryableError(f"SMTP authentication failed ({exc.code} {exc.message}): "
+    """Map an SMTP (or socket, TLS) failure onto the failure policy.
+
+    Only the server's verdict on a mail (MAIL, RCPT, DATA, the message) can be
+    permanent; trouble with the session itself is an outage, waited out.
+    """
+    if isinstance(exc, SmtpAuthFailed):
+        return RetryableError(f"SMTP authentication failed ({exc.reply}): "
                               "check SMTP_USER and SMTP_PASS", outage=True)
-    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        codes = [r.code for r in exc.recipients]
-        reply = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-        if codes and all(code >= 500 for code in codes):
-            return PermanentError(f"recipient refused: {reply}")
-        return RetryableError(f"recipient deferred: {reply}")
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        reply = f"{exc.code} {exc.message}"
+    if isinstance(exc, SmtpRecipientRefused):
         if exc.code >= 500:
-            return PermanentError(f"SMTP server rejected the mail: {reply}")
-        return RetryableError(f"SMTP server deferred the mail: {reply}")
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        return RetryableError(f"SMTP server does not support what SMTP_SECURITY asks: {exc}",
+            return PermanentError(f"recipient refused: {exc.reply}")
+        return RetryableError(f"recipient deferred: {exc.reply}")
+    if isinstance(exc, SmtpSessionRefused):
+        return RetryableError(f"SMTP server refused the session at {exc.command}: {exc.reply}",
                               outage=True)
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return RetryableError(f"TLS failed: {exc} (check SMTP_SECURITY and SMTP_CA_FILE)",
+    if isinstance(exc, SmtpReplyError):
+        if exc.code >= 500:
+            return PermanentError(f"SMTP server rejected the mail: {exc.reply}")
+        return RetryableError(f"SMTP server deferred the mail: {exc.reply}")
+    if isinstance(exc, SmtpUnsupported):
+        return RetryableError(f"SMTP server {exc}", outage=True)
+    tls = exc if isinstance(exc, ssl.SSLError | ssl.CertificateError) else exc.__cause__
+    if isinstance(tls, ssl.SSLError | ssl.CertificateError):
+        return RetryableError(f"TLS failed: {tls} (check SMTP_SECURITY and SMTP_CA_FILE)",
                               outage=True)
-    if isinstance(exc, TimeoutError | aiosmtplib.SMTPTimeoutError):
+    if isinstance(exc, TimeoutError | trio.TooSlowError):
         return RetryableError(f"SMTP timed out: {exc}", outage=True)
-    return RetryableError(f"SMTP connection failed: {type(exc).__name__}: {exc}", outage=True)
+    cause = exc.__cause__
+    detail = str(exc) or (f"{type(cause).__name__}: {cause}" if cause else "it broke off")
+    return RetryableError(f"SMTP connection failed: {type(exc).__name__}: {detail}",
+                          outage=True)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str, *, reply: bool = True) -> Iterator[None]:
+    """At most `seconds` (SMTP_TIMEOUT_S) for one step of the conversation, else
+    TimeoutError naming the step: the reply to `what`, or `what` itself."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        step = f"the reply to {what}" if reply else what
+        raise TimeoutError(f"{step} took longer than SMTP_TIMEOUT_S={seconds:g}") from None
+
+
+_MAX_REPLY: Final = 64 * 1024  # a server that says more than this in one reply is not SMTP
+_ENVELOPE_ADDRESS: Final = re.compile(r"^[!-;=?-~]+$")  # printable ASCII, no space, < or >
+
+
+def _data(raw: bytes) -> bytes:
+    """The message as DATA carries it: CRLF line ends, leading dots doubled, the end mark.
+
+    bytes.replace rather than a regular expression: a tenth of the time.
+    """
+    wire = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    wire = (b"." if wire.startswith(b".") else b"") + wire.replace(b"\r\n.", b"\r\n..")
+    return wire + (b".\r\n" if wire.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+class SmtpConnection:
+    """One SMTP session on a trio stream (TCP, or TLS over it).
+
+    Written for trio rather than borrowed from an asyncio library: the bench
+    measured aiosmtplib under trio-asyncio at ~1.2 ms of CPU a mail, this at
+    ~0.15, and it pipelines MAIL, RCPT and DATA (RFC 2920) when the server
+    offers PIPELINING, which halves the round trips per mail. Every command
+    waits at most `timeout` for its reply (TimeoutError).
+    """
+
+    def __init__(self, stream: trio.abc.Stream, host: str, timeout: float) -> None:
+        self.stream = stream
+        self.host = host
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}
+        self._buffer = bytearray()
+        self.last_lines: list[str] = []  # the text lines of the last reply (EHLO's keywords)
+
+    # -- the wire --
+
+    async def _write(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def _reply(self, command: str) -> tuple[int, str]:
+        """The next reply (all its lines): its code and its text, joined into one line."""
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                if len(self._buffer) + size > _MAX_REPLY:
+                    raise SmtpProtocolError(f"the reply to {command} is too long")
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise SmtpProtocolError(f"the server closed the connection ({command})")
+                self._buffer += data
+                continue
+            line = bytes(self._buffer[:end])
+            del self._buffer[:end + 2]
+            size += len(line)
+            code = line[:3]
+            if len(code) < 3 or not code.isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                raise SmtpProtocolError(f"not an SMTP reply to {command}: "
+                                        f"{line[:80].decode('ascii', 'replace')!r}")
+            lines.append(line[4:])
+            if line[3:4] != b"-":
+                self.last_lines = [part.decode("utf-8", "replace").strip() for part in lines]
+                return int(code), " ".join(" ".join(self.last_lines).split())
+
+    async def command(self, line: str, command: str | None = None) -> tuple[int, str]:
+        """Send one command, wait for its reply."""
+        name = command or line.split(" ", 1)[0]
+        with _deadline(self.timeout, name):
+            await self._write(line.encode("ascii") + b"\r\n")
+            return await self._reply(name)
+
+    def idle_and_quiet(self) -> bool:
+        """Nothing has arrived since the last reply: a server that closed an idle
+        connection (or sent 421 first) makes its socket readable."""
+        if self._buffer:
+            return False
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return not poller.poll(0)
+
+    # -- the session --
+
+    async def greet(self, helo: str) -> None:
+        """Read the greeting, then EHLO (HELO if the server knows no better)."""
+        with _deadline(self.timeout, "the greeting", reply=False):
+            code, text = await self._reply("the greeting")
+        if code != 220:
+            raise SmtpSessionRefused("the greeting", code, text)
+        await self.ehlo(helo)
+
+    async def ehlo(self, helo: str) -> None:
+        self.extensions = {}
+        with _deadline(self.timeout, "EHLO"):
+            await self._write(f"EHLO {helo}\r\n".encode("ascii"))
+            code, _ = await self._reply("EHLO")
+            lines = self.last_lines
+        if code == 250:
+            for line in lines[1:]:
+                keyword, _, params = line.partition(" ")
+                keyword, eq, legacy = keyword.partition("=")  # old "AUTH=LOGIN" form
+                self.extensions[keyword.upper()] = (params or legacy if eq else params).strip()
+            return
+        code, text = await self.command(f"HELO {helo}")
+        if code != 250:
+            raise SmtpSessionRefused("HELO", code, text)
+
+    async def starttls(self, context: ssl.SSLContext, helo: str) -> None:
+        if "STARTTLS" not in self.extensions:
+            raise SmtpUnsupported("does not offer STARTTLS, which SMTP_SECURITY=starttls asks "
+                                  "for: set SMTP_SECURITY (ssl for port 465) to what it offers")
+        code, text = await self.command("STARTTLS")
+        if code != 220:
+            raise SmtpSessionRefused("STARTTLS", code, text)
+        if self._buffer:  # plaintext sent after the 220 would pass as TLS-protected
+            raise SmtpProtocolError("the server sent data after agreeing to STARTTLS")
+        tls = trio.SSLStream(self.stream, context, server_hostname=self.host)
+        with _deadline(self.timeout, "the TLS handshake", reply=False):
+            await tls.do_handshake()
+        self.stream = tls
+        await self.ehlo(helo)
+
+    async def login(self, user: str, password: str) -> None:
+        """AUTH with the first mechanism both sides know: PLAIN, LOGIN, CRAM-MD5."""
+        offered = self.extensions.get("AUTH", "").upper().split()
+        if "AUTH" not in self.extensions:
+            raise SmtpUnsupported("offers no AUTH, yet SMTP_USER is set: unset SMTP_USER and "
+                                  "SMTP_PASS, or use SMTP_SECURITY=starttls/ssl (many servers "
+                                  "offer AUTH only over TLS)")
+
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode("ascii")
+
+        secret = password.encode()
+        if "PLAIN" in offered:
+            code, text = await self.command(
+                "AUTH PLAIN " + b64(b"\0" + user.encode() + b"\0" + secret), "AUTH")
+        elif "LOGIN" in offered:
+            code, text = await self.command("AUTH LOGIN")
+            if code == 334:
+                code, text = await self.command(b64(user.encode()), "AUTH")
+            if code == 334:
+                code, text = await self.command(b64(secret), "AUTH")
+        elif "CRAM-MD5" in offered:
+            code, text = await self.command("AUTH CRAM-MD5")
+            if code == 334:
+                try:
+                    challenge = base64.b64decode(text, validate=True)
+                except binascii.Error:
+                    raise SmtpProtocolError("not a CRAM-MD5 challenge") from None
+                digest = hmac.new(secret, challenge, "md5").hexdigest()
+                code, text = await self.command(b64(f"{user} {digest}".encode()), "AUTH")
+        else:
+            raise SmtpUnsupported(f"offers AUTH {' '.join(offered) or '(nothing)'}, none of "
+                                  "PLAIN, LOGIN, CRAM-MD5: ask the provider for an account "
+                                  "that can use one")
+        if code != 235:
+            raise SmtpAuthFailed("AUTH", code, text)
+
+    async def sendmail(self, sender: str, recipient: str, raw: bytes) -> None:
+        """MAIL, RCPT, DATA and the message: pipelined when the server offers it.
+
+        Raises:
+            SmtpReplyError: a reply that refuses the mail (the connection is then
+                out of step: discard it).
+        """
+        for address in (sender, recipient):
+            if not _ENVELOPE_ADDRESS.match(address):
+                raise PermanentError(f"{address!r} cannot be an envelope address")
+        data = _data(raw)
+        size = f" SIZE={len(data)}" if "SIZE" in self.extensions else ""
+        envelope = [f"MAIL FROM:<{sender}>{size}", f"RCPT TO:<{recipient}>", "DATA"]
+        names, expected = ("MAIL FROM", "RCPT TO", "DATA"), ((250,), (250, 251), (354,))
+        replies: list[tuple[int, str]] = []
+        if "PIPELINING" in self.extensions:
+            with _deadline(self.timeout, "MAIL FROM"):
+                await self._write("".join(f"{line}\r\n" for line in envelope).encode("ascii"))
+                replies.append(await self._reply("MAIL FROM"))
+            # One deadline a reply, as if sent one by one: the same bound on the whole.
+            for name in ("RCPT TO", "DATA"):
+                with _deadline(self.timeout, name):
+                    replies.append(await self._reply(name))
+        else:
+            for line, name, ok in zip(envelope, names, expected, strict=True):
+                replies.append(await self.command(line, name))
+                if replies[-1][0] not in ok:
+                    break
+        # The first refusal is the one that counts (after it, a pipelining server
+        # answers 503 "bad sequence" to what follows).
+        for (code, text), name, ok in zip(replies, names, expected, strict=False):
+            if code not in ok:
+                error = SmtpRecipientRefused if name == "RCPT TO" else SmtpReplyError
+                raise error(name, code, text)
+        written = False
+        try:
+            with _deadline(self.timeout, "the message"):
+                await self._write(data)
+                written = True  # the end mark is out: the server may accept it from here on
+                code, text = await self._reply("the message")
+        except Exception as exc:
+            if not written:
+                raise  # the end mark never left: the server cannot have accepted the mail
+            reason = str(exc)
+            if not isinstance(exc, TimeoutError):
+                reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+            raise DeliveryUnknown(f"no answer to the end of the message ({reason}): the "
+                                  "server may have accepted it") from exc
+        if code != 250:
+            raise SmtpReplyError("the message", code, text)
+
+    async def noop(self) -> None:
+        code, text = await self.command("NOOP")
+        if code != 250:
+            raise SmtpReplyError("NOOP", code, text)
+
+    async def quit(self) -> None:
+        await self.command("QUIT")
+        await self.stream.aclose()
 
 
 _HOST_LABEL: Final = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -403,8 +686,9 @@ def check_mail_settings(settings: Settings) -> None:
 class SmtpMailer:
     """A small pool of persistent SMTP connections.
 
-    A connection goes back to the pool after each mail; one idle for
-    SMTP_POOL_IDLE_S is closed with QUIT by `reap_idle` (servers otherwise
+    A connection goes back to the pool as soon as the server has accepted a
+    mail (its slot too: the caller's ledger write does not hold it); one idle
+    for SMTP_POOL_IDLE_S is closed with QUIT by `reap_idle` (servers otherwise
     time it out and log it), and one the server closed is replaced before it
     carries a mail.
     """
@@ -414,9 +698,11 @@ class SmtpMailer:
         self.settings = settings
         self.security = settings.smtp_security_effective
         self.helo_name = helo_name(settings)
-        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, idle since)
+        self._idle: list[tuple[SmtpConnection, float]] = []  # (connection, idle since)
         self._went_idle = trio.Event()
         self._slots = trio.Semaphore(settings.smtp_pool_size)
+        # Loading the CA store costs milliseconds: once, not per connection.
+        self._tls = self._tls_context() if self.security != "none" else None
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()  # certificates are always verified
@@ -424,25 +710,32 @@ class SmtpMailer:
             context.load_verify_locations(cafile=str(self.settings.smtp_ca_file))
         return context
 
-    def _client(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> SmtpConnection:
         s = self.settings
-        return aiosmtplib.SMTP(
-            hostname=s.smtp_host, port=s.smtp_port, timeout=s.smtp_timeout_s,
-            use_tls=self.security == "ssl", start_tls=self.security == "starttls",
-            tls_context=self._tls_context() if self.security != "none" else None,
-            username=s.smtp_user,
-            password=s.smtp_pass.get_secret_value() if s.smtp_pass else None,
-            local_hostname=self.helo_name,
-        )
-
-    async def _connect(self) -> aiosmtplib.SMTP:
-        client = self._client()
+        host = s.smtp_host or "localhost"
+        client: SmtpConnection | None = None
         try:
-            await trio_asyncio.aio_as_trio(client.connect)()
-        except aiosmtplib.SMTPAuthenticationError as exc:
+            with _deadline(s.smtp_timeout_s, f"connecting to {host}:{s.smtp_port}",
+                           reply=False):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, s.smtp_port)
+            client = SmtpConnection(stream, host, s.smtp_timeout_s)
+            if self.security == "ssl":
+                assert self._tls is not None
+                tls = trio.SSLStream(stream, self._tls, server_hostname=host)
+                client.stream = tls
+                with _deadline(s.smtp_timeout_s, "the TLS handshake", reply=False):
+                    await tls.do_handshake()
+            await client.greet(self.helo_name)
+            if self.security == "starttls":
+                assert self._tls is not None
+                await client.starttls(self._tls, self.helo_name)
+            if s.smtp_user:
+                await client.login(s.smtp_user,
+                                   s.smtp_pass.get_secret_value() if s.smtp_pass else "")
+        except SmtpAuthFailed as exc:
             await self._discard(client)
             log.error("SMTP authentication failed: check SMTP_USER and SMTP_PASS",
-                      host=self.settings.smtp_host, code=exc.code)
+                      host=host, code=exc.code)
             raise classify(exc) from None
         except Exception as exc:
             await self._discard(client)
@@ -452,44 +745,52 @@ class SmtpMailer:
             raise
         return client
 
-    async def _checkout(self) -> aiosmtplib.SMTP:
+    async def _checkout(self) -> SmtpConnection:
         """A pooled connection that still works, else a new one.
 
-        One idle for a while is asked NOOP first: if the server has closed it
-        (its idle timeout, a restart), that costs a reconnect, not a failed send.
+        One that was idle for a while, or whose server has said something since
+        (closed it, or sent 421 first), is asked NOOP first: a connection the
+        server dropped costs a reconnect, not a failed send.
         """
         while self._idle:
             client, since = self._idle.pop()  # the most recently used: the others may expire
-            if client.is_connected and trio.current_time() - since < PROBE_AFTER_S:
+            if trio.current_time() - since < PROBE_AFTER_S and client.idle_and_quiet():
                 return client
-            if client.is_connected:
-                try:
-                    await trio_asyncio.aio_as_trio(client.noop)()
-                    return client
-                except Exception as exc:
-                    log.debug("pooled SMTP connection no longer answers; reconnecting",
-                              error=f"{type(exc).__name__}: {exc}")
-                except BaseException:  # cancelled mid-NOOP: the connection is in doubt
-                    await self._discard(client)
-                    raise
-            await self._discard(client)
+            try:
+                await client.noop()
+                return client
+            except Exception as exc:
+                log.debug("pooled SMTP connection no longer answers; reconnecting",
+                          error=f"{type(exc).__name__}: {exc}")
+                await self._discard(client)
+            except BaseException:  # cancelled mid-NOOP: the connection is in doubt
+                await self._discard(client)
+                raise
         return await self._connect()
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[MailSession]:
         """A pool slot and a working connection (waiting is cancellable); back to the
-        pool afterwards unless the conversation failed or was cut."""
-        async with self._slots:
+        pool as soon as the mail is accepted, or at the end of the block, unless the
+        conversation failed or was cut."""
+        await self._slots.acquire()
+        try:
             client = await self._checkout()
-            session = _SmtpSession(client)
-            try:
-                yield session
-            finally:
-                if session.usable and client.is_connected:
-                    self._idle.append((client, trio.current_time()))
-                    self._went_idle.set()
-                else:
-                    await self._discard(client)
+        except BaseException:
+            self._slots.release()
+            raise
+        session = _SmtpSession(self, client)
+        try:
+            yield session
+        finally:
+            await session.finish(usable=session.usable)
+
+    def _give_back(self, client: SmtpConnection | None) -> None:
+        """The slot is free again; the connection, if any, waits in the pool."""
+        if client is not None:
+            self._idle.append((client, trio.current_time()))
+            self._went_idle.set()
+        self._slots.release()
 
     async def send(self, mail: OutgoingMail) -> str:
         async with self.session() as session:
@@ -511,55 +812,64 @@ class SmtpMailer:
                 self._went_idle = trio.Event()
                 await self._went_idle.wait()
 
-    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+    async def _quit(self, client: SmtpConnection) -> None:
         try:
             with trio.move_on_after(min(5.0, self.settings.smtp_timeout_s)):
                 try:
-                    await trio_asyncio.aio_as_trio(client.quit)()
+                    await client.quit()
                 except Exception as exc:
                     log.debug("QUIT on an idle SMTP connection failed", error=str(exc))
         finally:
-            await self._discard(client)  # after QUIT too: see _discard
+            await self._discard(client)  # after QUIT too: a TLS close may not have finished
 
-    async def _discard(self, client: aiosmtplib.SMTP) -> None:
-        """Close the connection now, socket included.
-
-        A TLS transport's close() only starts the TLS shutdown, which finishes in a
-        later turn of the event loop — maybe never, when the loop ends with the
-        reactor — leaving the socket open; abort() closes it whatever state it is in.
-        """
-        transport = client.transport
-        with contextlib.suppress(Exception):
-            client.close()
-        if isinstance(transport, asyncio.WriteTransport):
-            with contextlib.suppress(Exception):
-                transport.abort()
+    @staticmethod
+    async def _discard(client: SmtpConnection | None) -> None:
+        """Close the connection now, socket included, whatever state it is in."""
+        if client is not None:
+            await trio.aclose_forcefully(client.stream)
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for client, _ in idle:
             await self._quit(client)
-        # The aborted transports close their sockets in the event loop's next turn;
-        # give it that turn before the loop itself ends.
-        await trio_asyncio.aio_as_trio(asyncio.sleep)(0.01)
 
 
 class _SmtpSession:
     """One conversation on a pooled connection."""
 
-    def __init__(self, client: aiosmtplib.SMTP) -> None:
-        self.client = client
+    def __init__(self, pool: SmtpMailer, client: SmtpConnection) -> None:
+        self.pool = pool
+        self.client: SmtpConnection | None = client
         self.usable = True
 
     async def send(self, mail: OutgoingMail) -> str:
+        client = self.client
+        if client is None or not self.usable:
+            raise RuntimeError("one mail per session")
         self.usable = False  # until the server has answered the whole mail
         try:
-            await trio_asyncio.aio_as_trio(self.client.sendmail)(
-                mail.sender, [mail.recipient], mail.raw)
+            await client.sendmail(mail.sender, mail.recipient, mail.raw)
+        except (PermanentError, DeliveryUnknown):
+            await self.finish(usable=False)
+            raise
         except Exception as exc:
+            await self.finish(usable=False)
             raise classify(exc) from None
-        self.usable = True
+        await self.finish(usable=True)
         return mail.message_id
+
+    async def finish(self, *, usable: bool) -> None:
+        """Give the slot back, with the connection if it is in step; once."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        if usable:
+            self.pool._give_back(client)
+            return
+        try:
+            await self.pool._discard(client)
+        finally:
+            self.pool._give_back(None)
 
 
 class FileMailer:
@@ -590,6 +900,7 @@ class FileMailer:
         return None
 
 
+
 @contextlib.asynccontextmanager
 async def open_mailer(settings: Settings) -> AsyncIterator[Mailer]:
     """The mailer EMAIL_PROVIDER asks for, for the duration of the block."""
@@ -597,7 +908,7 @@ async def open_mailer(settings: Settings) -> AsyncIterator[Mailer]:
         yield FileMailer(settings.email_outbox_dir)
         return
     mailer = SmtpMailer(settings)
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
         nursery.start_soon(mailer.reap_idle)
         try:
             yield mailer

@@ -18,6 +18,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import jinja2
+from babel import Locale
 from babel.dates import format_datetime, get_timezone_location
 from babel.numbers import format_currency, get_currency_symbol
 
@@ -70,6 +71,11 @@ class EmailRenderer:
                  app_name: str = "Family Mind", app_base_url: str | None = None,
                  reply_to: str | None = None) -> None:
         self.tz = ZoneInfo(timezone)
+        # Parsed once: Babel otherwise parses the locale name, and looks up the zone's
+        # city, on every date it formats (a quarter of a booking mail's render time).
+        self._locales = {code: Locale.parse(code) for code in LOCALES}
+        self._places = {code: get_timezone_location(self.tz, locale=locale, return_city=True)
+                        for code, locale in self._locales.items()}
         self.app_name = app_name
         # Where replies go (SMTP_REPLY_TO): the footer invites replies only when there is one.
         self.reply_to = reply_to
@@ -89,9 +95,9 @@ class EmailRenderer:
             lambda ctx, v: self._datetime(v, ctx["locale"]))
         self.env.filters["time"] = jinja2.pass_context(
             lambda ctx, v: format_datetime(_as_datetime(v), _TIME_FORMAT[ctx["locale"]],
-                                           tzinfo=self.tz, locale=ctx["locale"]))
+                                           tzinfo=self.tz, locale=self._locales[ctx["locale"]]))
         self.env.filters["money"] = jinja2.pass_context(
-            lambda ctx, v, currency: self._money(v, currency, ctx["locale"]))
+            lambda ctx, v, currency: self._money(v, currency, self._locales[ctx["locale"]]))
 
     def render(self, template: str, locale: str, variables: dict[str, Any],
                subject: str | None = None) -> RenderedEmail:
@@ -130,12 +136,12 @@ class EmailRenderer:
 
     def _datetime(self, value: Any, locale: str) -> str:
         when = _as_datetime(value)
-        place = get_timezone_location(self.tz, locale=locale, return_city=True)
-        return f"{format_datetime(when, _DATETIME_FORMAT[locale], tzinfo=self.tz, locale=locale)}" \
-               f" ({place})"
+        text = format_datetime(when, _DATETIME_FORMAT[locale], tzinfo=self.tz,
+                               locale=self._locales[locale])
+        return f"{text} ({self._places[locale]})"
 
     @staticmethod
-    def _money(value: Any, currency: Any, locale: str) -> str:
+    def _money(value: Any, currency: Any, locale: Locale) -> str:
         try:
             amount = Decimal(str(value))
         except InvalidOperation:
