@@ -6,7 +6,6 @@ The screenshot of the dashboard after a restart is kept in `test-artifacts/`
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import struct
 import threading
@@ -66,9 +65,6 @@ def static_site(directory: Path) -> Iterator[int]:
 def chromium() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    # Playwright's sync API runs an asyncio loop of its own; trio-asyncio (the SMTP
-    # tests) leaves its policy installed for the whole process, so restore the default.
-    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -338,7 +338,7 @@ async def test_no_answer_to_the_end_of_a_message_is_dead_lettered_never_resent(
             [event] = await wait_for(sub, lambda e: e["type"] in (
                 "job.succeeded", "job.retrying", "job.dead_lettered"), within_s=30)
     assert event["type"] == "job.dead_lettered", event
-    assert "delivery state unknown: no answer to the end of the message" in event["error"]
+    assert "delivery state unknown: no answer to the message" in event["error"]
     assert "reactor email resolve" in event["error"]
     assert await sql(database_url, "SELECT status FROM public.email_ledger") == [("sending",)]
     assert await sql(database_url, "SELECT count(*) FROM pgmq.q_email_queue_dlq") == [(1,)]

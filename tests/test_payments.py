@@ -827,6 +827,13 @@ async def test_a_redelivered_partial_refund_is_not_made_twice(database_url: str)
         with reactor.bus.subscribe() as sub:
             await ask(database_url, payment, "refund", "100")
             [done] = await wait_for(sub, on_payments("job.succeeded"))
+
+            async def archived() -> bool:  # the archive follows the event, batched
+                return await sql(database_url, "SELECT count(*) FROM "
+                                 "pgmq.a_payment_processing_queue WHERE msg_id = %s",
+                                 (done["msg_id"],)) == [(1,)]
+
+            await eventually(archived)
             await sql(database_url, """
                 WITH back AS (DELETE FROM pgmq.a_payment_processing_queue
                                WHERE msg_id = %s RETURNING msg_id, read_ct, message)

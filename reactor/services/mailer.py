@@ -1,9 +1,9 @@
-"""Sending mail: SMTP (a trio-native client, pooled, pipelining) or a file outbox.
+"""Sending mail: SMTP (aiosmtplib, pooled) or a file outbox.
 
-The SMTP client is this module's own, on trio streams (TCP, TLS): the
-asyncio libraries need an asyncio loop, and aiosmtplib driven through
-trio-asyncio cost the reactor ~1.2 ms of CPU a mail and could not pipeline.
-Everything else sees `Mailer.session` / `Mailer.send`.
+aiosmtplib is asyncio; it runs on an asyncio loop in a thread of its own
+(reactor.services.asyncio_thread), confined to this module: everything else
+sees `Mailer.session` / `Mailer.send`. (Through trio-asyncio it cost ~1.2 ms
+of CPU a mail; on its own loop ~0.6.)
 Every SMTP failure is classified here into the failure policy's two kinds:
 connection trouble, timeouts and 4xx replies are retried; a 5xx rejection of
 a mail is permanent and carries the server's reply.
@@ -11,28 +11,29 @@ a mail is permanent and carries the server's reply.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
-import hmac
 import ipaddress
 import re
 import secrets
-import select
 import ssl
 import unicodedata
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
 from typing import Final, Protocol
 
+import aiosmtplib
 import structlog
 import trio
 
 from reactor.config import ConfigError, Settings
 from reactor.errors import PermanentError, RetryableError
+from reactor.services.asyncio_thread import AsyncioThread
 from reactor.services.templates import RenderedEmail
 
 __all__ = ["Attachment", "DeliveryUnknown", "FileMailer", "Mailer", "OutgoingMail",
@@ -337,10 +338,6 @@ class SmtpUnsupported(Exception):
     """The server lacks what the settings ask for (STARTTLS, AUTH); the text names the fix."""
 
 
-class SmtpProtocolError(ConnectionError):
-    """The server closed the connection, or said something that is not SMTP."""
-
-
 def classify(exc: BaseException) -> PermanentError | RetryableError:
     """Map an SMTP (or socket, TLS) failure onto the failure policy.
 
@@ -375,239 +372,154 @@ def classify(exc: BaseException) -> PermanentError | RetryableError:
                           outage=True)
 
 
-@contextlib.contextmanager
-def _deadline(seconds: float, what: str, *, reply: bool = True) -> Iterator[None]:
-    """At most `seconds` (SMTP_TIMEOUT_S) for one step of the conversation, else
-    TimeoutError naming the step: the reply to `what`, or `what` itself."""
-    try:
-        with trio.fail_after(seconds):
-            yield
-    except trio.TooSlowError:
-        step = f"the reply to {what}" if reply else what
-        raise TimeoutError(f"{step} took longer than SMTP_TIMEOUT_S={seconds:g}") from None
-
-
-_MAX_REPLY: Final = 64 * 1024  # a server that says more than this in one reply is not SMTP
 _ENVELOPE_ADDRESS: Final = re.compile(r"^[!-;=?-~]+$")  # printable ASCII, no space, < or >
 
 
-def _data(raw: bytes) -> bytes:
-    """The message as DATA carries it: CRLF line ends, leading dots doubled, the end mark.
-
-    bytes.replace rather than a regular expression: a tenth of the time.
-    """
-    wire = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    wire = (b"." if wire.startswith(b".") else b"") + wire.replace(b"\r\n.", b"\r\n..")
-    return wire + (b".\r\n" if wire.endswith(b"\r\n") else b"\r\n.\r\n")
-
-
 class SmtpConnection:
-    """One SMTP session on a trio stream (TCP, or TLS over it).
+    """One SMTP session: an aiosmtplib client that lives on the mailer's asyncio thread.
 
-    Written for trio rather than borrowed from an asyncio library: the bench
-    measured aiosmtplib under trio-asyncio at ~1.2 ms of CPU a mail, this at
-    ~0.15, and it pipelines MAIL, RCPT and DATA (RFC 2920) when the server
-    offers PIPELINING, which halves the round trips per mail. Every command
-    waits at most `timeout` for its reply (TimeoutError).
+    Every call goes to that thread (`AsyncioThread.call`); aiosmtplib's replies that
+    stop the conversation come back as this module's exceptions (SmtpReplyError and
+    its kinds, SmtpUnsupported, DeliveryUnknown), so `classify` sees the same
+    failures whatever the transport.
     """
 
-    def __init__(self, stream: trio.abc.Stream, host: str, timeout: float) -> None:
-        self.stream = stream
-        self.host = host
-        self.timeout = timeout
-        self.extensions: dict[str, str] = {}
-        self._buffer = bytearray()
-        self.last_lines: list[str] = []  # the text lines of the last reply (EHLO's keywords)
+    def __init__(self, client: aiosmtplib.SMTP, loop: AsyncioThread) -> None:
+        self.client = client
+        self.loop = loop
 
-    # -- the wire --
-
-    async def _write(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def _reply(self, command: str) -> tuple[int, str]:
-        """The next reply (all its lines): its code and its text, joined into one line."""
-        lines: list[bytes] = []
-        size = 0
-        while True:
-            end = self._buffer.find(b"\r\n")
-            if end < 0:
-                if len(self._buffer) + size > _MAX_REPLY:
-                    raise SmtpProtocolError(f"the reply to {command} is too long")
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise SmtpProtocolError(f"the server closed the connection ({command})")
-                self._buffer += data
-                continue
-            line = bytes(self._buffer[:end])
-            del self._buffer[:end + 2]
-            size += len(line)
-            code = line[:3]
-            if len(code) < 3 or not code.isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                raise SmtpProtocolError(f"not an SMTP reply to {command}: "
-                                        f"{line[:80].decode('ascii', 'replace')!r}")
-            lines.append(line[4:])
-            if line[3:4] != b"-":
-                self.last_lines = [part.decode("utf-8", "replace").strip() for part in lines]
-                return int(code), " ".join(" ".join(self.last_lines).split())
-
-    async def command(self, line: str, command: str | None = None) -> tuple[int, str]:
-        """Send one command, wait for its reply."""
-        name = command or line.split(" ", 1)[0]
-        with _deadline(self.timeout, name):
-            await self._write(line.encode("ascii") + b"\r\n")
-            return await self._reply(name)
+    @classmethod
+    async def open(cls, loop: AsyncioThread, *, host: str, port: int, reply_timeout_s: float,
+                   security: str, tls: ssl.SSLContext | None, helo: str,
+                   user: str | None, password: str) -> SmtpConnection:
+        """Connect, greet, EHLO, STARTTLS and AUTH as the settings ask (cancellable).
+        aiosmtplib waits at most `reply_timeout_s` (SMTP_TIMEOUT_S) for each reply."""
+        client = aiosmtplib.SMTP(hostname=host, port=port, timeout=reply_timeout_s,
+                                 use_tls=security == "ssl", start_tls=False,
+                                 tls_context=tls, local_hostname=helo)
+        connection = cls(client, loop)
+        try:
+            await loop.call(_open_session, client, security == "starttls", tls, user, password)
+        except BaseException:
+            await connection.abort()
+            raise
+        return connection
 
     def idle_and_quiet(self) -> bool:
-        """Nothing has arrived since the last reply: a server that closed an idle
-        connection (or sent 421 first) makes its socket readable."""
-        if self._buffer:
-            return False
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
-            return False
-        poller = select.poll()
-        poller.register(stream.socket.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-        return not poller.poll(0)
-
-    # -- the session --
-
-    async def greet(self, helo: str) -> None:
-        """Read the greeting, then EHLO (HELO if the server knows no better)."""
-        with _deadline(self.timeout, "the greeting", reply=False):
-            code, text = await self._reply("the greeting")
-        if code != 220:
-            raise SmtpSessionRefused("the greeting", code, text)
-        await self.ehlo(helo)
-
-    async def ehlo(self, helo: str) -> None:
-        self.extensions = {}
-        with _deadline(self.timeout, "EHLO"):
-            await self._write(f"EHLO {helo}\r\n".encode("ascii"))
-            code, _ = await self._reply("EHLO")
-            lines = self.last_lines
-        if code == 250:
-            for line in lines[1:]:
-                keyword, _, params = line.partition(" ")
-                keyword, eq, legacy = keyword.partition("=")  # old "AUTH=LOGIN" form
-                self.extensions[keyword.upper()] = (params or legacy if eq else params).strip()
-            return
-        code, text = await self.command(f"HELO {helo}")
-        if code != 250:
-            raise SmtpSessionRefused("HELO", code, text)
-
-    async def starttls(self, context: ssl.SSLContext, helo: str) -> None:
-        if "STARTTLS" not in self.extensions:
-            raise SmtpUnsupported("does not offer STARTTLS, which SMTP_SECURITY=starttls asks "
-                                  "for: set SMTP_SECURITY (ssl for port 465) to what it offers")
-        code, text = await self.command("STARTTLS")
-        if code != 220:
-            raise SmtpSessionRefused("STARTTLS", code, text)
-        if self._buffer:  # plaintext sent after the 220 would pass as TLS-protected
-            raise SmtpProtocolError("the server sent data after agreeing to STARTTLS")
-        tls = trio.SSLStream(self.stream, context, server_hostname=self.host)
-        with _deadline(self.timeout, "the TLS handshake", reply=False):
-            await tls.do_handshake()
-        self.stream = tls
-        await self.ehlo(helo)
-
-    async def login(self, user: str, password: str) -> None:
-        """AUTH with the first mechanism both sides know: PLAIN, LOGIN, CRAM-MD5."""
-        offered = self.extensions.get("AUTH", "").upper().split()
-        if "AUTH" not in self.extensions:
-            raise SmtpUnsupported("offers no AUTH, yet SMTP_USER is set: unset SMTP_USER and "
-                                  "SMTP_PASS, or use SMTP_SECURITY=starttls/ssl (many servers "
-                                  "offer AUTH only over TLS)")
-
-        def b64(data: bytes) -> str:
-            return base64.b64encode(data).decode("ascii")
-
-        secret = password.encode()
-        if "PLAIN" in offered:
-            code, text = await self.command(
-                "AUTH PLAIN " + b64(b"\0" + user.encode() + b"\0" + secret), "AUTH")
-        elif "LOGIN" in offered:
-            code, text = await self.command("AUTH LOGIN")
-            if code == 334:
-                code, text = await self.command(b64(user.encode()), "AUTH")
-            if code == 334:
-                code, text = await self.command(b64(secret), "AUTH")
-        elif "CRAM-MD5" in offered:
-            code, text = await self.command("AUTH CRAM-MD5")
-            if code == 334:
-                try:
-                    challenge = base64.b64decode(text, validate=True)
-                except binascii.Error:
-                    raise SmtpProtocolError("not a CRAM-MD5 challenge") from None
-                digest = hmac.new(secret, challenge, "md5").hexdigest()
-                code, text = await self.command(b64(f"{user} {digest}".encode()), "AUTH")
-        else:
-            raise SmtpUnsupported(f"offers AUTH {' '.join(offered) or '(nothing)'}, none of "
-                                  "PLAIN, LOGIN, CRAM-MD5: ask the provider for an account "
-                                  "that can use one")
-        if code != 235:
-            raise SmtpAuthFailed("AUTH", code, text)
+        """Still connected: aiosmtplib's loop runs all the time, so a server that closed
+        an idle connection has been noticed already."""
+        return self.client.is_connected
 
     async def sendmail(self, sender: str, recipient: str, raw: bytes) -> None:
-        """MAIL, RCPT, DATA and the message: pipelined when the server offers it.
+        """MAIL, RCPT, DATA and the message.
 
         Raises:
-            SmtpReplyError: a reply that refuses the mail (the connection is then
-                out of step: discard it).
+            SmtpReplyError: a reply that refuses the mail (discard the connection).
+            DeliveryUnknown: the conversation broke off after DATA was sent.
         """
         for address in (sender, recipient):
             if not _ENVELOPE_ADDRESS.match(address):
                 raise PermanentError(f"{address!r} cannot be an envelope address")
-        data = _data(raw)
-        size = f" SIZE={len(data)}" if "SIZE" in self.extensions else ""
-        envelope = [f"MAIL FROM:<{sender}>{size}", f"RCPT TO:<{recipient}>", "DATA"]
-        names, expected = ("MAIL FROM", "RCPT TO", "DATA"), ((250,), (250, 251), (354,))
-        replies: list[tuple[int, str]] = []
-        if "PIPELINING" in self.extensions:
-            with _deadline(self.timeout, "MAIL FROM"):
-                await self._write("".join(f"{line}\r\n" for line in envelope).encode("ascii"))
-                replies.append(await self._reply("MAIL FROM"))
-            # One deadline a reply, as if sent one by one: the same bound on the whole.
-            for name in ("RCPT TO", "DATA"):
-                with _deadline(self.timeout, name):
-                    replies.append(await self._reply(name))
-        else:
-            for line, name, ok in zip(envelope, names, expected, strict=True):
-                replies.append(await self.command(line, name))
-                if replies[-1][0] not in ok:
-                    break
-        # The first refusal is the one that counts (after it, a pipelining server
-        # answers 503 "bad sequence" to what follows).
-        for (code, text), name, ok in zip(replies, names, expected, strict=False):
-            if code not in ok:
-                error = SmtpRecipientRefused if name == "RCPT TO" else SmtpReplyError
-                raise error(name, code, text)
-        written = False
-        try:
-            with _deadline(self.timeout, "the message"):
-                await self._write(data)
-                written = True  # the end mark is out: the server may accept it from here on
-                code, text = await self._reply("the message")
-        except Exception as exc:
-            if not written:
-                raise  # the end mark never left: the server cannot have accepted the mail
-            reason = str(exc)
-            if not isinstance(exc, TimeoutError):
-                reason = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
-            raise DeliveryUnknown(f"no answer to the end of the message ({reason}): the "
-                                  "server may have accepted it") from exc
-        if code != 250:
-            raise SmtpReplyError("the message", code, text)
+        if not raw.endswith(b"\n"):
+            raw += b"\n"  # the end mark must start a line of its own
+        await self.loop.call(_send_mail, self.client, sender, recipient, raw)
 
     async def noop(self) -> None:
-        code, text = await self.command("NOOP")
-        if code != 250:
-            raise SmtpReplyError("NOOP", code, text)
+        await self.loop.call(_command, self.client.noop, "NOOP")
 
     async def quit(self) -> None:
-        await self.command("QUIT")
-        await self.stream.aclose()
+        await self.loop.call(_command, self.client.quit, "QUIT")
+
+    async def abort(self) -> None:
+        """Close now, socket included, whatever state the session is in."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: so is the socket
+            await self.loop.call(_abort, self.client)
+
+
+# -- on the asyncio thread: aiosmtplib's exceptions become this module's -------------------
+
+async def _open_session(client: aiosmtplib.SMTP, starttls: bool, tls: ssl.SSLContext | None,
+                        user: str | None, password: str) -> None:
+    try:
+        await client.connect()
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        raise SmtpSessionRefused("the greeting", exc.code, exc.message) from None
+    await _hello(client)
+    if starttls:
+        if not client.supports_extension("starttls"):
+            raise SmtpUnsupported("does not offer STARTTLS, which SMTP_SECURITY=starttls asks "
+                                  "for: set SMTP_SECURITY (ssl for port 465) to what it offers")
+        try:
+            await client.starttls(tls_context=tls)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise SmtpSessionRefused("STARTTLS", exc.code, exc.message) from None
+        await _hello(client)
+    if user:
+        if not client.supports_extension("auth"):
+            raise SmtpUnsupported("offers no AUTH, yet SMTP_USER is set: unset SMTP_USER and "
+                                  "SMTP_PASS, or use SMTP_SECURITY=starttls/ssl (many servers "
+                                  "offer AUTH only over TLS)")
+        try:
+            await client.login(user, password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise SmtpAuthFailed("AUTH", exc.code, exc.message) from None
+        except aiosmtplib.SMTPException as exc:  # no mechanism in common
+            offered = client.server_auth_methods
+            raise SmtpUnsupported(f"offers AUTH {' '.join(offered) or '(nothing)'}, none of "
+                                  "PLAIN, LOGIN, CRAM-MD5: ask the provider for an account "
+                                  "that can use one") from exc
+
+
+async def _hello(client: aiosmtplib.SMTP) -> None:
+    """EHLO; HELO if the server knows no better."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        try:
+            await client.helo()
+        except aiosmtplib.SMTPHeloError as exc:
+            raise SmtpSessionRefused("HELO", exc.code, exc.message) from None
+
+
+async def _send_mail(client: aiosmtplib.SMTP, sender: str, recipient: str, raw: bytes) -> None:
+    octets = len(raw) + raw.count(b"\n")  # as sent: each line end becomes CRLF
+    size = [f"SIZE={octets}"] if client.supports_extension("size") else []
+    try:
+        await client.mail(sender, options=size)
+    except aiosmtplib.SMTPResponseException as exc:
+        raise SmtpReplyError("MAIL FROM", exc.code, exc.message) from None
+    try:
+        await client.rcpt(recipient)
+    except aiosmtplib.SMTPResponseException as exc:
+        raise SmtpRecipientRefused("RCPT TO", exc.code, exc.message) from None
+    try:
+        await client.data(raw)
+    except aiosmtplib.SMTPResponseException as exc:
+        raise SmtpReplyError("DATA", exc.code, exc.message) from None
+    except (aiosmtplib.SMTPServerDisconnected, TimeoutError, OSError) as exc:
+        # aiosmtplib does not say whether the message and its end mark had gone out:
+        # they may have, and the server may have accepted the mail.
+        reason = str(exc) or type(exc).__name__
+        raise DeliveryUnknown(f"no answer to the message ({reason}): the server may have "
+                              "accepted it") from exc
+
+
+async def _command(call: Callable[[], Awaitable[aiosmtplib.SMTPResponse]], name: str) -> None:
+    try:
+        await call()
+    except aiosmtplib.SMTPResponseException as exc:
+        raise SmtpReplyError(name, exc.code, exc.message) from None
+
+
+async def _abort(client: aiosmtplib.SMTP) -> None:
+    """A TLS transport's close() only starts the TLS shutdown, which may never finish;
+    abort() closes the socket whatever state it is in."""
+    transport = client.transport
+    with contextlib.suppress(Exception):
+        client.close()
+    if isinstance(transport, asyncio.WriteTransport):
+        with contextlib.suppress(Exception):
+            transport.abort()
 
 
 _HOST_LABEL: Final = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -703,6 +615,9 @@ class SmtpMailer:
         self._slots = trio.Semaphore(settings.smtp_pool_size)
         # Loading the CA store costs milliseconds: once, not per connection.
         self._tls = self._tls_context() if self.security != "none" else None
+        # aiosmtplib's event loop, in a thread of its own (closed by aclose).
+        self._loop = AsyncioThread("reactor-smtp")
+        self._loop.start()
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()  # certificates are always verified
@@ -713,37 +628,17 @@ class SmtpMailer:
     async def _connect(self) -> SmtpConnection:
         s = self.settings
         host = s.smtp_host or "localhost"
-        client: SmtpConnection | None = None
         try:
-            with _deadline(s.smtp_timeout_s, f"connecting to {host}:{s.smtp_port}",
-                           reply=False):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(host, s.smtp_port)
-            client = SmtpConnection(stream, host, s.smtp_timeout_s)
-            if self.security == "ssl":
-                assert self._tls is not None
-                tls = trio.SSLStream(stream, self._tls, server_hostname=host)
-                client.stream = tls
-                with _deadline(s.smtp_timeout_s, "the TLS handshake", reply=False):
-                    await tls.do_handshake()
-            await client.greet(self.helo_name)
-            if self.security == "starttls":
-                assert self._tls is not None
-                await client.starttls(self._tls, self.helo_name)
-            if s.smtp_user:
-                await client.login(s.smtp_user,
-                                   s.smtp_pass.get_secret_value() if s.smtp_pass else "")
+            return await SmtpConnection.open(
+                self._loop, host=host, port=s.smtp_port, reply_timeout_s=s.smtp_timeout_s,
+                security=self.security, tls=self._tls, helo=self.helo_name,
+                user=s.smtp_user, password=s.smtp_pass.get_secret_value() if s.smtp_pass else "")
         except SmtpAuthFailed as exc:
-            await self._discard(client)
             log.error("SMTP authentication failed: check SMTP_USER and SMTP_PASS",
                       host=host, code=exc.code)
             raise classify(exc) from None
         except Exception as exc:
-            await self._discard(client)
             raise classify(exc) from None
-        except BaseException:  # cancelled while connecting (job timeout, shutdown)
-            await self._discard(client)
-            raise
-        return client
 
     async def _checkout(self) -> SmtpConnection:
         """A pooled connection that still works, else a new one.
@@ -826,12 +721,16 @@ class SmtpMailer:
     async def _discard(client: SmtpConnection | None) -> None:
         """Close the connection now, socket included, whatever state it is in."""
         if client is not None:
-            await trio.aclose_forcefully(client.stream)
+            await client.abort()
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for client, _ in idle:
-            await self._quit(client)
+        """QUIT the idle connections, then end the asyncio thread (shielded: it runs on
+        the way out of cancelled scopes too)."""
+        with trio.CancelScope(shield=True):
+            idle, self._idle = self._idle, []
+            for client, _ in idle:
+                await self._quit(client)
+            await self._loop.aclose()
 
 
 class _SmtpSession:
