@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 import trio
@@ -80,3 +81,20 @@ async def test_after_close_the_thread_is_gone_and_a_call_says_so() -> None:
     assert not loop._thread.is_alive()
     with pytest.raises(RuntimeError, match="the asyncio loop is closed"):
         await loop.call(asyncio.sleep, 0)
+
+
+async def test_a_call_cancelled_before_it_starts_leaves_nothing_unawaited() -> None:
+    """The coroutine is made in the asyncio task: cancelled before its first step, no
+    coroutine is left 'never awaited' (warnings are errors here)."""
+    ran: list[str] = []
+
+    async def note() -> None:
+        ran.append("ran")
+
+    async with open_asyncio_thread() as loop:
+        for _ in range(20):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await loop.call(note)
+        gc.collect()
+    assert len(ran) <= 20  # some may have run before the cancel; none left half-made

@@ -67,7 +67,9 @@ class AsyncioThread:
                 token.run_sync_soon(ended.set)
 
         def start() -> None:  # in the asyncio thread
-            task = self.loop.create_task(_awaited(fn(*args, **kwargs)))
+            # The coroutine is made inside the task: a task cancelled before its first
+            # step then leaves no coroutine that was never awaited.
+            task = self.loop.create_task(_run(fn, args, kwargs))
             task.add_done_callback(signal_end)
             tasks.append(task)
 
@@ -101,8 +103,9 @@ class AsyncioThread:
             self.loop.close()
 
 
-async def _awaited(awaitable: Awaitable[T]) -> T:
-    return await awaitable
+async def _run(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> T:
+    return await fn(*args, **kwargs)
 
 
 @contextlib.asynccontextmanager

@@ -431,9 +431,10 @@ class SmtpConnection:
         await self.loop.call(_command, self.client.quit, "QUIT")
 
     async def abort(self) -> None:
-        """Close now, socket included, whatever state the session is in."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: so is the socket
-            await self.loop.call(_abort, self.client)
+        """Close now, socket included, whatever state the session is in (shielded: it
+        is what a cancelled conversation's cleanup does)."""
+        with trio.CancelScope(shield=True), contextlib.suppress(RuntimeError):
+            await self.loop.call(_abort, self.client)  # RuntimeError: the loop is closed
 
 
 # -- on the asyncio thread: aiosmtplib's exceptions become this module's -------------------
