@@ -19,7 +19,7 @@ import threading
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, LiteralString
 
 import psycopg
 import pytest
@@ -235,6 +235,21 @@ async def test_two_replicas_handle_every_message_exactly_once(database_url: str)
     assert len(processor.per_instance) == 2  # both replicas took a share
 
 
+async def _kill_until(done: trio.Event, url: str, which: LiteralString, *,
+                      within_s: float) -> int:
+    """pg_terminate_backend on the backends `which` selects, every 50 ms, until `done`;
+    how many rounds it took."""
+    kills = 0
+    with trio.fail_after(within_s):
+        while not done.is_set():
+            await sql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND " + which)
+            kills += 1
+            with trio.move_on_after(0.05):
+                await done.wait()
+    return kills
+
+
 async def test_killing_the_reactors_connections_mid_drain_loses_and_doubles_nothing(
         database_url: str) -> None:
     """pg_terminate_backend on every connection of the reactor, again and again, while it
@@ -243,14 +258,8 @@ async def test_killing_the_reactors_connections_mid_drain_loses_and_doubles_noth
     processor = scripted_processor(concurrency=8, expected=total)
     async with running_reactor(database_url, _only(processor), MAX_TASKS_PER_CYCLE=25):
         ids = await _enqueue_many(database_url, total)
-        kills = 0
-        with trio.fail_after(90):
-            while not processor.all_done.is_set():
-                await sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                          "WHERE datname = current_database() AND application_name = 'reactor'")
-                kills += 1
-                with trio.move_on_after(0.05):
-                    await processor.all_done.wait()
+        kills = await _kill_until(processor.all_done, database_url,
+                                  "application_name = 'reactor'", within_s=90)
         assert kills > 3
     assert sorted(set(processor.finished)) == ids
     assert len(processor.finished) == total  # nothing ran to completion twice
@@ -332,15 +341,9 @@ async def test_behind_pgbouncer_killed_server_connections_lose_and_double_nothin
         async with running_reactor(pooled_url, _only(processor), WORKER_INTERVAL_MS=300,
                                    MAX_TASKS_PER_CYCLE=20):
             ids = await _enqueue_many(direct, total)
-            kills = 0
-            with trio.fail_after(120):
-                while not processor.all_done.is_set():
-                    await sql(direct, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                              "AND backend_type = 'client backend'")
-                    kills += 1
-                    with trio.move_on_after(0.05):
-                        await processor.all_done.wait()
+            kills = await _kill_until(processor.all_done, direct,
+                                      "pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                                      within_s=120)
     assert kills > 3
     assert sorted(set(processor.finished)) == ids
     assert len(processor.finished) == total
