@@ -56,13 +56,11 @@ BARE = Worker("bare loop: pgmq.read(q, 30, 100) + pgmq.archive(q, ids), one psyc
               "connection, no dispatch", "bare", (), "pgmq")
 BARE_ASYNC = Worker("the same bare loop with synchronous_commit=off (the reactor's "
                     "bookkeeping commits so)", "bare", ("async",), "pgmq")
-REACTOR = Worker("reactor, defaults (MAX_TASKS_PER_CYCLE=100), LOG_LEVEL=warning", "reactor",
+REACTOR = Worker("reactor, defaults (MAX_TASKS_PER_CYCLE=100, LOG_LEVEL=info)", "reactor",
                  (), "pgmq")
-REACTOR_INFO = Worker("reactor, defaults with LOG_LEVEL=info (a log line per finished job, "
-                      "to /dev/null)", "reactor", ("LOG_LEVEL=info",), "pgmq", every_size=False)
 REACTOR_500 = Worker("reactor, MAX_TASKS_PER_CYCLE=500", "reactor",
                      ("MAX_TASKS_PER_CYCLE=500",), "pgmq", every_size=False)
-WORKERS = (PGQ_BEST, PGQ_DEFAULT, BARE, BARE_ASYNC, REACTOR, REACTOR_INFO, REACTOR_500)
+WORKERS = (PGQ_BEST, PGQ_DEFAULT, BARE, BARE_ASYNC, REACTOR, REACTOR_500)
 
 
 def install_pgqueuer(url: str) -> None:
@@ -139,7 +137,7 @@ def latency_once(url: str, kind: str, args: tuple[str, ...], n: int, gap_s: floa
         else f"SELECT public.enqueue('{QUEUE}', '{{}}')"
     with tempfile.TemporaryDirectory(prefix="reactor-bench-") as tmp:
         out = Path(tmp) / "starts.json"
-        with Child("bench.workers", kind, url, str(n), str(out), *args) as child, \
+        with Child("bench.workers", kind, url, str(n), str(out), *args, quiet=True) as child, \
                 psycopg.connect(url, autocommit=True) as conn:
             conn.execute(send)
             child.expect("WARM", 120)  # listening and warmed up
@@ -161,7 +159,7 @@ def latency(url: str, n: int = 500, gap_s: float = 0.02, runs: int = 3) -> list[
     install_pgqueuer(url)
     cases = [(PGQ_BEST.label, "pgqueuer-latency", ("1000",)),
              (PGQ_DEFAULT.label, "pgqueuer-latency", ("10",)),
-             ("reactor, defaults, LOG_LEVEL=warning, WORKER_INTERVAL_MS=60000",
+             ("reactor, defaults, WORKER_INTERVAL_MS=60000",
               "reactor-latency", ())]
     p50: dict[str, list[float]] = {}
     p99: dict[str, list[float]] = {}

@@ -38,11 +38,12 @@ def say(*fields: object) -> None:
 
 # -- the reactor -------------------------------------------------------------------------
 def reactor_settings(url: str, extra: dict[str, str]) -> Any:
-    """Defaults, except: no HTTP/feed ports to collide on, fallback poll 60 s."""
+    """Defaults (LOG_LEVEL=info included), except: no HTTP/feed ports to collide on,
+    fallback poll 60 s."""
     from reactor.config import load_settings
 
     env: dict[str, Any] = {"DATABASE_URL": url, "WORKER_INTERVAL_MS": 60_000,
-                           "LOG_LEVEL": "warning", "FEED_PORT": 0, "METRICS_PORT": 0}
+                           "FEED_PORT": 0, "METRICS_PORT": 0}
     return load_settings(_env_file=None, **(env | extra))
 
 
