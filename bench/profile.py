@@ -60,7 +60,8 @@ def _count(url: str, n: int) -> list[Result]:
     reset_pgmq(url)
     fill_pgmq(url, n)
     before = _xacts(url)
-    with Child("bench.workers", "reactor", url, str(n), env={"BENCH_COUNT": "1"}) as child:
+    with Child("bench.workers", "reactor", url, str(n), env={"BENCH_COUNT": "1"},
+               quiet=True) as child:
         t0 = float(child.expect("READY", 60)[0])
         counts = dict(field.split("=") for field in child.expect("COUNTS", 1200))
         elapsed = time.time() - t0
@@ -147,7 +148,8 @@ def profile(url: str, n: int = 20_000, rate: int = 500, top: int = 25) -> list[R
     reset_pgmq(url)
     fill_pgmq(url, n)
     raw = Path(tempfile.gettempdir()) / f"reactor-drain-profile-{int(time.time())}.txt"
-    with Child("bench.workers", "reactor", url, str(n), env={"BENCH_HOLD": "1"}) as child:
+    with Child("bench.workers", "reactor", url, str(n), env={"BENCH_HOLD": "1"},
+               quiet=True) as child:
         child.expect("HOLD", 60)
         sampler = subprocess.Popen(
             [spy, "record", "--pid", str(child.proc.pid), "--threads", "--idle",

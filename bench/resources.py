@@ -103,7 +103,7 @@ def memory(url: str, first: int = 100_000, last: int = 1_000_000) -> list[Result
     reset_pgmq(url)
     fill_pgmq(url, last)
     rss: dict[int, int] = {}
-    with Child("bench.workers", "memory", url, str(first), str(last)) as child:
+    with Child("bench.workers", "memory", url, str(first), str(last), quiet=True) as child:
         for _ in range(2):
             count, kib = map(int, child.expect("RSS", 3600))
             rss[count] = kib
