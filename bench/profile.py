@@ -92,8 +92,9 @@ def _state(main: bool, frames: list[str]) -> str:
 
 
 MAIL_WATCH = {
-    "the SMTP conversation (SmtpConnection.sendmail)": "SmtpConnection.sendmail ",
-    "socket writes to the relay (SocketStream.send_all)": "SocketStream.send_all ",
+    "the SMTP conversation, handed to the asyncio thread (SmtpConnection.sendmail)":
+        "SmtpConnection.sendmail ",
+    "hand-offs to the asyncio thread (AsyncioThread._call)": "AsyncioThread._call ",
     "waiting for a pooled connection, NOOP or connect (SmtpMailer._checkout)":
         "SmtpMailer._checkout ",
     "MIME build (build_message)": "build_message ",
