@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -32,6 +33,20 @@ T = TypeVar("T")
 CANCEL_WAIT_S = 5.0
 
 
+@dataclass(eq=False)
+class _Call(Generic[T]):
+    """One call in flight: set `ended` (in the trio thread) once its task is done, or once
+    the loop is gone without it."""
+
+    token: trio.lowlevel.TrioToken
+    ended: trio.Event = field(default_factory=trio.Event)
+    task: asyncio.Task[T] | None = None
+
+    def end(self) -> None:  # from any thread
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(self.ended.set)
+
+
 class AsyncioThread:
     """One asyncio loop running in a daemon thread; `call` runs a coroutine there."""
 
@@ -39,10 +54,18 @@ class AsyncioThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
+        self._calls: set[_Call[Any]] = set()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            # Stopped, or killed by an exception that escaped a task (SystemExit…):
+            # nobody waits for an answer that cannot come.
+            self._closed = True
+            for call in list(self._calls):
+                call.end()
 
     def start(self) -> None:
         self._thread.start()
@@ -51,61 +74,95 @@ class AsyncioThread:
         """`await fn(*args, **kwargs)` on the asyncio loop; its result or its exception.
 
         Raises:
-            RuntimeError: the loop is closed.
+            RuntimeError: the loop is closed (or its thread died).
         """
-        if self._closed:
+        if self._closed or not self._thread.is_alive():
             raise RuntimeError("the asyncio loop is closed")
         return await self._call(fn, *args, **kwargs)
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        token = trio.lowlevel.current_trio_token()
-        ended = trio.Event()
-        tasks: list[asyncio.Task[T]] = []
-
-        def signal_end(_: asyncio.Task[T]) -> None:  # in the asyncio thread
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(ended.set)
+        call: _Call[T] = _Call(trio.lowlevel.current_trio_token())
 
         def start() -> None:  # in the asyncio thread
             # The coroutine is made inside the task: a task cancelled before its first
             # step then leaves no coroutine that was never awaited.
-            task = self.loop.create_task(_run(fn, args, kwargs))
-            task.add_done_callback(signal_end)
-            tasks.append(task)
+            call.task = self.loop.create_task(_run(fn, args, kwargs))
+            call.task.add_done_callback(lambda _: call.end())
 
         def cancel() -> None:  # in the asyncio thread, after start (FIFO)
-            tasks[0].cancel()
+            if call.task is not None:
+                call.task.cancel()
 
-        self.loop.call_soon_threadsafe(start)
+        self._calls.add(call)
         try:
-            await ended.wait()
-        except BaseException:
-            self.loop.call_soon_threadsafe(cancel)
-            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_WAIT_S):
-                await ended.wait()
-            raise
-        return tasks[0].result()
+            try:
+                self.loop.call_soon_threadsafe(start)
+            except RuntimeError:  # closed meanwhile
+                raise RuntimeError("the asyncio loop is closed") from None
+            try:
+                await call.ended.wait()
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # a closed loop has nothing to cancel
+                    self.loop.call_soon_threadsafe(cancel)
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_WAIT_S):
+                    await call.ended.wait()
+                raise
+        finally:
+            self._calls.discard(call)
+        if call.task is None or not call.task.done() or call.task.cancelled():
+            # Never answered, or cancelled by aclose (not by this caller: that raised above).
+            raise RuntimeError("the asyncio loop is closed")
+        try:
+            return call.task.result()
+        except _Escaped as escaped:
+            raise escaped.exc from None
 
     async def aclose(self) -> None:
-        """Let pending callbacks (transports closing their sockets) run, then stop the
-        loop and join its thread."""
-        if self._closed:
+        """Cancel the calls still running (and wait for them, bounded), let pending
+        callbacks (transports closing their sockets) run, then stop the loop and join
+        its thread. A caller whose call could not end is told the loop is closed."""
+        if self._closed and not self._thread.is_alive():
+            self._close_loop()
             return
         self._closed = True
-        if not self._thread.is_alive():
-            self.loop.close()
-            return
         with trio.CancelScope(shield=True):
-            await self._call(asyncio.sleep, 0.01)
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            pending = list(self._calls)
+            for call in pending:
+                task = call.task
+                if task is not None:
+                    with contextlib.suppress(RuntimeError):
+                        self.loop.call_soon_threadsafe(task.cancel)
+            with trio.move_on_after(CANCEL_WAIT_S):
+                for call in pending:
+                    await call.ended.wait()
+                await self._call(asyncio.sleep, 0.01)
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.loop.stop)
             await trio.to_thread.run_sync(self._thread.join, CANCEL_WAIT_S)
-        if not self._thread.is_alive():
+        for call in list(self._calls):
+            call.ended.set()
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        if not self._thread.is_alive() and not self.loop.is_closed():
             self.loop.close()
+
+
+class _Escaped(Exception):
+    """Carries KeyboardInterrupt or SystemExit out of an asyncio task to its trio caller:
+    raised as they are, they would escape run_forever and end the loop for every caller."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
 
 
 async def _run(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> T:
-    return await fn(*args, **kwargs)
+    try:
+        return await fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        raise _Escaped(exc) from None
 
 
 @contextlib.asynccontextmanager

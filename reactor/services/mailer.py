@@ -316,6 +316,7 @@ class SmtpReplyError(Exception):
     """The server answered a command with a reply the conversation cannot go on from."""
 
     def __init__(self, command: str, code: int, text: str) -> None:
+        text = " ".join(text.split())  # one line, whatever the server sent
         super().__init__(f"{code} {text}" if text else str(code))
         self.command = command
         self.code = code
@@ -344,6 +345,11 @@ def classify(exc: BaseException) -> PermanentError | RetryableError:
     Only the server's verdict on a mail (MAIL, RCPT, DATA, the message) can be
     permanent; trouble with the session itself is an outage, waited out.
     """
+    if isinstance(exc, SmtpReplyError) and exc.code < 0:
+        # aiosmtplib's code for a reply it could not read (not SMTP, or endless): a
+        # broken relay or something between us, not a verdict on the mail.
+        return RetryableError(f"SMTP server sent an unreadable reply to {exc.command}: "
+                              f"{exc.reply[:200]}", outage=True)
     if isinstance(exc, SmtpAuthFailed):
         return RetryableError(f"SMTP authentication failed ({exc.reply}): "
                               "check SMTP_USER and SMTP_PASS", outage=True)
@@ -496,10 +502,15 @@ async def _send_mail(client: aiosmtplib.SMTP, sender: str, recipient: str, raw: 
     try:
         await client.data(raw)
     except aiosmtplib.SMTPResponseException as exc:
-        raise SmtpReplyError("DATA", exc.code, exc.message) from None
+        if exc.code >= 0:  # a verdict: 354 refused, or the message refused
+            raise SmtpReplyError("DATA", exc.code, exc.message) from None
+        reason = f"an unreadable reply: {' '.join(exc.message.split())[:200]}"
+        raise DeliveryUnknown(f"no answer to the message ({reason}): the server may have "
+                              "accepted it") from exc
     except (aiosmtplib.SMTPServerDisconnected, TimeoutError, OSError) as exc:
         # aiosmtplib does not say whether the message and its end mark had gone out:
-        # they may have, and the server may have accepted the mail.
+        # they may have, and the server may have accepted the mail. (A relay that hangs
+        # up right after DATA, before 354, lands here too: safe, if over-cautious.)
         reason = str(exc) or type(exc).__name__
         raise DeliveryUnknown(f"no answer to the message ({reason}): the server may have "
                               "accepted it") from exc
@@ -700,23 +711,31 @@ class SmtpMailer:
             expired = [client for client, since in self._idle if now - since >= idle_s]
             self._idle = [(client, since) for client, since in self._idle
                           if now - since < idle_s]
-            for client in expired:
-                await self._quit(client)
+            await self._quit_all(expired)
             if self._idle:
                 await trio.sleep_until(min(since for _, since in self._idle) + idle_s)
             else:
                 self._went_idle = trio.Event()
                 await self._went_idle.wait()
 
-    async def _quit(self, client: SmtpConnection) -> None:
+    async def _quit_all(self, clients: list[SmtpConnection]) -> None:
+        """QUIT the connections side by side, all within one bound (a relay that does
+        not answer QUIT must not cost one bound per connection), then close them."""
         try:
             with trio.move_on_after(min(5.0, self.settings.smtp_timeout_s)):
-                try:
-                    await client.quit()
-                except Exception as exc:
-                    log.debug("QUIT on an idle SMTP connection failed", error=str(exc))
+                async with trio.open_nursery() as nursery:
+                    for client in clients:
+                        nursery.start_soon(self._say_quit, client)
         finally:
-            await self._discard(client)  # after QUIT too: a TLS close may not have finished
+            for client in clients:  # after QUIT too: a TLS close may not have finished
+                await self._discard(client)
+
+    @staticmethod
+    async def _say_quit(client: SmtpConnection) -> None:
+        try:
+            await client.quit()
+        except Exception as exc:
+            log.debug("QUIT on an idle SMTP connection failed", error=str(exc))
 
     @staticmethod
     async def _discard(client: SmtpConnection | None) -> None:
@@ -729,8 +748,7 @@ class SmtpMailer:
         the way out of cancelled scopes too)."""
         with trio.CancelScope(shield=True):
             idle, self._idle = self._idle, []
-            for client, _ in idle:
-                await self._quit(client)
+            await self._quit_all([client for client, _ in idle])
             await self._loop.aclose()
 
 
