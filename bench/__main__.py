@@ -1,7 +1,8 @@
 """`python -m bench [scenario ...]`: the reactor beside its peers, mail, PDF, memory.
 
-Runs against a private Postgres cluster with stock durability (fsync on) on
-this machine, started under a temporary directory and removed afterwards.
+Each scenario runs against a private Postgres cluster of its own, with stock
+durability (fsync on), on this machine, started under a temporary directory and
+removed afterwards.
 Prints Markdown tables to paste into docs/benchmarks.md. Scenarios:
 
 - peers: jobs/s of PgQueuer, the bare pgmq loop and the reactor (bench/peers.py)
@@ -23,7 +24,8 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -270,16 +272,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
     configure_logging("warning", "json")
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-bench-")), free_port(),
-                        durable=True)
-    cluster.init()
-    cluster.start()
-    try:
-        url = cluster.url()
-        migrate(url)
-        print(f"machine: {machine()}; PostgreSQL {pg_version(url)} on the same machine, "
-              f"fsync on; load average at start {os.getloadavg()[0]:.2f}\n", flush=True)
-        for name in args.scenarios or [s for s in SCENARIOS if s not in LONG]:
+    first = True
+    for name in args.scenarios or [s for s in SCENARIOS if s not in LONG]:
+        # A cluster of its own for each scenario: what one leaves behind (WAL to
+        # checkpoint, tables for autovacuum) must not weigh on the next one's figures.
+        with _private_cluster() as url:
+            if first:
+                print(f"machine: {machine()}; PostgreSQL {pg_version(url)} on the same "
+                      f"machine, fsync on, a fresh cluster for each scenario; load average "
+                      f"at start {os.getloadavg()[0]:.2f}\n", flush=True)
+                first = False
             started = time.monotonic()
             try:
                 result = SCENARIOS[name](url)
@@ -288,9 +290,21 @@ def main() -> None:
             rows = result if isinstance(result, list) else [result]
             print(f"### {name} ({time.monotonic() - started:.0f} s)\n\n{table(rows)}\n",
                   flush=True)
+
+
+@contextmanager
+def _private_cluster() -> Iterator[str]:
+    """A migrated PostgreSQL 15 with stock durability (fsync on), removed afterwards."""
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-bench-")), free_port(),
+                        durable=True)
+    cluster.init()
+    cluster.start()
+    try:
+        url = cluster.url()
+        migrate(url)
+        yield url
     finally:
         cluster.remove()
-
 
 if __name__ == "__main__":
     main()
