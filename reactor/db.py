@@ -126,11 +126,15 @@ def scrub(text: str, url: str | None) -> str:
     return text
 
 
+# How every connection of the reactor's connects (sync or trio-native).
+CONNECT: dict[str, Any] = {"connect_timeout": 5, **KEEPALIVE}
+
+
 def connect_sync(url: str, application_name: str = "reactor") -> psycopg.Connection:
     """Open an autocommit connection with keepalives; no session settings and no
     prepared statements, so it works through a transaction pooler (see above)."""
-    return psycopg.connect(url, autocommit=True, connect_timeout=5, prepare_threshold=None,
-                           application_name=application_name, **KEEPALIVE)
+    return psycopg.connect(url, autocommit=True, prepare_threshold=None,
+                           application_name=application_name, **CONNECT)
 
 
 class TrioConnection(psycopg.AsyncConnection[TupleRow]):
@@ -251,7 +255,7 @@ class Database:
                 lease.abandoned = True
                 conn = lease.conn
                 if timed_out and conn is not None:
-                    _cancel_in_background(partial(conn.cancel_safe, timeout=5.0))
+                    _cancel_in_background(partial(conn.cancel_safe, timeout=CANCEL_WAIT_S))
                 return
         conn = lease.conn
         if conn is None:
@@ -357,8 +361,7 @@ class Database:
     def _connect_native(self, lease: _Lease[TrioConnection]) -> TrioConnection:
         # In a worker thread. The connection keeps the settings of connect_sync.
         try:
-            conninfo = make_conninfo(self.url, connect_timeout=5, application_name="reactor",
-                                     **KEEPALIVE)
+            conninfo = make_conninfo(self.url, application_name="reactor", **CONNECT)
             pgconn = pq.PGconn.connect(conninfo.encode())
             if pgconn.status != pq.ConnStatus.OK:
                 message = pgconn.get_error_message()
@@ -392,7 +395,7 @@ class Database:
         try:
             if conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
                 with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_WAIT_S):
-                    await trio.to_thread.run_sync(_cancel_quietly, conn,
+                    await trio.to_thread.run_sync(_cancel_quietly, conn.cancel,
                                                   abandon_on_cancel=True)
         finally:
             conn.pgconn.finish()
@@ -417,19 +420,14 @@ class Database:
 
 def _cancel_in_background(cancel_query: Callable[[], None]) -> None:
     """Ask the server to stop the query of an abandoned call (a thread: it is network I/O)."""
-    def cancel() -> None:
-        try:
-            cancel_query()
-        except Exception as exc:  # the connection may be gone already; nothing else to do
-            log.debug("could not cancel a timed-out query", error=type(exc).__name__)
-
-    threading.Thread(target=cancel, name="reactor-db-cancel", daemon=True).start()
+    threading.Thread(target=_cancel_quietly, args=(cancel_query,), name="reactor-db-cancel",
+                     daemon=True).start()
 
 
-def _cancel_quietly(conn: TrioConnection) -> None:
-    """Ask the server to stop the statement running on `conn` (blocking: a thread)."""
+def _cancel_quietly(cancel_query: Callable[[], None]) -> None:
+    """Ask the server to stop a statement (blocking: run it in a thread)."""
     try:
-        conn.cancel()
+        cancel_query()
     except Exception as exc:  # the connection may be gone already; nothing else to do
         log.debug("could not cancel an interrupted statement", error=type(exc).__name__)
 

@@ -223,29 +223,39 @@ PEEK: _sql.SQL = _sql.SQL(
 )
 
 # -- email ---------------------------------------------------------------------------
-# Claim a key for sending: a new key, or one whose earlier attempt failed.
-# No row back means someone holds it ('sending') or it was sent ('sent').
+# The claim of a ledger key as one autocommit statement (one round trip, not BEGIN, INSERT,
+# SELECT, COMMIT): a row with NULL when the key is ours to send (new, or a 'failed' row taken
+# over), a row with the holder's status ('sent', 'sending') when it is not. No row: the holder
+# committed after this statement's snapshot (two deliveries of one key at once); retry.
 CLAIM_EMAIL: LiteralString = """
-INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, enqueued_at, recipient,
-                                 template, status)
-VALUES (%(key)s, %(queue)s, %(msg_id)s, %(enqueued_at)s, %(recipient)s, %(template)s, 'sending')
-ON CONFLICT (idempotency_key) DO UPDATE
-   SET status = 'sending', attempts = email_ledger.attempts + 1, msg_id = EXCLUDED.msg_id,
-       enqueued_at = EXCLUDED.enqueued_at, updated_at = now()
- WHERE email_ledger.status = 'failed'
-RETURNING status
+WITH claimed AS (
+    INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, enqueued_at, recipient,
+                                     template, status)
+    VALUES (%(key)s, %(queue)s, %(msg_id)s, %(enqueued_at)s, %(recipient)s, %(template)s,
+            'sending')
+    ON CONFLICT (idempotency_key) DO UPDATE
+       SET status = 'sending', attempts = email_ledger.attempts + 1, msg_id = EXCLUDED.msg_id,
+           enqueued_at = EXCLUDED.enqueued_at, updated_at = now()
+     WHERE email_ledger.status = 'failed'
+    RETURNING status
+)
+SELECT NULL::text FROM claimed
+UNION ALL
+SELECT status FROM public.email_ledger
+ WHERE idempotency_key = %(key)s AND NOT EXISTS (SELECT FROM claimed)
 """
-EMAIL_SENT: LiteralString = """
-UPDATE public.email_ledger SET status = 'sent', message_id = %(message_id)s, sent_at = now(),
-       updated_at = now(), last_error = NULL
- WHERE idempotency_key = %(key)s
+# The 'sent' verdicts of several mails in one statement (a group commit: whoever writes
+# takes every verdict waiting at that moment).
+EMAIL_SENT_MANY: LiteralString = """
+UPDATE public.email_ledger AS l
+   SET status = 'sent', message_id = v.message_id, sent_at = now(), updated_at = now(),
+       last_error = NULL
+  FROM unnest(%(keys)s::text[], %(message_ids)s::text[]) AS v(idempotency_key, message_id)
+ WHERE l.idempotency_key = v.idempotency_key
 """
 EMAIL_FAILED: LiteralString = """
 UPDATE public.email_ledger SET status = 'failed', last_error = %(error)s, updated_at = now()
  WHERE idempotency_key = %(key)s
-"""
-EMAIL_LEDGER_ROW: LiteralString = """
-SELECT status, updated_at FROM public.email_ledger WHERE idempotency_key = %(key)s
 """
 # `reactor email resolve`: the operator's verdict on a mail left 'sending' by a worker
 # that was killed mid-send. 'sent' archives a replay without sending; 'failed' lets the
@@ -533,35 +543,3 @@ END
 $lock_down$
 """
 
-
-# -- email ledger in one statement (issue 14, mail pipeline; owner: the mail engineer) -----------
-# The claim of a ledger key as one autocommit statement (one round trip, not BEGIN, INSERT,
-# SELECT, COMMIT): a row with NULL when the key is ours to send (new, or a 'failed' row taken
-# over), a row with the holder's status ('sent', 'sending') when it is not. No row: the holder
-# committed after this statement's snapshot (two deliveries of one key at once); retry.
-CLAIM_EMAIL_ONE_STATEMENT: LiteralString = """
-WITH claimed AS (
-    INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, enqueued_at, recipient,
-                                     template, status)
-    VALUES (%(key)s, %(queue)s, %(msg_id)s, %(enqueued_at)s, %(recipient)s, %(template)s,
-            'sending')
-    ON CONFLICT (idempotency_key) DO UPDATE
-       SET status = 'sending', attempts = email_ledger.attempts + 1, msg_id = EXCLUDED.msg_id,
-           enqueued_at = EXCLUDED.enqueued_at, updated_at = now()
-     WHERE email_ledger.status = 'failed'
-    RETURNING status
-)
-SELECT NULL::text FROM claimed
-UNION ALL
-SELECT status FROM public.email_ledger
- WHERE idempotency_key = %(key)s AND NOT EXISTS (SELECT FROM claimed)
-"""
-# The 'sent' verdicts of several mails in one statement (a group commit: whoever writes
-# takes every verdict waiting at that moment). Same effect per key as EMAIL_SENT.
-EMAIL_SENT_MANY: LiteralString = """
-UPDATE public.email_ledger AS l
-   SET status = 'sent', message_id = v.message_id, sent_at = now(), updated_at = now(),
-       last_error = NULL
-  FROM unnest(%(keys)s::text[], %(message_ids)s::text[]) AS v(idempotency_key, message_id)
- WHERE l.idempotency_key = v.idempotency_key
-"""

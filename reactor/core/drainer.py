@@ -236,10 +236,11 @@ class Drainer:
         of the database (read-only, a pooler, a dropped pgmq, permissions):
         waited out, never allowed to end the process.
         """
-        return await self._db_native(self.db.run(fn))
+        return await self._db_call(self.db.run(fn))
 
-    async def _db_native(self, call: Awaitable[T]) -> T:
-        """`_db` for a call that runs on the trio-native connection (the hot statement)."""
+    async def _db_call(self, call: Awaitable[T]) -> T:
+        """`_db` for any database call: `Database.run` in a thread, or `Database.fetch` on
+        a trio-native connection (the hot statement)."""
         try:
             result = await call
         except psycopg.Error as exc:
@@ -397,7 +398,7 @@ class Drainer:
                 scope = self._take_scope = trio.CancelScope()
                 try:
                     with scope:
-                        return await self._db_native(queues.archive_then_read(
+                        return await self._db_call(queues.archive_then_read(
                             self.db, self._take, self.queue, done, vt, read))
                 finally:
                     self._take_scope = None
@@ -405,7 +406,7 @@ class Drainer:
                 self._done[:0] = done
                 return []
             if done:
-                await self._db_native(queues.archive_fast(self.db, self.queue, done))
+                await self._db_call(queues.archive_fast(self.db, self.queue, done))
             return []
         except BaseException:
             self._done[:0] = done  # archived next time (archive is idempotent)

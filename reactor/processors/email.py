@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, LiteralString
 
 import psycopg
@@ -92,7 +92,7 @@ class _SentVerdict:
 
     key: str
     message_id: str
-    written: trio.Event = field(default_factory=trio.Event)
+    written: bool = False
     error: Exception | None = None
 
 
@@ -200,7 +200,7 @@ class EmailProcessor(Processor[EmailMessage]):
         verdict = _SentVerdict(key, message_id)
         self._unwritten.append(verdict)
         async with self._verdict_writer:
-            if not verdict.written.is_set():
+            if not verdict.written:
                 batch, self._unwritten = self._unwritten, []
                 try:
                     await self._record(queries.EMAIL_SENT_MANY, {
@@ -209,13 +209,13 @@ class EmailProcessor(Processor[EmailMessage]):
                 except Exception as exc:
                     for waiting in batch:
                         waiting.error = exc
-                        waiting.written.set()
+                        waiting.written = True
                 except BaseException:  # cut off (the deadline): the next writer takes them
                     self._unwritten[:0] = batch
                     raise
                 else:
                     for waiting in batch:
-                        waiting.written.set()
+                        waiting.written = True
         if verdict.error is not None:
             raise verdict.error
 
@@ -266,7 +266,7 @@ async def claim(db: Database, key: str, job: Job[EmailMessage],
         RetryableError: another delivery of the same key committed its claim while
             this one ran (two at once); the next attempt sees which.
     """
-    rows = await db.fetch(queries.CLAIM_EMAIL_ONE_STATEMENT, {
+    rows = await db.fetch(queries.CLAIM_EMAIL, {
         "key": key, "queue": job.delivery.queue, "msg_id": job.msg_id,
         "enqueued_at": job.delivery.enqueued_at, "recipient": msg.to,
         "template": msg.template})

@@ -370,7 +370,7 @@ def classify(exc: BaseException) -> PermanentError | RetryableError:
     if isinstance(tls, ssl.SSLError | ssl.CertificateError):
         return RetryableError(f"TLS failed: {tls} (check SMTP_SECURITY and SMTP_CA_FILE)",
                               outage=True)
-    if isinstance(exc, TimeoutError | trio.TooSlowError):
+    if isinstance(exc, TimeoutError):  # aiosmtplib's SMTPTimeoutError is one
         return RetryableError(f"SMTP timed out: {exc}", outage=True)
     cause = exc.__cause__
     detail = str(exc) or (f"{type(cause).__name__}: {cause}" if cause else "it broke off")
