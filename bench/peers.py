@@ -154,8 +154,13 @@ def latency_once(url: str, kind: str, args: tuple[str, ...], n: int, gap_s: floa
     return [(starts[i] - t) * 1000 for i, t in committed.items()]
 
 
-def latency(url: str, n: int = 500, gap_s: float = 0.02, runs: int = 3) -> list[Result]:
-    """Wake latency p50/p99 of each worker (fallback poll 60 s for the reactor)."""
+def latency(url: str, n: int = 2000, gap_s: float = 0.02, runs: int = 3) -> list[Result]:
+    """Wake latency p50/p99 of each worker (fallback poll 60 s for the reactor).
+
+    2,000 wake-ups a run, so that a run's p99 rests on its 20 slowest: with 500 it
+    was the 5th slowest, set by one or two of the VM's scheduling hiccups (each
+    delays a few consecutive wake-ups of every worker alike) and flipped between
+    runs. The runs interleave the workers, so a noisy minute hits each of them."""
     install_pgqueuer(url)
     cases = [(PGQ_BEST.label, "pgqueuer-latency", ("1000",)),
              (PGQ_DEFAULT.label, "pgqueuer-latency", ("10",)),

@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format_effective)
     try:
-        reactor = Reactor(settings)
+        reactor = Reactor(settings, freeze_heap=True)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
     def report_ports(event: Any) -> None:

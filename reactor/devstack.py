@@ -180,7 +180,7 @@ async def _follow(reactor: Reactor, out: Any) -> None:
 
 async def _main(stack: DevStack, cluster: PgCluster) -> None:
     url = cluster.url(CRON_DATABASE)
-    reactor = Reactor(dev_settings(stack, url))
+    reactor = Reactor(dev_settings(stack, url), freeze_heap=True)
     async with trio.open_nursery() as nursery:
 
         async def run_reactor(task_status: trio.TaskStatus[Reactor]) -> None:

@@ -112,6 +112,34 @@ WITH pre AS (
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
 )""" + _TAKEN_COLUMNS + """
   FROM r""" + _FAILURES_JOIN
+# The same take when nothing finished (a wake-up after an idle spell): no archive to
+# order first, so no `pre`, and the failure count as a subquery per taken row instead
+# of a hash join: a third less to plan and run (0.45 vs 0.75 ms here, on every wake-up).
+# set_config runs once per taken row, within the statement, so the commit of a take
+# that changed something does not wait for the WAL flush either; a take that found
+# nothing commits nothing. Its seventh column (the setting's new value) is ignored.
+TAKE_ONLY: LiteralString = """
+WITH next AS (
+    SELECT q.msg_id FROM pgmq.{table} AS q
+     WHERE q.vt <= clock_timestamp()
+     ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
+), r AS (
+    UPDATE pgmq.{table} AS m
+       SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
+           read_ct = m.read_ct + 1{last_read}
+      FROM next
+     WHERE m.msg_id = next.msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
+)
+SELECT r.msg_id, r.read_ct, r.enqueued_at,
+       CASE WHEN octet_length(r.body) <= %(max_bytes)s THEN r.body END,
+       octet_length(r.body),
+       coalesce((SELECT f.outcomes FROM reactor.job_failures f
+                  WHERE f.queue = %(queue)s AND f.msg_id = r.msg_id
+                    AND f.enqueued_at = r.enqueued_at), 0),
+       set_config('synchronous_commit', 'off', true)
+  FROM r
+"""
 TAKE_SETS_LAST_READ: LiteralString = ",\n           last_read_at = clock_timestamp()"
 # Does the queue's table have pgmq's last_read_at column? (%(table)s: 'pgmq.q_<queue>')
 HAS_LAST_READ_AT: LiteralString = """

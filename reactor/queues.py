@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -94,7 +94,7 @@ def _messages(queue: str, rows: list[tuple[Any, ...]]) -> list[Message]:
 def _taken(queue: str, rows: list[tuple[Any, ...]]) -> list[Message]:
     """Rows of the taking queries (see queries._TAKEN_COLUMNS), each body decoded alone."""
     messages = []
-    for msg_id, read_ct, enqueued_at, text, size, outcomes in rows:
+    for msg_id, read_ct, enqueued_at, text, size, outcomes, *_ in rows:
         body, error = decode_body(text, size)
         messages.append(Message(queue, msg_id, read_ct, enqueued_at, body, error, outcomes))
     return messages
@@ -163,16 +163,26 @@ def set_vt(conn: psycopg.Connection, queue: str, ids: list[int], seconds: int) -
         conn.execute(queries.SET_VT_MANY, {"queue": queue, "ids": ids, "vt": seconds})
 
 
-def take_statement(conn: psycopg.Connection, queue: str) -> bytes:
-    """The drainer's archive-and-take statement for `queue` (queries.TAKE), composed
-    once for this queue's table and pgmq version."""
+class Take(NamedTuple):
+    """The drainer's statements for one queue, composed once for its table and pgmq
+    version: `with_archive` (queries.TAKE) when something finished, `alone`
+    (queries.TAKE_ONLY) when nothing did."""
+
+    with_archive: bytes
+    alone: bytes
+
+
+def take_statement(conn: psycopg.Connection, queue: str) -> Take:
+    """The drainer's archive-and-take statements for `queue` (see Take)."""
     row = conn.execute(queries.HAS_LAST_READ_AT, {"table": f"pgmq.q_{validate_queue(queue)}"}
                        ).fetchone()
     last_read = sql.SQL(queries.TAKE_SETS_LAST_READ if row and row[0] else "")
-    return sql.SQL(queries.TAKE).format(table=_table(queue), last_read=last_read).as_bytes(conn)
+    table = _table(queue)
+    return Take(*(sql.SQL(query).format(table=table, last_read=last_read).as_bytes(conn)
+                  for query in (queries.TAKE, queries.TAKE_ONLY)))
 
 
-async def archive_then_read(db: Database, statement: bytes, queue: str, done: list[int],
+async def archive_then_read(db: Database, statement: Take, queue: str, done: list[int],
                             vt: int, qty: int) -> list[Message]:
     """Archive finished messages and take the next batch: one statement, one commit
     (`statement` from take_statement).
@@ -185,7 +195,10 @@ async def archive_then_read(db: Database, statement: bytes, queue: str, done: li
     three round trips per batch. It runs on a trio-native connection
     (`Database.fetch`): it is what a wake-up waits for.
     """
-    rows = await db.fetch(statement, {**_take_params(queue, vt, qty), "ids": done})
+    if not done:
+        rows = await db.fetch(statement.alone, _take_params(queue, vt, qty))
+        return _taken(queue, rows)
+    rows = await db.fetch(statement.with_archive, {**_take_params(queue, vt, qty), "ids": done})
     return _taken(queue, rows)
 
 

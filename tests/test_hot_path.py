@@ -47,7 +47,7 @@ async def test_the_take_works_on_a_queue_table_without_last_read_at(database_url
     ids = [await send(database_url, QUEUE, {"event": str(i)}) for i in range(3)]
     async with Database(database_url, 2).opened() as db:
         statement = await db.run(lambda c: queues.take_statement(c, QUEUE))
-        assert b"last_read_at" not in statement
+        assert not any(b"last_read_at" in query for query in statement)
         taken = await queues.archive_then_read(db, statement, QUEUE, [], 30, 2)
         assert sorted(m.msg_id for m in taken) == ids[:2]  # oldest first, up to qty
         again = await queues.archive_then_read(db, statement, QUEUE, [], 30, 10)
@@ -55,6 +55,31 @@ async def test_the_take_works_on_a_queue_table_without_last_read_at(database_url
     [(read_cts,)] = await sql(
         database_url, "SELECT array_agg(read_ct ORDER BY msg_id) FROM pgmq.q_analytics_queue")
     assert read_cts == [1, 1, 1]
+
+
+async def test_a_take_with_nothing_to_archive_counts_earlier_outcomes_and_commits_async(
+        database_url: str) -> None:
+    """The wake-up take (nothing finished: `Take.alone`) reports how many earlier
+    deliveries ended with a recorded outcome (the crash guard counts on it), and turns
+    synchronous_commit off for its own transaction only: the session keeps its setting."""
+    msg_id = await send(database_url, QUEUE, {"event": "again"})
+    [(enqueued_at,)] = await sql(
+        database_url, "SELECT enqueued_at FROM pgmq.q_analytics_queue WHERE msg_id = %s",
+        (msg_id,))
+    await sql(database_url, "INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at, "
+              "outcomes, last_attempt, last_error) VALUES (%s, %s, %s, 2, 2, 'boom')",
+              (QUEUE, msg_id, enqueued_at))
+    params = queues._take_params(QUEUE, 30, 10)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        statement = queues.take_statement(conn, QUEUE)
+        conn.execute("SET synchronous_commit = on")  # the test cluster's default is off
+        [(taken, read_ct, _, body, _, outcomes, commit)] = conn.execute(
+            statement.alone, params).fetchall()
+        assert (taken, read_ct, body, outcomes, commit) == (msg_id, 1, '{"event": "again"}',
+                                                            2, "off")
+        assert conn.execute("SHOW synchronous_commit").fetchall() == [("on",)]
+        # Nothing left to take: no row, nothing committed.
+        assert conn.execute(statement.alone, params).fetchall() == []
 
 
 async def test_a_finished_message_whose_lease_ran_out_is_archived_not_taken_again(

@@ -58,7 +58,7 @@ def _only(processor: type[Any]) -> dict[str, type[Any]]:
     return {QUEUE: processor}
 
 
-async def _statement(db: Database) -> bytes:
+async def _statement(db: Database) -> queues.Take:
     return await db.run(lambda c: queues.take_statement(c, QUEUE))
 
 

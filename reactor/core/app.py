@@ -7,6 +7,7 @@ them; the drainers make cancelled messages visible again at once.
 
 from __future__ import annotations
 
+import gc
 import signal
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -38,6 +39,17 @@ log = structlog.get_logger("reactor")
 DEPTH_EVERY_S = 5.0
 
 
+def _freeze_startup_heap() -> None:
+    """Move everything built at startup (modules, settings, templates, fonts) out of
+    the garbage collector's reach: a full collection walks every tracked object
+    and, on this heap, stops the process for ~60 ms (measured here) — a wake-up
+    that lands in it waits as long. After the freeze a full collection walks only
+    what was allocated since (jobs, events): 0.4 ms. Frozen objects are still freed
+    when their last reference goes; only a cycle among them would never be."""
+    gc.collect()
+    gc.freeze()
+
+
 class SchemaNotReady(Exception):
     """The database is not migrated; the message names the command that fixes it."""
 
@@ -46,8 +58,13 @@ class Reactor:
     """Owns every long-running task of `reactor run`."""
 
     def __init__(self, settings: Settings, *, bus: EventBus | None = None,
-                 processors: Mapping[str, type[Processor[Any]]] | None = None) -> None:
+                 processors: Mapping[str, type[Processor[Any]]] | None = None,
+                 freeze_heap: bool = False) -> None:
+        """freeze_heap: once started, exempt the startup heap from garbage collection
+        (see _freeze_startup_heap); for the process that runs one reactor until it
+        exits (`reactor run`, `reactor dev`), not for one that builds many."""
         self.settings = settings
+        self.freeze_heap = freeze_heap
         self.bus = bus or EventBus()
         self.health = Health(self.bus.publish)
         self.db = Database(settings.database_url, settings.db_pool_size,
@@ -108,6 +125,8 @@ class Reactor:
                     for drainer in self.drainers.values():
                         await workers.start(drainer.run)
                     self._started = True
+                    if self.freeze_heap:
+                        _freeze_startup_heap()
                     self.bus.publish("reactor.started", queues=sorted(self.drainers))
                     task_status.started(self)
                 services.cancel_scope.cancel()

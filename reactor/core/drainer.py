@@ -141,7 +141,7 @@ class Drainer:
         self._cancel_jobs = False
         self._backoff = DB_BACKOFF_START_S
         self._degraded = False
-        self._take: bytes | None = None  # queues.take_statement, composed at first use
+        self._take: queues.Take | None = None  # queues.take_statement, composed at first use
         self._source = f"drainer:{self.queue}"
         self.finished = trio.Event()
         self.idle = False  # waiting for a wake-up (tests and the dashboard may look)
