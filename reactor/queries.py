@@ -115,13 +115,21 @@ WITH pre AS (
 # The same take when nothing finished (a wake-up after an idle spell): no archive to
 # order first, so no `pre`, and the failure count as a subquery per taken row instead
 # of a hash join: a third less to plan and run (0.45 vs 0.75 ms here, on every wake-up).
-# set_config runs once per taken row, within the statement, so the commit of a take
-# that changed something does not wait for the WAL flush either; a take that found
-# nothing commits nothing. Its seventh column (the setting's new value) is ignored.
+# set_config runs for each visible message the scan meets, before FOR UPDATE locks it
+# (the CASE: only once the row is known visible; as a plain AND term the planner puts
+# it first, and a scan past 2,000 in-flight rows took twice as long): the commit of a
+# take that locked anything does not wait for the WAL flush either, and a take whose
+# scan met nothing has nothing to commit. Per taken row (in the select list) would not
+# do: a take can lock a row and return none, when another replica's take of that
+# message commits between this statement's snapshot and its scan reaching it (FOR
+# UPDATE then locks the new version, the recheck drops it, the lock stays: a
+# transaction id to commit, durably). A one-time filter would cost an InitPlan on every
+# take (+10-20 us here). The seventh column (the setting in force: off) is ignored.
 TAKE_ONLY: LiteralString = """
 WITH next AS (
     SELECT q.msg_id FROM pgmq.{table} AS q
-     WHERE q.vt <= clock_timestamp()
+     WHERE CASE WHEN q.vt <= clock_timestamp()
+                THEN set_config('synchronous_commit', 'off', true) IS NOT NULL END
      ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
 ), r AS (
     UPDATE pgmq.{table} AS m
@@ -137,7 +145,7 @@ SELECT r.msg_id, r.read_ct, r.enqueued_at,
        coalesce((SELECT f.outcomes FROM reactor.job_failures f
                   WHERE f.queue = %(queue)s AND f.msg_id = r.msg_id
                     AND f.enqueued_at = r.enqueued_at), 0),
-       set_config('synchronous_commit', 'off', true)
+       current_setting('synchronous_commit')
   FROM r
 """
 TAKE_SETS_LAST_READ: LiteralString = ",\n           last_read_at = clock_timestamp()"
