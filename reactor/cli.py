@@ -71,10 +71,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from reactor.core.app import Reactor, SchemaNotReady
-    from reactor.startup import DatabaseRefused
+    from reactor.startup import DatabaseRefused, raise_open_files_limit
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format_effective)
+    raise_open_files_limit()
     try:
         reactor = Reactor(settings, freeze_heap=True)
     except ConfigError as exc:

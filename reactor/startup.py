@@ -21,6 +21,7 @@ everything quoted from an error passes through the URL scrubber.
 from __future__ import annotations
 
 import re
+import resource
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -31,10 +32,14 @@ from psycopg.conninfo import conninfo_to_dict
 
 from reactor.db import connect_sync, describe_db_error, in_worker_thread
 
-__all__ = ["DatabaseRefused", "Target", "refusal", "target_of", "url_problem",
-           "wait_for_database", "waiting_reason"]
+__all__ = ["DatabaseRefused", "Target", "raise_open_files_limit", "refusal", "target_of",
+           "url_problem", "wait_for_database", "waiting_reason"]
 
 log = structlog.get_logger("reactor.startup")
+
+# Above this many open files, raising the soft limit further buys nothing (Linux's
+# default nr_open is 1,048,576; an unlimited hard limit is refused above it).
+OPEN_FILES_CEILING = 1 << 20
 
 FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 10.0
@@ -197,3 +202,26 @@ async def wait_for_database(url: str) -> None:
                         retry_in_s=delay)
         await trio.sleep(delay)
         delay = min(delay * 2, MAX_RETRY_S)
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one (as Go's runtime does); the
+    soft limit after.
+
+    systemd starts a service with 1,024 (and a hard limit of 524,288): every
+    connection to the HTTP port (payment webhooks put it on the internet), the
+    feed, Postgres and SMTP takes one, so a few hundred idle connections held
+    open against the HTTP port would leave the reactor unable to reconnect to its
+    database. The hard limit stays the operator's (LimitNOFILE=, ulimit -Hn)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else min(
+        hard, OPEN_FILES_CEILING)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # a sandbox that forbids it: keep what we have
+            log.warning("could not raise the open files limit", soft=soft, hard=hard,
+                        error=str(exc))
+    return soft
+
