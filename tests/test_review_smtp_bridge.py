@@ -53,12 +53,14 @@ class Relay:
 
 @asynccontextmanager
 async def scripted_relay(**script: bytes) -> AsyncIterator[Relay]:
-    """A relay on 127.0.0.1 that answers each step as `script` says (else normally)."""
+    """A relay on 127.0.0.1 that answers each step as `script` says (else normally).
+    MAIL_AGAIN, when given, answers every MAIL after the first on a connection."""
     steps = DEFAULT | script
     relay = Relay(0)
 
     async def serve(stream: trio.SocketStream) -> None:
         buffer = bytearray()
+        mails_here = 0
         relay.connected.set()
         relay.connections += 1
 
@@ -102,6 +104,10 @@ async def scripted_relay(**script: bytes) -> AsyncIterator[Relay]:
                 if verb == "QUIT":
                     relay.events.append("QUIT")
                 step = "EHLO" if verb in ("EHLO", "HELO") else verb
+                if step == "MAIL":
+                    mails_here += 1
+                    if mails_here > 1 and "MAIL_AGAIN" in steps:
+                        step = "MAIL_AGAIN"
                 if step not in steps:
                     await stream.send_all(b"502 5.5.2 unknown\r\n")
                     continue
@@ -512,6 +518,35 @@ async def test_a_relay_that_accepts_and_hangs_up_at_once_counts_as_sent() -> Non
         finally:
             await mailer.aclose()
     assert len(relay.messages) == 2
+
+
+@pytest.mark.parametrize("again", [CLOSE, b"421 4.7.0 one mail per connection\r\n" + CLOSE],
+                         ids=["hang-up", "421"])
+async def test_a_relay_that_drops_a_used_connection_at_the_next_mail_gets_it_on_a_new_one(
+        again: bytes) -> None:
+    """A per-connection limit the pool could not see coming: the relay hangs up (or says
+    421 and hangs up) at the next MAIL on a connection that carried a mail. Nothing of
+    that mail went out, so it goes on a new connection at once, not as a failed send."""
+    async with scripted_relay(MAIL_AGAIN=again) as relay:
+        mailer = SmtpMailer(settings(relay.port, SMTP_POOL_SIZE=1))
+        try:
+            with trio.fail_after(30):  # a bound for a hung bridge, not a timing
+                for n in (1, 2, 3):
+                    assert await mailer.send(mail(n)) == f"<{n}@family.example>"
+        finally:
+            await mailer.aclose()
+    assert len(relay.messages) == 3
+    assert relay.connections == 3
+
+
+async def test_a_new_connection_dropped_at_its_first_mail_is_an_outage_not_a_loop() -> None:
+    """Only a connection that has carried mail is replaced on the spot: a relay that hangs
+    up at the first MAIL of a new connection is an outage (retried later), one connection."""
+    async with scripted_relay(MAIL=CLOSE) as relay:
+        outcome = await send_once(relay.port)
+    assert isinstance(outcome, RetryableError), repr(outcome)
+    assert outcome.outage, repr(outcome)
+    assert (relay.connections, relay.messages) == (1, [])
 
 
 async def test_a_tls_handshake_that_never_comes_is_retryable() -> None:

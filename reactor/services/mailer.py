@@ -69,6 +69,11 @@ class OutgoingMail:
     raw: bytes
 
 
+class ConnectionGone(Exception):
+    """The server closed the connection (or said 421, closing) in answer to a mail's
+    first command: nothing of the mail was sent, another connection may carry it."""
+
+
 class DeliveryUnknown(Exception):
     """The whole message went out but the server's answer did not come back (timeout,
     connection lost): it may have accepted the mail, so sending it again is not safe."""
@@ -393,6 +398,7 @@ class SmtpConnection:
     def __init__(self, client: aiosmtplib.SMTP, loop: AsyncioThread) -> None:
         self.client = client
         self.loop = loop
+        self.carried = 0  # mails the server accepted on it
 
     @classmethod
     async def open(cls, loop: AsyncioThread, *, host: str, port: int, reply_timeout_s: float,
@@ -494,7 +500,11 @@ async def _send_mail(client: aiosmtplib.SMTP, sender: str, recipient: str, raw: 
     try:
         await client.mail(sender, options=size)
     except aiosmtplib.SMTPResponseException as exc:
+        if exc.code == 421:  # closing the channel (aiosmtplib has closed it too)
+            raise ConnectionGone(f"421 {' '.join(exc.message.split())[:200]}") from None
         raise SmtpReplyError("MAIL FROM", exc.code, exc.message) from None
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        raise ConnectionGone(str(exc) or type(exc).__name__) from exc
     try:
         await client.rcpt(recipient)
     except aiosmtplib.SMTPResponseException as exc:
@@ -766,13 +776,28 @@ class _SmtpSession:
             raise RuntimeError("one mail per session")
         self.usable = False  # until the server has answered the whole mail
         try:
-            await client.sendmail(mail.sender, mail.recipient, mail.raw)
-        except (PermanentError, DeliveryUnknown):
+            try:
+                await client.sendmail(mail.sender, mail.recipient, mail.raw)
+            except ConnectionGone as exc:
+                if not client.carried:
+                    raise
+                # A connection that has carried mail, closed by the server since (a
+                # per-connection limit: 250 and the hang-up in one breath, or 421 at
+                # the next MAIL) before our check could see it: nothing of this mail
+                # went out, so a new connection carries it, once.
+                log.debug("pooled SMTP connection closed by the server; reconnecting",
+                          error=str(exc))
+                client = await self.pool._connect()
+                stale, self.client = self.client, client
+                await self.pool._discard(stale)
+                await client.sendmail(mail.sender, mail.recipient, mail.raw)
+        except (PermanentError, RetryableError, DeliveryUnknown):  # already told apart
             await self.finish(usable=False)
             raise
         except Exception as exc:
             await self.finish(usable=False)
             raise classify(exc) from None
+        client.carried += 1
         await self.finish(usable=True)
         return mail.message_id
 
