@@ -222,6 +222,7 @@ def raise_open_files_limit() -> int:
             soft = target
         except (ValueError, OSError) as exc:  # a sandbox that forbids it: keep what we have
             log.warning("could not raise the open files limit", soft=soft, hard=hard,
-                        error=str(exc))
+                        error=str(exc), fix="set LimitNOFILE= in the systemd unit, or "
+                        "--ulimit nofile= for a container")
     return soft
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import socket
@@ -194,6 +195,10 @@ def test_a_connection_flood_on_the_http_port_does_not_cut_the_reactor_off_its_da
         http = ports(proc, log).http
         with _Flood(http, 400) as flood:
             wait_until(lambda: flood.held_most >= 400, what="400 connections held")
+            # Accepted by the reactor (not only queued by the kernel): over the 256 it
+            # started with.
+            wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) > 300,
+                       what="the reactor holding over 300 open files")
             # Every connection of the reactor's is cut: it must open new ones, now.
             with psycopg.connect(database_url, autocommit=True) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
