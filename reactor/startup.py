@@ -210,7 +210,7 @@ def raise_open_files_limit() -> int:
 
     systemd starts a service with 1,024 (and a hard limit of 524,288): every
     connection to the HTTP port (payment webhooks put it on the internet), the
-    feed, Postgres and SMTP takes one, so a few hundred idle connections held
+    feed, Postgres and SMTP takes one, so about a thousand idle connections held
     open against the HTTP port would leave the reactor unable to reconnect to its
     database. The hard limit stays the operator's (LimitNOFILE=, ulimit -Hn)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
