@@ -75,6 +75,15 @@ READ: LiteralString = _TAKEN_COLUMNS + """
   FROM (SELECT m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
           FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s) AS m) AS r
 """ + _FAILURES_JOIN
+# pgmq.read's own UPDATE of the messages a `next` CTE chose (both takes below).
+_TAKE_UPDATE = """), r AS (
+    UPDATE pgmq.{table} AS m
+       SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
+           read_ct = m.read_ct + 1{last_read}
+      FROM next
+     WHERE m.msg_id = next.msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
+)"""
 # The drainers' hot statement: archive what finished, then take the next batch, in one
 # round trip and one commit. set_config(..., true) turns synchronous_commit off for
 # this statement's own transaction only (see queues.archive_then_read for why that is
@@ -103,14 +112,7 @@ WITH pre AS (
          WHERE q.vt <= clock_timestamp() AND q.msg_id <> ALL(%(ids)s::bigint[])
            AND pre.async_commit IS NOT NULL
          ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED) AS t
-), r AS (
-    UPDATE pgmq.{table} AS m
-       SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
-           read_ct = m.read_ct + 1{last_read}
-      FROM next
-     WHERE m.msg_id = next.msg_id
-    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
-)""" + _TAKEN_COLUMNS + """
+""" + _TAKE_UPDATE + _TAKEN_COLUMNS + """
   FROM r""" + _FAILURES_JOIN
 # The same take when nothing finished (a wake-up after an idle spell): no archive to
 # order first, so no `pre`, and the failure count as a subquery per taken row instead
@@ -131,14 +133,7 @@ WITH next AS (
      WHERE CASE WHEN q.vt <= clock_timestamp()
                 THEN set_config('synchronous_commit', 'off', true) IS NOT NULL END
      ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
-), r AS (
-    UPDATE pgmq.{table} AS m
-       SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
-           read_ct = m.read_ct + 1{last_read}
-      FROM next
-     WHERE m.msg_id = next.msg_id
-    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
-)
+""" + _TAKE_UPDATE + """
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(r.body) <= %(max_bytes)s THEN r.body END,
        octet_length(r.body),

@@ -215,17 +215,19 @@ def log_lines(log: Path) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def reactor_process(url: str, log: Path, *args: str, **env: str
+def reactor_process(url: str, log: Path, *args: str, python_c: str = "", **env: str
                     ) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m reactor run` (or `reactor ARGS`), JSON logs to `log`, its ports chosen by
-    the kernel (FEED_PORT=0, METRICS_PORT=0: see `ports`); killed if the test forgets it."""
+    """`python -m reactor run` (or `reactor ARGS`, or `python -c PYTHON_C` that runs it its
+    own way), JSON logs to `log`, its ports chosen by the kernel (FEED_PORT=0,
+    METRICS_PORT=0: see `ports`); killed if the test forgets it."""
     environ = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "LOG_FORMAT": "json",
                "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
                "EMAIL_OUTBOX_DIR": str(log.parent / "outbox"), "FEED_PORT": "0",
                "METRICS_PORT": "0", "RETRY_BASE_S": "1", **env}
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "reactor", *(args or ("run",))],
-                                env=environ, stdout=out, stderr=out, cwd=log.parent)
+        argv = ["-c", python_c] if python_c else ["-m", "reactor", *(args or ("run",))]
+        proc = subprocess.Popen([sys.executable, *argv], env=environ, stdout=out, stderr=out,
+                                cwd=log.parent)
     try:
         yield proc
     finally:

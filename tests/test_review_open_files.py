@@ -10,10 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,7 +20,7 @@ import pytest
 from tests import factories as f
 from tests.conftest import SmtpServer
 from tests.harness import ports, reactor_process, wait_healthy, wait_until
-from tests.test_run_process import _Flood, scalar
+from tests.test_run_process import _Flood, cut_every_connection_and_enqueue, scalar
 
 # Every descriptor up to this one is taken in the child right after it raised its limit.
 HOLD = 1500
@@ -51,25 +48,6 @@ CHECKUP = {
 }
 
 
-@contextmanager
-def reactor_above(url: str, log: Path, hold: int, **env: str
-                  ) -> Iterator[subprocess.Popen[bytes]]:
-    """Like tests.harness.reactor_process, with descriptors up to `hold` taken."""
-    environ = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "LOG_FORMAT": "json",
-               "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
-               "EMAIL_OUTBOX_DIR": str(log.parent / "outbox"), "FEED_PORT": "0",
-               "METRICS_PORT": "0", "RETRY_BASE_S": "1", "REVIEW_HOLD": str(hold), **env}
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-c", HIGH_FDS], env=environ, stdout=out,
-                                stderr=out, cwd=log.parent)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
 def socket_fds(pid: int) -> list[int]:
     found = []
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -79,15 +57,6 @@ def socket_fds(pid: int) -> list[int]:
         except FileNotFoundError:  # closed meanwhile
             pass
     return found
-
-
-def cut_every_connection_and_enqueue(url: str, event: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                     "AND backend_type = 'client backend'")
-        conn.execute("SELECT public.enqueue('analytics_queue', jsonb_build_object('event', "
-                     "%s::text))", (event,))
 
 
 @pytest.mark.process
@@ -107,7 +76,8 @@ def test_every_part_of_the_reactor_works_with_its_descriptors_above_1024(
     env = {"EMAIL_PROVIDER": "smtp", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(server.port),
            "SMTP_SECURITY": "none", "SMTP_FROM": "noreply@family.example",
            "SMTP_TIMEOUT_S": "5", "REPORTS_DIR": str(tmp_path / "reports")}
-    with reactor_above(database_url, log, HOLD, **env) as proc:
+    with reactor_process(database_url, log, python_c=HIGH_FDS, REVIEW_HOLD=str(HOLD),
+                         **env) as proc:
         http = ports(proc, log).http
         assert min(socket_fds(proc.pid)) > HOLD
         assert httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=10).status_code == 200

@@ -123,6 +123,17 @@ def test_job_log_lines_carry_the_fields_and_no_address(database_url: str, tmp_pa
     assert "user_id" in str(dead["error"])
 
 
+def cut_every_connection_and_enqueue(url: str, event: str) -> None:
+    """Terminate every other client connection to the test database (the reactor's
+    pool, trio-native and listener connections), then enqueue an analytics `event`."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                     "AND backend_type = 'client backend'")
+        conn.execute("SELECT public.enqueue('analytics_queue', jsonb_build_object('event', "
+                     "%s::text))", (event,))
+
+
 class _Flood:
     """Holds up to `size` idle TCP connections to a port, opening new ones as the
     server closes old ones (a slow-loris: the HTTP server closes a connection that
@@ -200,12 +211,7 @@ def test_a_connection_flood_on_the_http_port_does_not_cut_the_reactor_off_its_da
             wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) > 300,
                        what="the reactor holding over 300 open files")
             # Every connection of the reactor's is cut: it must open new ones, now.
-            with psycopg.connect(database_url, autocommit=True) as conn:
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                             "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                             "AND backend_type = 'client backend'")
-                conn.execute("SELECT public.enqueue('analytics_queue', "
-                             "'{\"event\": \"during_flood\"}')")
+            cut_every_connection_and_enqueue(database_url, "during_flood")
             wait_until(lambda: scalar(database_url, "SELECT count(*) FROM "
                                       "public.analytics_events WHERE event = 'during_flood'"),
                        within_s=60, what="the message sent during the flood")
