@@ -16,20 +16,23 @@ one client may run on different server connections:
   side (a deadline per call; past it the query is cancelled on the server and
   the call fails), never with `SET statement_timeout`, which a pooler would
   lose or, worse, leak to other clients of the same server connection;
-- no server-side prepared statements (`prepare_threshold=None`): a pooler runs
-  consecutive statements of one client on different server connections, where
-  psycopg's automatic ones collide ("prepared statement "_pg3_3" does not
-  exist"). Detecting the pooler first would leave a window before the probe
-  answers; what they save is a parse and plan per statement, small beside a
-  round trip (the hot path is one statement per batch of messages).
+- no automatic server-side prepared statements (`prepare_threshold=None`): a
+  pooler runs consecutive statements of one client on different server
+  connections, where psycopg's numbered ones collide ("prepared statement
+  "_pg3_3" does not exist", or worse, another statement under that name).
+  The one statement run prepared (the wake-up take: `Prepared`,
+  `Database.fetch_prepared`) is named after a hash of its text, so a name
+  means the same statement on every server connection; where it turns out not
+  to persist (a transaction pooler) it is run unprepared from then on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, LiteralString, TypeVar
@@ -47,7 +50,7 @@ from psycopg.waiting import Ready, Wait
 
 from reactor import queries
 
-__all__ = ["Database", "DatabaseUnavailable", "ListenConnection", "connect_sync",
+__all__ = ["Database", "DatabaseUnavailable", "ListenConnection", "Prepared", "connect_sync",
            "describe_db_error", "in_worker_thread", "reason_of"]
 
 log = structlog.get_logger("reactor.db")
@@ -149,6 +152,9 @@ class TrioConnection(psycopg.AsyncConnection[TupleRow]):
     and a connection whose wait was cancelled mid-statement is thrown away.
     """
 
+    # The `Prepared` statements this connection's server session holds, by name.
+    prepared_names: set[str]
+
     async def wait(self, gen: PQGen[RV], interval: float = 0.0,
                    timeout: float | None = None) -> RV:  # noqa: ASYNC109 (psycopg's signature)
         del interval  # no need to wake up for Ctrl-C: trio delivers it as a cancellation
@@ -185,6 +191,14 @@ async def _readable_or_writable(fileno: int) -> Ready:
     return Ready(ready)
 
 
+async def _rows_of(conn: TrioConnection, query: QueryNoTemplate,
+                   params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """Run one statement; its rows (none for a statement that returns no rows)."""
+    cursor = conn.cursor()
+    await cursor.execute(query, params)
+    return await cursor.fetchall() if cursor.description else []
+
+
 ConnT = TypeVar("ConnT", psycopg.Connection, TrioConnection)
 
 
@@ -201,6 +215,33 @@ class _Lease(Generic[ConnT]):
     lock: threading.Lock = field(default_factory=threading.Lock)
     abandoned: bool = False
     finished: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A statement with every value bound in, run as a server-side prepared statement.
+
+    Planned once per connection instead of at every call (Postgres keeps one
+    generic plan for a statement without parameters). Named after a hash of its
+    text: behind a pooler that runs our statements on other server connections,
+    a name either means this very statement or does not exist there, never
+    another statement.
+    """
+
+    text: bytes
+    name: str
+
+    @classmethod
+    def of(cls, text: bytes) -> Prepared:
+        return cls(text, "reactor_" + hashlib.sha256(text).hexdigest()[:32])
+
+    @property
+    def prepare(self) -> bytes:
+        return b"PREPARE " + self.name.encode() + b" AS " + self.text
+
+    @property
+    def execute(self) -> bytes:
+        return b"EXECUTE " + self.name.encode()
 
 
 class Database:
@@ -220,6 +261,9 @@ class Database:
         self._native_idle: list[TrioConnection] = []
         self._limiter = trio.CapacityLimiter(size)
         self._closed = False
+        # Off once a prepared statement went missing between two of our statements: the
+        # server connection changes under us (a transaction pooler).
+        self.prepared_statements = True
 
     async def run(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Run `fn(conn)` in a worker thread on a pooled connection, within the deadline.
@@ -303,6 +347,49 @@ class Database:
             DatabaseUnavailable: as `run`.
             psycopg.Error: any other database error, as raised.
         """
+        return await self._on_native(partial(_rows_of, query=query, params=params))
+
+    async def fetch_prepared(self, statement: Prepared) -> list[tuple[Any, ...]]:
+        """`fetch` for a statement run prepared (prepared on first use on each connection).
+
+        A connection on which running it failed is closed, not kept: a fresh
+        session holds no stale statement (say, one whose result type changed with
+        the table). Where the statement vanished between two of our statements,
+        the server connection changed under us (a transaction pooler): it runs
+        unprepared, now and from then on.
+
+        Raises:
+            DatabaseUnavailable: as `run`.
+            psycopg.Error: any other database error, as raised.
+        """
+        if not self.prepared_statements:
+            return await self.fetch(statement.text)
+        return await self._on_native(partial(self._run_prepared, statement))
+
+    async def _run_prepared(self, statement: Prepared, conn: TrioConnection
+                            ) -> list[tuple[Any, ...]]:
+        try:
+            if statement.name not in conn.prepared_names:
+                # A server connection that has it already has this very text (by its name).
+                with suppress(pgerrors.DuplicatePreparedStatement):
+                    await conn.execute(statement.prepare)
+                conn.prepared_names.add(statement.name)
+            try:
+                return await _rows_of(conn, statement.execute)
+            except pgerrors.InvalidSqlStatementName:
+                self.prepared_statements = False
+                log.info("prepared statements do not last between statements on this "
+                         "database connection (a transaction pooler?): the wake-up take "
+                         "is planned at every call")
+                conn.prepared_names.clear()
+                return await _rows_of(conn, statement.text)
+        except psycopg.Error:
+            conn.pgconn.finish()  # see fetch_prepared
+            raise
+
+    async def _on_native(self, run: Callable[[TrioConnection], Awaitable[list[tuple[Any, ...]]]]
+                         ) -> list[tuple[Any, ...]]:
+        """Run `run(conn)` on an idle trio-native connection, within the deadline (fetch)."""
         # A free token is taken without first yielding to the scheduler (which `async with`
         # would): one scheduling round less on every wake-up; the statement's own waits
         # are the checkpoints.
@@ -316,9 +403,7 @@ class Database:
             try:
                 with trio.move_on_after(self.statement_timeout_s):
                     conn = await self._native()
-                    cursor = conn.cursor()
-                    await cursor.execute(query, params)
-                    rows = await cursor.fetchall() if cursor.description else []
+                    rows = await run(conn)
                     cut = False
                     return rows
                 raise DatabaseUnavailable(
@@ -370,6 +455,7 @@ class Database:
             pgconn.nonblocking = 1
             conn = lease.conn = TrioConnection(pgconn)
             conn._autocommit = True  # idle and fresh: no statement needed to say so
+            conn.prepared_names = set()
             conn.prepare_threshold = None  # poolers (see the module's docstring)
             return conn
         finally:

@@ -75,13 +75,13 @@ READ: LiteralString = _TAKEN_COLUMNS + """
   FROM (SELECT m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
           FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s) AS m) AS r
 """ + _FAILURES_JOIN
-# pgmq.read's own UPDATE of the messages a `next` CTE chose (both takes below).
-_TAKE_UPDATE = """), r AS (
+# pgmq.read's own UPDATE of the messages a `next` CTE chose (both takes below), as a
+# join (TAKE: pgmq.read's form) or by an id list (TAKE_ONLY: see there).
+_TAKE_SET = """), r AS (
     UPDATE pgmq.{table} AS m
        SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
-           read_ct = m.read_ct + 1{last_read}
-      FROM next
-     WHERE m.msg_id = next.msg_id
+           read_ct = m.read_ct + 1{last_read}"""
+_TAKE_RETURNING = """
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message::text AS body
 )"""
 # The drainers' hot statement: archive what finished, then take the next batch, in one
@@ -112,7 +112,9 @@ WITH pre AS (
          WHERE q.vt <= clock_timestamp() AND q.msg_id <> ALL(%(ids)s::bigint[])
            AND pre.async_commit IS NOT NULL
          ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED) AS t
-""" + _TAKE_UPDATE + _TAKEN_COLUMNS + """
+""" + _TAKE_SET + """
+      FROM next
+     WHERE m.msg_id = next.msg_id""" + _TAKE_RETURNING + _TAKEN_COLUMNS + """
   FROM r""" + _FAILURES_JOIN
 # The same take when nothing finished (a wake-up after an idle spell): no archive to
 # order first, so no `pre`, and the failure count as a subquery per taken row instead
@@ -127,13 +129,19 @@ WITH pre AS (
 # UPDATE then locks the new version, the recheck drops it, the lock stays: a
 # transaction id to commit, durably). A one-time filter would cost an InitPlan on every
 # take (+10-20 us here). The seventh column (the setting in force: off) is ignored.
+# A wake-up runs it as a server-side prepared statement with every value bound in
+# (queues.Take.wake, Database.fetch_prepared), so Postgres plans it once: its UPDATE
+# finds the taken rows by an id list, so that one plan uses the primary key whatever
+# size the table had when it was made (as a join, a plan made on an empty table hashes
+# a sequential scan of it, and keeps doing so while the table grows).
 TAKE_ONLY: LiteralString = """
 WITH next AS (
     SELECT q.msg_id FROM pgmq.{table} AS q
      WHERE CASE WHEN q.vt <= clock_timestamp()
                 THEN set_config('synchronous_commit', 'off', true) IS NOT NULL END
      ORDER BY q.msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
-""" + _TAKE_UPDATE + """
+""" + _TAKE_SET + """
+     WHERE m.msg_id = ANY (ARRAY(SELECT msg_id FROM next))""" + _TAKE_RETURNING + """
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(r.body) <= %(max_bytes)s THEN r.body END,
        octet_length(r.body),

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 
 from reactor import queries
 from reactor.config import QUEUES
-from reactor.db import Database
+from reactor.db import Database, Prepared
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_NESTING", "Message", "QueueDepth", "decode_body",
            "dlq_name", "validate_queue"]
@@ -166,20 +166,29 @@ def set_vt(conn: psycopg.Connection, queue: str, ids: list[int], seconds: int) -
 class Take(NamedTuple):
     """The drainer's statements for one queue, composed once for its table and pgmq
     version: `with_archive` (queries.TAKE) when something finished, `alone`
-    (queries.TAKE_ONLY) when nothing did."""
+    (queries.TAKE_ONLY) when nothing did, and `wake`: `alone` with this drainer's
+    lease (`vt`) and batch size bound in, run prepared (what a wake-up after an
+    idle spell takes: a whole batch, nothing finished)."""
 
     with_archive: bytes
     alone: bytes
+    wake: Prepared
+    vt: int
+    batch: int
 
 
-def take_statement(conn: psycopg.Connection, queue: str) -> Take:
+def take_statement(conn: psycopg.Connection, queue: str, *, vt: int, batch: int) -> Take:
     """The drainer's archive-and-take statements for `queue` (see Take)."""
     row = conn.execute(queries.HAS_LAST_READ_AT, {"table": f"pgmq.q_{validate_queue(queue)}"}
                        ).fetchone()
     last_read = sql.SQL(queries.TAKE_SETS_LAST_READ if row and row[0] else "")
     table = _table(queue)
-    return Take(*(sql.SQL(query).format(table=table, last_read=last_read).as_bytes(conn)
-                  for query in (queries.TAKE, queries.TAKE_ONLY)))
+    with_archive, alone = (sql.SQL(query).format(table=table, last_read=last_read).as_bytes(conn)
+                           for query in (queries.TAKE, queries.TAKE_ONLY))
+    # Bound on the client, as literals (quoted by psycopg for this connection): the
+    # values are the drainer's own settings and a validated queue name.
+    bound = psycopg.ClientCursor(conn).mogrify(alone, _take_params(queue, vt, batch))
+    return Take(with_archive, alone, Prepared.of(bound.encode()), vt, batch)
 
 
 async def archive_then_read(db: Database, statement: Take, queue: str, done: list[int],
@@ -193,9 +202,13 @@ async def archive_then_read(db: Database, statement: Take, queue: str, done: lis
     and the message is delivered again, and every effect is idempotent and was
     committed durably by its handler. It saves a busy drainer a disk flush and
     three round trips per batch. It runs on a trio-native connection
-    (`Database.fetch`): it is what a wake-up waits for.
+    (`Database.fetch`): it is what a wake-up waits for, and a wake-up's take
+    (nothing finished, a whole batch) runs prepared: planned once, not at every
+    wake-up (0.2 vs 0.6 ms here).
     """
     if not done:
+        if (vt, qty) == (statement.vt, statement.batch):
+            return _taken(queue, await db.fetch_prepared(statement.wake))
         rows = await db.fetch(statement.alone, _take_params(queue, vt, qty))
         return _taken(queue, rows)
     rows = await db.fetch(statement.with_archive, {**_take_params(queue, vt, qty), "ids": done})

@@ -22,7 +22,7 @@ QUEUE = "analytics_queue"
 
 
 async def _take(db: Database, done: list[int], qty: int = 10) -> list[queues.Message]:
-    statement = await db.run(lambda c: queues.take_statement(c, QUEUE))
+    statement = await db.run(lambda c: queues.take_statement(c, QUEUE, vt=30, batch=100))
     return await queues.archive_then_read(db, statement, QUEUE, done, 30, qty)
 
 
@@ -46,11 +46,12 @@ async def test_the_take_works_on_a_queue_table_without_last_read_at(database_url
     await sql(database_url, "ALTER TABLE pgmq.q_analytics_queue DROP COLUMN last_read_at")
     ids = [await send(database_url, QUEUE, {"event": str(i)}) for i in range(3)]
     async with Database(database_url, 2).opened() as db:
-        statement = await db.run(lambda c: queues.take_statement(c, QUEUE))
-        assert not any(b"last_read_at" in query for query in statement)
+        statement = await db.run(lambda c: queues.take_statement(c, QUEUE, vt=30, batch=100))
+        queries = (statement.with_archive, statement.alone, statement.wake.text)
+        assert not any(b"last_read_at" in query for query in queries)
         taken = await queues.archive_then_read(db, statement, QUEUE, [], 30, 2)
         assert sorted(m.msg_id for m in taken) == ids[:2]  # oldest first, up to qty
-        again = await queues.archive_then_read(db, statement, QUEUE, [], 30, 10)
+        again = await queues.archive_then_read(db, statement, QUEUE, [], 30, 100)  # prepared
         assert [m.msg_id for m in again] == ids[2:]
     [(read_cts,)] = await sql(
         database_url, "SELECT array_agg(read_ct ORDER BY msg_id) FROM pgmq.q_analytics_queue")
@@ -71,7 +72,7 @@ async def test_a_take_with_nothing_to_archive_counts_earlier_outcomes_and_commit
               (QUEUE, msg_id, enqueued_at))
     params = queues._take_params(QUEUE, 30, 10)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        statement = queues.take_statement(conn, QUEUE)
+        statement = queues.take_statement(conn, QUEUE, vt=30, batch=100)
         conn.execute("SET synchronous_commit = on")  # the test cluster's default is off
         [(taken, read_ct, _, body, _, outcomes, commit)] = conn.execute(
             statement.alone, params).fetchall()

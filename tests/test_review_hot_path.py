@@ -59,7 +59,7 @@ def _only(processor: type[Any]) -> dict[str, type[Any]]:
 
 
 async def _statement(db: Database) -> queues.Take:
-    return await db.run(lambda c: queues.take_statement(c, QUEUE))
+    return await db.run(lambda c: queues.take_statement(c, QUEUE, vt=30, batch=100))
 
 
 async def _count(url: str, query: str, params: Any = None) -> int:

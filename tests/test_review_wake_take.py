@@ -44,7 +44,7 @@ def _connect(url: str, autocommit: bool) -> psycopg.Connection[tuple[Any, ...]]:
 
 
 async def _statement(db: Database) -> queues.Take:
-    return await db.run(lambda c: queues.take_statement(c, QUEUE))
+    return await db.run(lambda c: queues.take_statement(c, QUEUE, vt=30, batch=100))
 
 
 async def _one(url: str, query: Any, params: Any = None) -> Any:

@@ -394,7 +394,8 @@ class Drainer:
             if read:
                 vt = self.cfg.visibility_timeout_s
                 if self._take is None:
-                    self._take = await self._db(partial(queues.take_statement, queue=self.queue))
+                    self._take = await self._db(partial(
+                        queues.take_statement, queue=self.queue, vt=vt, batch=self.cfg.batch_size))
                 scope = self._take_scope = trio.CancelScope()
                 try:
                     with scope:
