@@ -238,15 +238,17 @@ class Drainer:
         """
         return await self._db_call(self.db.run(fn))
 
-    async def _db_call(self, call: Awaitable[T]) -> T:
+    async def _db_call(self, call: Awaitable[T], *, recovers: bool = True) -> T:
         """`_db` for any database call: `Database.run` in a thread, or `Database.fetch` on
-        a trio-native connection (the hot statement)."""
+        a trio-native connection (the hot statement). A success ends an outage
+        (health cleared, backoff reset) unless `recovers` is False: a read that
+        works on a database that refuses writes proves nothing."""
         try:
             result = await call
         except psycopg.Error as exc:
             raise DatabaseUnavailable(describe_db_error(exc, self.db.url),
                                       "database_error") from exc
-        if self._degraded:
+        if self._degraded and recovers:
             self._degraded = False
             self._backoff = DB_BACKOFF_START_S
             self.health.clear(self._source)
@@ -394,8 +396,11 @@ class Drainer:
             if read:
                 vt = self.cfg.visibility_timeout_s
                 if self._take is None:
-                    self._take = await self._db(partial(
-                        queues.take_statement, queue=self.queue, vt=vt, batch=self.cfg.batch_size))
+                    # Composing it reads the catalog: that it works says nothing of the
+                    # take (a read-only database), so it does not count as recovery.
+                    self._take = await self._db_call(self.db.run(partial(
+                        queues.take_statement, queue=self.queue, vt=vt,
+                        batch=self.cfg.batch_size)), recovers=False)
                 scope = self._take_scope = trio.CancelScope()
                 try:
                     with scope:
