@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,6 +49,44 @@ def test_attempts_run_out_at_max_attempts() -> None:
 ])
 def test_addresses_are_masked_in_text(text: str, masked: str) -> None:
     assert mask_emails_in(text) == masked
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_library_log_records_go_through_the_same_chain(fmt: str) -> None:
+    """A library's stdlib log record (trio's accept loop out of files, Hypercorn) is
+    written like the reactor's own: in the JSON log a JSON line, its traceback a field,
+    an address in it masked; below WARNING it is not written."""
+    code = textwrap.dedent(f"""
+        import logging
+        from reactor.logs import configure_logging
+        import structlog
+        configure_logging("info", "{fmt}")
+        structlog.get_logger("reactor").warning("own event", to="user@example.com")
+        logging.getLogger("trio.serve_listeners").info("not shown")
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError:
+            logging.getLogger("trio.serve_listeners").exception(
+                "accept returned %s for %s", "EMFILE", "admin@example.com")
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    lines = done.stderr.strip().splitlines()
+    assert "user@example.com" not in done.stderr
+    assert "admin@example.com" not in done.stderr
+    assert "not shown" not in done.stderr
+    if fmt == "console":
+        assert "accept returned EMFILE for a***@example.com" in done.stderr
+        assert "Too many open files" in done.stderr
+        return
+    own, library = (json.loads(line) for line in lines)  # two lines, each JSON
+    assert own["event"] == "own event"
+    assert own["to"] == "u***@example.com"
+    assert library["event"] == "accept returned EMFILE for a***@example.com"
+    assert library["level"] == "error"
+    assert library["logger"] == "trio.serve_listeners"
+    assert "timestamp" in library
+    assert "OSError: [Errno 24] Too many open files" in library["exception"]
 
 
 def test_mask_email_keeps_the_domain() -> None:
