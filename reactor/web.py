@@ -16,8 +16,10 @@ logs; /healthz tells anyone only "ok"/"unhealthy" and reason classes.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -40,7 +42,8 @@ from reactor.logs import mask_emails_in
 from reactor.metrics import Metrics
 from reactor.paths import TEMPLATES_DIR
 
-__all__ = ["SESSION_COOKIE", "WebContext", "create_app", "masked", "serve_http"]
+__all__ = ["SESSION_COOKIE", "BodyRefused", "WebContext", "create_app", "masked", "read_body",
+           "serve_http"]
 
 log = structlog.get_logger("reactor.web")
 
@@ -57,6 +60,10 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
 }
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+# A sign-in body is {"token": "..."}: anything longer is not one.
+SESSION_MAX_BYTES = 4096
+# A request body must have arrived this long after its head (read_body).
+BODY_DEADLINE_S = 10.0
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -74,6 +81,45 @@ class WebContext:
     health: Health | None = None
     # FEED_ALLOWED_HOSTS/ORIGINS and limits; None: loopback names and `token` only.
     access: Access | None = None
+
+
+class BodyRefused(Exception):
+    """A request body not read: over its limit (413) or too slow to arrive (408)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message}, status_code=self.status)
+
+
+async def read_body(request: Request, limit: int, *,
+                    within_s: float | None = None) -> bytes:
+    """The request's body, read up to `limit` bytes and within `within_s` (default
+    BODY_DEADLINE_S).
+
+    Hypercorn bounds a request's head, not its body, and Starlette's `body()` /
+    `json()` keep whatever arrives: one client could fill the memory, or hold a
+    connection for ever by sending a byte a minute. Every route that reads a body
+    reads it here.
+
+    Raises:
+        BodyRefused: over the limit (declared or sent: 413) or not there in time (408).
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyRefused(413, f"body too large: at most {limit} bytes")
+    body = bytearray()
+    with trio.move_on_after(BODY_DEADLINE_S if within_s is None else within_s):
+        async with aclosing(request.stream()) as chunks:  # closed, not left to the GC
+            async for chunk in chunks:
+                body += chunk
+                if len(body) > limit:
+                    raise BodyRefused(413, f"body too large: at most {limit} bytes")
+        return bytes(body)
+    raise BodyRefused(408, "the request body did not arrive in time")
 
 
 def masked(value: Any) -> Any:
@@ -218,7 +264,9 @@ def create_app(ctx: WebContext) -> Starlette:
         if not access.token:
             return _json({"error": "no FEED_TOKEN is set: there is nothing to sign in to"}, 400)
         try:
-            given = (await request.json()).get("token", "")
+            given = json.loads(await read_body(request, SESSION_MAX_BYTES)).get("token", "")
+        except BodyRefused as refused:
+            return refused.response()
         except (ValueError, AttributeError):
             given = None
         if not isinstance(given, str) or not token_ok(access.token,

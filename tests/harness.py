@@ -272,3 +272,34 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path,
         except httpx.HTTPError:
             return False
     wait_until(healthy, within_s, f"/healthz on port {port}")
+
+
+async def post_raw(port: int, path: str, headers: str, parts: list[bytes],
+                    gap_s: float = 0.0) -> str:
+    """POST over a raw socket (the body in `parts`, `gap_s` apart, as a client that
+    trickles or floods would send it); the response's status line. A server that has
+    answered and closed may refuse the rest of the body: that is the point."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                              f"{headers}\r\n".encode())
+
+        async def send_body() -> None:
+            for part in parts:
+                try:
+                    await stream.send_all(part)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                await trio.sleep(gap_s)
+
+        answer = b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            while b"\r\n" not in answer:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    break
+                answer += chunk
+            nursery.cancel_scope.cancel()
+    return answer.split(b"\r\n", 1)[0].decode()
+

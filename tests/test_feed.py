@@ -27,6 +27,7 @@ from reactor.watch import format_event
 from tests.harness import (
     eventually,
     of_type,
+    post_raw,
     reactor_command,
     read_line,
     running_reactor,
@@ -677,3 +678,31 @@ def test_watch_line_format() -> None:
     assert "12.3 ms" in line
     assert line.endswith("SMTP timed out")
     assert format_event({"type": "job.succeeded"}, color=True).startswith("\x1b[32m")
+
+
+async def test_a_body_too_big_or_too_slow_is_refused_before_it_is_read(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sign-in route reads a body, so anyone who can reach the HTTP port can send one:
+    a body declared or sent over its limit is refused at once (413), without waiting for
+    the rest (a 10 GB body was read, into memory, to its end); one trickled a byte at a
+    time is refused at the deadline (408) instead of holding the connection for ever."""
+    monkeypatch.setattr("reactor.web.BODY_DEADLINE_S", 1.0)
+    async with running_reactor(database_url, FEED_TOKEN="t0ken-123") as reactor:
+        port = reactor.http_port
+        own = f"Origin: http://127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        with trio.fail_after(15):
+            declared = await post_raw(port, "/api/session",
+                                       own + "Content-Length: 10000000000\r\n",
+                                       [b"x" * 65536] * 4)
+            assert " 413 " in declared
+            chunked = await post_raw(port, "/api/session",
+                                      own + "Transfer-Encoding: chunked\r\n",
+                                      [b"400\r\n" + b"x" * 1024 + b"\r\n"] * 1000)
+            assert " 413 " in chunked
+            trickled = await post_raw(port, "/api/session", own + "Content-Length: 40\r\n",
+                                       [b"{"] + [b" "] * 38 + [b"}"], gap_s=0.2)
+            assert " 408 " in trickled
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            ok = await http.post("/api/session", json={"token": "t0ken-123"},
+                                 headers={"Origin": f"http://127.0.0.1:{port}"})
+            assert ok.status_code == 200

@@ -30,7 +30,7 @@ from reactor.paths import MIGRATIONS_DIR
 from reactor.services.payments import YooKassaProvider
 from reactor.web import serve_http
 from tests import factories as f
-from tests.harness import eventually, running_reactor, sql, wait_for
+from tests.harness import eventually, post_raw, running_reactor, sql, wait_for
 
 SHOP, SECRET = "123456", "test_secret_key"
 HOOK = "/webhooks/yookassa"
@@ -399,6 +399,25 @@ async def test_a_final_status_never_moves_backwards(database_url: str) -> None:
             await verify(database_url, payment)
             await wait_for(sub, on_payments("job.succeeded"))
     assert await sql(database_url, "SELECT status FROM public.payments") == [("completed",)]
+    assert fake.calls == []
+
+
+async def test_webhook_refuses_a_body_that_trickles_or_is_declared_too_big(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even from the provider's network, a notification body must arrive whole and in time:
+    one declared over the limit is refused before it is read (413), one sent a byte at a
+    time is refused at the deadline (408); nothing is queued."""
+    monkeypatch.setattr("reactor.web.BODY_DEADLINE_S", 1.0)
+    fake = FakeYooKassa({})
+    async with provider_and_reactor(database_url, fake, **LOOPBACK) as reactor:
+        port = reactor.http_port
+        with trio.fail_after(15):
+            assert " 413 " in await post_raw(port, HOOK, "Content-Length: 999999999\r\n",
+                                              [b"x" * 65536] * 4)
+            assert " 408 " in await post_raw(port, HOOK, "Content-Length: 30\r\n",
+                                              [b"{"] * 30, gap_s=0.2)
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.q_payment_processing_queue"
+                     ) == [(0,)]
     assert fake.calls == []
 
 

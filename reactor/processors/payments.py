@@ -71,6 +71,7 @@ from reactor.services.payments import (
     open_provider,
     shown,
 )
+from reactor.web import BodyRefused, read_body
 
 if TYPE_CHECKING:
     import psycopg
@@ -503,14 +504,10 @@ class PaymentProcessor(Processor[PaymentMessage]):
             return JSONResponse({"error": "notifications are accepted only from "
                                  "YOOKASSA_WEBHOOK_NETWORKS (behind a reverse proxy: list "
                                  "it in WEBHOOK_TRUSTED_PROXIES)"}, status_code=403)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > WEBHOOK_MAX_BYTES:
-            return JSONResponse({"error": "body too large"}, status_code=413)
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > WEBHOOK_MAX_BYTES:
-                return JSONResponse({"error": "body too large"}, status_code=413)
+        try:
+            body = await read_body(request, WEBHOOK_MAX_BYTES)
+        except BodyRefused as refused:
+            return refused.response()
         try:
             note = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
