@@ -14,7 +14,6 @@ what held.
 
 from __future__ import annotations
 
-import threading
 from contextlib import nullcontext
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,7 +29,10 @@ from reactor.pgcluster import PgCluster
 from reactor.processors.analytics import AnalyticsProcessor
 from tests.harness import eventually, running_reactor, send, sql
 from tests.test_faults import pgbouncer
-from tests.test_review_wake_take import _set_sync_standby, _waits_for_standby
+from tests.test_review_wake_take import (
+    _set_sync_standby,
+    durable_commits_wait_for_the_standby,
+)
 
 QUEUE = "analytics_queue"
 VT, BATCH = 30, 100
@@ -248,23 +250,7 @@ async def test_the_prepared_take_never_waits_for_a_durable_commit(
     admin = pg_cluster.url()
     await trio.to_thread.run_sync(_set_sync_standby, admin, "never_connects")
     try:
-        blocked: dict[str, Any] = {}
-
-        def durable_write() -> None:
-            with psycopg.connect(durable_url, autocommit=True) as conn:
-                blocked["pid"] = conn.info.backend_pid
-                conn.execute("INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at) "
-                             "VALUES ('control', 1, now())")
-
-        writer = threading.Thread(target=durable_write)
-        writer.start()
-        try:
-            await eventually(lambda: "pid" in blocked, within_s=20)
-            await eventually(lambda: _waits_for_standby(admin, blocked["pid"]), within_s=20)
-        finally:
-            await sql(admin, "SELECT pg_cancel_backend(%s)", (blocked.get("pid", 0),))
-            await trio.to_thread.run_sync(writer.join)
-
+        await durable_commits_wait_for_the_standby(durable_url, admin)
         async with Database(durable_url, 1, statement_timeout_s=20).opened() as db:
             statement = await _statement(db)
             with trio.fail_after(30):  # a take that waited would wait forever

@@ -75,24 +75,7 @@ async def test_no_take_waits_for_a_durable_commit_even_where_every_commit_would(
     admin = pg_cluster.url()
     await trio.to_thread.run_sync(_set_sync_standby, admin, "never_connects")
     try:
-        # The setup bites: a durable commit waits for the standby (until cancelled).
-        blocked: dict[str, Any] = {}
-
-        def durable_write() -> None:
-            with psycopg.connect(durable_url, autocommit=True) as conn:
-                blocked["pid"] = conn.info.backend_pid
-                conn.execute("INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at) "
-                             "VALUES ('control', 1, now())")
-
-        writer = threading.Thread(target=durable_write)
-        writer.start()
-        try:
-            await eventually(lambda: "pid" in blocked, within_s=20)
-            await eventually(lambda: _waits_for_standby(admin, blocked["pid"]), within_s=20)
-        finally:
-            await sql(admin, "SELECT pg_cancel_backend(%s)", (blocked.get("pid", 0),))
-            await trio.to_thread.run_sync(writer.join)
-
+        await durable_commits_wait_for_the_standby(durable_url, admin)
         async with Database(durable_url, 1, statement_timeout_s=20).opened() as db:
             statement = await _statement(db)
             with trio.fail_after(30):  # a take that waited would wait forever
@@ -108,6 +91,26 @@ async def test_no_take_waits_for_a_durable_commit_even_where_every_commit_would(
         (ids[2], 1)]
     assert await sql(database_url, "SELECT msg_id FROM pgmq.a_analytics_queue ORDER BY 1") == [
         (i,) for i in ids[:2]]
+
+
+async def durable_commits_wait_for_the_standby(durable_url: str, admin: str) -> None:
+    """Prove the setup bites: a durable commit waits for the standby (until cancelled)."""
+    blocked: dict[str, Any] = {}
+
+    def durable_write() -> None:
+        with psycopg.connect(durable_url, autocommit=True) as conn:
+            blocked["pid"] = conn.info.backend_pid
+            conn.execute("INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at) "
+                         "VALUES ('control', 1, now())")
+
+    writer = threading.Thread(target=durable_write)
+    writer.start()
+    try:
+        await eventually(lambda: "pid" in blocked, within_s=20)
+        await eventually(lambda: _waits_for_standby(admin, blocked["pid"]), within_s=20)
+    finally:
+        await sql(admin, "SELECT pg_cancel_backend(%s)", (blocked.get("pid", 0),))
+        await trio.to_thread.run_sync(writer.join)
 
 
 async def _waits_for_standby(admin: str, pid: int) -> bool:
