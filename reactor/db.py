@@ -100,6 +100,14 @@ def reason_of(exc: psycopg.Error) -> str | None:
     return None
 
 
+def _stuck_read_only(exc: BaseException) -> bool:
+    """A session that refused a write as read-only stays so: `default_transaction_read_only`
+    set for its database or role (ALTER DATABASE ... SET) binds a session for life. It
+    is closed, and the idle ones with it (opened in the same spell, most likely), so that
+    the next statements see the database as it is by then."""
+    return isinstance(exc, pgerrors.ReadOnlySqlTransaction)
+
+
 def describe_db_error(exc: BaseException, url: str | None = None) -> str:
     """One line for a database error, with the URL's password scrubbed out.
 
@@ -131,15 +139,37 @@ def scrub(text: str, url: str | None) -> str:
     return text
 
 
-# How every connection of the reactor's connects (sync or trio-native).
-CONNECT: dict[str, Any] = {"connect_timeout": 5, **KEEPALIVE}
+# How every connection of the reactor's connects (sync or trio-native). UTF-8 whatever the
+# database or role sets (ALTER DATABASE ... SET client_encoding): a body or a notification
+# the session's encoding cannot carry would fail every take of its queue, or cut the
+# listener. A startup parameter: PgBouncer tracks it per client.
+CONNECT: dict[str, Any] = {"connect_timeout": 5, "client_encoding": "UTF8", **KEEPALIVE}
+# psycopg reads dates and times in DateStyle ISO only (another raises NotImplementedError
+# on the first timestamptz, the take's enqueued_at).
+ISO_DATES = b"SET DateStyle = 'ISO'"
+
+
+def _needs_iso_dates(pgconn: pq.abc.PGconn) -> bool:
+    """Whether the session's DateStyle (a database or role may set one) is not ISO. SET
+    is then the one way: `options` in the startup packet is refused by PgBouncer, which
+    does track DateStyle per client, so the SET holds behind it and leaks to no one."""
+    style = pgconn.parameter_status(b"DateStyle")
+    return style is not None and not style.startswith(b"ISO")
 
 
 def connect_sync(url: str, application_name: str = "reactor") -> psycopg.Connection:
-    """Open an autocommit connection with keepalives; no session settings and no
-    prepared statements, so it works through a transaction pooler (see above)."""
-    return psycopg.connect(url, autocommit=True, prepare_threshold=None,
+    """Open an autocommit connection with keepalives; no session settings (but ISO dates,
+    if the database sets another style) and no prepared statements, so it works through
+    a transaction pooler (see above)."""
+    conn = psycopg.connect(url, autocommit=True, prepare_threshold=None,
                            application_name=application_name, **CONNECT)
+    if _needs_iso_dates(conn.pgconn):
+        try:
+            conn.execute(ISO_DATES)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
 
 
 class TrioConnection(psycopg.AsyncConnection[TupleRow]):
@@ -218,8 +248,10 @@ async def _simple_rows(conn: TrioConnection, query: bytes) -> list[tuple[Any, ..
     if result.status != pq.ExecStatus.TUPLES_OK:
         raise psycopg.ProgrammingError(f"expected rows, got {result.status.name}")
     conn.loader.set_pgresult(result)
-    rows: list[tuple[Any, ...]] = conn.loader.load_rows(0, result.ntuples, tuple)
-    conn.loader.set_pgresult(None)
+    try:
+        rows: list[tuple[Any, ...]] = conn.loader.load_rows(0, result.ntuples, tuple)
+    finally:
+        conn.loader.set_pgresult(None)
     return rows
 
 
@@ -309,6 +341,8 @@ class Database:
                     f"the database did not answer within {self.statement_timeout_s:g}s",
                     "database_unreachable")
             except psycopg.Error as exc:
+                if _stuck_read_only(exc):
+                    self._forget_idle()
                 reason = reason_of(exc)
                 if reason is None:
                     raise
@@ -346,9 +380,9 @@ class Database:
                 conn = lease.conn = connect_sync(self.url)
             try:
                 return fn(conn)
-            except BaseException:
+            except BaseException as exc:
                 idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-                if conn.broken or conn.closed or not idle:
+                if conn.broken or conn.closed or not idle or _stuck_read_only(exc):
                     conn.close()
                     lease.conn = None
                 raise
@@ -417,6 +451,8 @@ class Database:
         changed under it, and behind a pooler that server session outlives our
         connection, so preparing it again would find the stale one under its name.
         """
+        if not self.prepared_statements:
+            return  # another drainer's take found it first and said so
         self.prepared_statements = False
         if isinstance(exc, pgerrors.InvalidSqlStatementName):
             why = ("prepared statements do not last between statements on this database "
@@ -440,6 +476,7 @@ class Database:
         try:
             conn: TrioConnection | None = None
             cut = True  # until the server has answered (rows or an error)
+            stale = False  # a session that keeps refusing what a new one may accept
             try:
                 with trio.move_on_after(self.statement_timeout_s):
                     conn = await self._native()
@@ -451,13 +488,16 @@ class Database:
                     "database_unreachable")
             except psycopg.Error as exc:
                 cut = False  # an answer; whether the connection still works is checked below
+                stale = _stuck_read_only(exc)
+                if stale:
+                    self._forget_idle()
                 reason = reason_of(exc)
                 if reason is None:
                     raise
                 raise DatabaseUnavailable(describe_db_error(exc, self.url), reason) from exc
             finally:
                 if conn is not None:
-                    await self._give_back_native(conn, interrupted=cut)
+                    await self._give_back_native(conn, interrupted=cut, reusable=not stale)
         finally:
             self._limiter.release()
 
@@ -492,6 +532,12 @@ class Database:
                 message = pgconn.get_error_message()
                 pgconn.finish()
                 raise psycopg.OperationalError(f"connection failed: {message}")
+            if _needs_iso_dates(pgconn):  # (blocking: this is a worker thread)
+                result = pgconn.exec_(ISO_DATES)
+                if result.status != pq.ExecStatus.COMMAND_OK:
+                    message = pgconn.get_error_message()
+                    pgconn.finish()
+                    raise psycopg.OperationalError(f"could not set DateStyle ISO: {message}")
             pgconn.nonblocking = 1
             conn = lease.conn = TrioConnection(pgconn)
             conn._autocommit = True  # idle and fresh: no statement needed to say so
@@ -505,8 +551,9 @@ class Database:
                 if lease.abandoned and lease.conn is not None:
                     lease.conn.pgconn.finish()
 
-    async def _give_back_native(self, conn: TrioConnection, *, interrupted: bool) -> None:
-        """Keep a connection that is idle and sound; otherwise close it.
+    async def _give_back_native(self, conn: TrioConnection, *, interrupted: bool,
+                                reusable: bool = True) -> None:
+        """Keep a connection that is idle, sound and `reusable`; otherwise close it.
 
         One cut off mid-statement (deadline, shutdown) is cancelled on the server
         first, and that is waited for (shielded, at most CANCEL_WAIT_S): when the
@@ -514,7 +561,8 @@ class Database:
         messages the caller releases next.
         """
         idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-        if not (self._closed or conn.closed or conn.broken or not idle or interrupted):
+        if reusable and not (self._closed or conn.closed or conn.broken or not idle
+                             or interrupted):
             self._native_idle.append(conn)
             return
         if conn.closed:
@@ -527,14 +575,19 @@ class Database:
         finally:
             conn.pgconn.finish()
 
-    async def aclose(self) -> None:
-        self._closed = True
+    def _forget_idle(self) -> None:
+        """Close every idle connection of both pools: their sessions may be stuck as they
+        were opened (read-only, see _stuck_read_only); the next calls open fresh ones."""
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
         native, self._native_idle = self._native_idle, []
         for trio_conn in native:
             trio_conn.pgconn.finish()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._forget_idle()
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Database]:
