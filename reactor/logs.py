@@ -55,6 +55,18 @@ def level_enabled(level: str) -> bool:
     return _LEVELS[level] >= _threshold
 
 
+def _formattable(record: logging.LogRecord) -> bool:
+    """A library's log call whose message cannot be formatted (wrong arguments) is still
+    one line, its text kept: otherwise logging prints its own traceback, raw, to stderr
+    and drops the record."""
+    try:
+        record.getMessage()
+    except Exception:
+        record.msg = f"unformattable log call: {str(record.msg)[:500]!r} % {record.args!r:.500}"
+        record.args = None
+    return True
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog (and stdlib logging, for libraries) once per process."""
     global _threshold
@@ -71,8 +83,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             timestamper,
+            structlog.processors.format_exc_info,  # before masking: a traceback has text too
             _mask_processor,
-            structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -88,7 +100,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         foreign_pre_chain=[structlog.stdlib.add_logger_name,
                            structlog.processors.add_log_level, timestamper],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    _mask_processor, structlog.processors.format_exc_info, renderer]))
+                    structlog.processors.format_exc_info, _mask_processor, renderer]))
+    handler.addFilter(_formattable)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))

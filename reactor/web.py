@@ -17,6 +17,7 @@ logs; /healthz tells anyone only "ok"/"unhealthy" and reason classes.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -30,7 +31,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -113,13 +115,55 @@ async def read_body(request: Request, limit: int, *,
         raise BodyRefused(413, f"body too large: at most {limit} bytes")
     body = bytearray()
     with trio.move_on_after(BODY_DEADLINE_S if within_s is None else within_s):
-        async with aclosing(request.stream()) as chunks:  # closed, not left to the GC
-            async for chunk in chunks:
-                body += chunk
-                if len(body) > limit:
-                    raise BodyRefused(413, f"body too large: at most {limit} bytes")
+        try:
+            async with aclosing(request.stream()) as chunks:  # closed, not left to the GC
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > limit:
+                        raise BodyRefused(413, f"body too large: at most {limit} bytes")
+        except ClientDisconnect:
+            # Gone mid-body: nobody reads the answer, and it is no error of ours to log.
+            raise BodyRefused(400, "the client went away before the body was whole") from None
         return bytes(body)
     raise BodyRefused(408, "the request body did not arrive in time")
+
+
+class DrainUnreadBody:
+    """ASGI middleware: a route that answers without reading the request's body (a GET
+    with a body, a refusal) must not leave its connection open for ever.
+
+    Hypercorn hands the app at most `max_app_queue_size` body chunks; past them its
+    protocol task waits for the app to take one, and the app's last `send` waits to
+    queue `http.disconnect` behind them: neither moves again, the socket stays open
+    and no timer applies (it is not idle). So while the last part of a response is
+    being sent, whatever the client still sends is read and dropped, until
+    Hypercorn says the request is over; then the connection closes as usual.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_then_drain(message: Any) -> None:
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                await send(message)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_drop_until_disconnect, receive)
+                await send(message)
+                # The request is over now (http.disconnect follows at once); bounded anyway.
+                nursery.cancel_scope.deadline = trio.current_time() + BODY_DEADLINE_S
+
+        await self.app(scope, receive, send_then_drain)
+
+
+async def _drop_until_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def masked(value: Any) -> Any:
@@ -313,7 +357,7 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/api/overview", guarded(api_refusal, overview)),
         *ctx.extra_routes,
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(DrainUnreadBody)])
 
 
 async def serve_http(app: Starlette, host: str, port: int, *,
@@ -326,7 +370,9 @@ async def serve_http(app: Starlette, host: str, port: int, *,
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
-    config.errorlog = None
+    # Hypercorn's own errors (a route that raised: "Error in ASGI Framework") go to the
+    # log like every library's (reactor.logs); with None it has no error log at all.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 5.0
 
