@@ -29,10 +29,7 @@ from reactor.pgcluster import PgCluster
 from reactor.processors.analytics import AnalyticsProcessor
 from tests.harness import eventually, running_reactor, send, sql
 from tests.test_faults import pgbouncer
-from tests.test_review_wake_take import (
-    _set_sync_standby,
-    durable_commits_wait_for_the_standby,
-)
+from tests.test_review_wake_take import standby_that_never_answers
 
 QUEUE = "analytics_queue"
 VT, BATCH = 30, 100
@@ -246,25 +243,19 @@ async def test_the_prepared_take_never_waits_for_a_durable_commit(
     the prepared wake-up take (one that takes, one that finds nothing) does not: its
     generic plan still turns synchronous_commit off for its own transaction."""
     ids = [await send(database_url, QUEUE, {"n": n}, notify=False) for n in range(3)]
-    durable_url = database_url + "?options=-c%20synchronous_commit%3Don"
-    admin = pg_cluster.url()
-    await trio.to_thread.run_sync(_set_sync_standby, admin, "never_connects")
-    try:
-        await durable_commits_wait_for_the_standby(durable_url, admin)
-        async with Database(durable_url, 1, statement_timeout_s=20).opened() as db:
-            statement = await _statement(db)
-            with trio.fail_after(30):  # a take that waited would wait forever
-                for _ in range(2):  # prepared, then executed again
-                    taken = await _wake_take(db, statement)
-                    assert [m.msg_id for m in taken] == ids
-                    await sql(database_url, "UPDATE pgmq.q_analytics_queue SET vt = now()")
-                await sql(database_url, "UPDATE pgmq.q_analytics_queue "
-                                        "SET vt = now() + interval '1 hour'")
-                assert await _wake_take(db, statement) == []
-            plans = await db.fetch("SELECT name FROM pg_prepared_statements")
-            assert plans == [(statement.wake.name,)]
-    finally:
-        await trio.to_thread.run_sync(_set_sync_standby, admin, None)
+    async with standby_that_never_answers(database_url, pg_cluster) as durable_url, \
+            Database(durable_url, 1, statement_timeout_s=20).opened() as db:
+        statement = await _statement(db)
+        with trio.fail_after(30):  # a take that waited would wait forever
+            for _ in range(2):  # prepared, then executed again
+                taken = await _wake_take(db, statement)
+                assert [m.msg_id for m in taken] == ids
+                await sql(database_url, "UPDATE pgmq.q_analytics_queue SET vt = now()")
+            await sql(database_url, "UPDATE pgmq.q_analytics_queue "
+                                    "SET vt = now() + interval '1 hour'")
+            assert await _wake_take(db, statement) == []
+        plans = await db.fetch("SELECT name FROM pg_prepared_statements")
+        assert plans == [(statement.wake.name,)]
     assert await sql(database_url, "SELECT array_agg(read_ct ORDER BY msg_id) "
                                    "FROM pgmq.q_analytics_queue") == [([2, 2, 2],)]
 

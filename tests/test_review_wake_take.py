@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -71,21 +73,15 @@ async def test_no_take_waits_for_a_durable_commit_even_where_every_commit_would(
     standby that never answers, a durable commit waits forever, and no take does (the
     wake-up take that took messages, the one that found nothing, the archive-and-take)."""
     ids = [await send(database_url, QUEUE, {"n": n}) for n in range(3)]
-    durable_url = database_url + "?options=-c%20synchronous_commit%3Don"
-    admin = pg_cluster.url()
-    await trio.to_thread.run_sync(_set_sync_standby, admin, "never_connects")
-    try:
-        await durable_commits_wait_for_the_standby(durable_url, admin)
-        async with Database(durable_url, 1, statement_timeout_s=20).opened() as db:
-            statement = await _statement(db)
-            with trio.fail_after(30):  # a take that waited would wait forever
-                taken = await queues.archive_then_read(db, statement, QUEUE, [], 30, 2)
-                assert [m.msg_id for m in taken] == ids[:2]
-                rest = await queues.archive_then_read(db, statement, QUEUE, ids[:2], 30, 10)
-                assert [m.msg_id for m in rest] == ids[2:]
-                assert await queues.archive_then_read(db, statement, QUEUE, [], 30, 10) == []
-    finally:
-        await trio.to_thread.run_sync(_set_sync_standby, admin, None)
+    async with standby_that_never_answers(database_url, pg_cluster) as durable_url, \
+            Database(durable_url, 1, statement_timeout_s=20).opened() as db:
+        statement = await _statement(db)
+        with trio.fail_after(30):  # a take that waited would wait forever
+            taken = await queues.archive_then_read(db, statement, QUEUE, [], 30, 2)
+            assert [m.msg_id for m in taken] == ids[:2]
+            rest = await queues.archive_then_read(db, statement, QUEUE, ids[:2], 30, 10)
+            assert [m.msg_id for m in rest] == ids[2:]
+            assert await queues.archive_then_read(db, statement, QUEUE, [], 30, 10) == []
     # Committed all the same: taken once each, the first two archived.
     assert await sql(database_url, "SELECT msg_id, read_ct FROM pgmq.q_analytics_queue") == [
         (ids[2], 1)]
@@ -93,7 +89,22 @@ async def test_no_take_waits_for_a_durable_commit_even_where_every_commit_would(
         (i,) for i in ids[:2]]
 
 
-async def durable_commits_wait_for_the_standby(durable_url: str, admin: str) -> None:
+@asynccontextmanager
+async def standby_that_never_answers(database_url: str, pg_cluster: PgCluster
+                                     ) -> AsyncIterator[str]:
+    """A synchronous standby named that never connects, proven to bite; yields a URL of the
+    database whose commits ask for durability (they wait for it for ever)."""
+    durable_url = database_url + "?options=-c%20synchronous_commit%3Don"
+    admin = pg_cluster.url()
+    await trio.to_thread.run_sync(_set_sync_standby, admin, "never_connects")
+    try:
+        await _durable_commits_wait_for_the_standby(durable_url, admin)
+        yield durable_url
+    finally:
+        await trio.to_thread.run_sync(_set_sync_standby, admin, None)
+
+
+async def _durable_commits_wait_for_the_standby(durable_url: str, admin: str) -> None:
     """Prove the setup bites: a durable commit waits for the standby (until cancelled)."""
     blocked: dict[str, Any] = {}
 
