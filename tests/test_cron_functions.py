@@ -131,3 +131,81 @@ def test_prune_removes_only_old_archive_rows(db: psycopg.Connection) -> None:
                "WHERE msg_id = 1")
     assert db.execute("SELECT public.prune_reactor_history()").fetchone() == (1,)
     assert [m["event"] for m in f.archived(db, "analytics_queue")] == ["b"]
+
+
+# -- one family's bad data never stops a run for the others (migration 041) ------------------
+
+def test_a_reminder_run_with_a_bad_profile_still_reminds_everyone_else(
+        db: psycopg.Connection) -> None:
+    good = [f.profile(db, email=f"parent{i}@example.com") for i in range(3)]
+    bad = f.profile(db, email="мама@example.org")
+    appointments = [f.appointment(db, user, starts_in=timedelta(hours=20))
+                    for user in (good[0], bad, good[1], good[2])]
+    soon_bad = f.appointment(db, bad, starts_in=timedelta(minutes=40))
+    soon_good = f.appointment(db, good[0], starts_in=timedelta(minutes=45))
+    db.execute("DELETE FROM pgmq.q_email_queue")  # the confirmations
+
+    assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (3, 1)
+
+    assert sorted(reminders(db)) == sorted(
+        [("appointment_reminder_24h", str(a)) for a in appointments if a != appointments[1]]
+        + [("appointment_reminder_1h", str(soon_good))])
+    letters = f.queued(db, "email_queue_dlq")
+    refused = sorted((letter["original"]["template"], letter["refused_by"])
+                     for letter in letters if letter["original"]["template"].startswith(
+                         "appointment_reminder"))
+    assert refused == sorted([
+        ("appointment_reminder_24h",
+         f"send_appointment_reminders() for appointment {appointments[1]}"),
+        ("appointment_reminder_1h", f"send_appointment_reminders() for appointment {soon_bad}")])
+    # Claimed all the same: exactly once, not refused again every hour.
+    assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (0, 0)
+    assert len(f.queued(db, "email_queue_dlq")) == len(letters)
+
+
+REFUSE_ONE_ROW = """
+CREATE FUNCTION public.app_refuses_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id = %s THEN
+        RAISE EXCEPTION 'the app refuses this row';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER app_refuses_row BEFORE UPDATE ON public.{table}
+    FOR EACH ROW EXECUTE FUNCTION public.app_refuses_row();
+"""
+
+
+def test_a_row_the_app_refuses_holds_back_no_other_status_update(
+        db: psycopg.Connection) -> None:
+    """An app's own trigger refuses one consultation: the others still move, the refused
+    one is recorded in reactor.refusals, and the run itself does not fail."""
+    user = f.profile(db)
+    stuck = f.appointment(db, user, starts_in=-timedelta(days=1))
+    ended = f.appointment(db, user, starts_in=-timedelta(days=1))
+    running = f.appointment(db, user, starts_in=-timedelta(minutes=10))
+    db.execute(REFUSE_ONE_ROW.replace("{table}", "appointments").replace("%s", f"'{stuck}'"))
+
+    assert db.execute("SELECT * FROM public.update_appointment_statuses()").fetchone() == (1, 1)
+
+    assert status_of(db, stuck) == "scheduled"
+    assert status_of(db, ended) == "completed"
+    assert status_of(db, running) == "in_progress"
+    [(source, reason)] = db.execute("SELECT source, reason FROM reactor.refusals").fetchall()
+    assert source == f"update_appointment_statuses() for appointment {stuck}"
+    assert "the app refuses this row" in reason
+
+
+def test_a_checkup_the_app_refuses_holds_back_no_other_cleanup(db: psycopg.Connection) -> None:
+    user = f.profile(db)
+    stuck = f.assessment(db, user, age=timedelta(days=40))
+    stale = f.assessment(db, user, age=timedelta(days=40))
+    db.execute(REFUSE_ONE_ROW.replace("{table}", "assessments").replace("%s", f"'{stuck}'"))
+
+    assert db.execute("SELECT public.cleanup_old_assessments()").fetchone() == (1,)
+
+    rows: dict[object, str] = dict(
+        db.execute("SELECT id, status FROM public.assessments").fetchall())
+    assert rows == {stuck: "in_progress", stale: "abandoned"}
+    assert db.execute("SELECT source FROM reactor.refusals").fetchall() == [
+        (f"cleanup_old_assessments() for assessment {stuck}",)]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import psycopg
+import pytest
 
 from tests import factories as f
 
@@ -127,3 +129,153 @@ def test_app_role_insert_fires_trigger_without_pgmq_rights(db: psycopg.Connectio
         db.execute("INSERT INTO public.appointments (user_id, specialist_name, scheduled_at) "
                    "VALUES (%s, 'Dr. X', now() + interval '2 days')", (user,))
     assert [m["template"] for m in f.queued(db, "email_queue")] == ["appointment_confirmation"]
+
+
+# -- the app's write never fails because of the worker's side (migration 041) ----------------
+
+# Profiles whose address the mail side cannot use (internationalized, not an address,
+# empty, 300 characters): the family's own writes commit all the same.
+UNSENDABLE = ["user@пример.рф", "мама@example.org", "not an address", "",
+              "a" * 288 + "@example.com"]
+
+
+def dead_letters(conn: psycopg.Connection, queue: str) -> list[dict[str, object]]:
+    return f.queued(conn, f"{queue}_dlq")
+
+
+def refused(conn: psycopg.Connection, queue: str, address: str) -> dict[str, object]:
+    """The one dead letter of `queue` refused at enqueue for `address`."""
+    [letter] = dead_letters(conn, queue)
+    assert letter["attempts"] == 0
+    assert letter["source_msg_id"] is None
+    assert letter["queue"] == queue
+    assert letter["error"] == 'refused at enqueue: "to" is not a valid email address'
+    assert isinstance(letter["original"], dict)
+    assert letter["original"]["to"] == address
+    return letter
+
+
+@pytest.mark.parametrize("address", UNSENDABLE)
+def test_a_booking_commits_whatever_the_families_address(
+        db: psycopg.Connection, address: str) -> None:
+    user = f.profile(db, email=address)
+    appointment = f.appointment(db, user, starts_in=timedelta(days=2))
+
+    assert db.execute("SELECT count(*) FROM public.appointments WHERE id = %s",
+                      (appointment,)).fetchone() == (1,)
+    assert f.queued(db, "email_queue") == []
+    letter = refused(db, "email_queue", address)
+    assert letter["refused_by"] == f"handle_new_appointment() for appointment {appointment}"
+    assert letter["original"]["template"] == "appointment_confirmation"  # type: ignore[index]
+    # The rest of the trigger's work is queued as usual.
+    assert [e["event"] for e in f.queued(db, "analytics_queue")] == ["appointment_created"]
+
+
+@pytest.mark.parametrize("address", UNSENDABLE)
+def test_a_checkup_completes_whatever_the_families_address(
+        db: psycopg.Connection, address: str) -> None:
+    user = f.profile(db, email=address)
+    checkup = f.assessment(db, user)
+
+    db.execute("UPDATE public.assessments SET status = 'completed' WHERE id = %s", (checkup,))
+
+    assert db.execute("SELECT status FROM public.assessments WHERE id = %s",
+                      (checkup,)).fetchone() == ("completed",)
+    refused(db, "email_queue", address)
+    assert [r["assessment_id"] for r in f.queued(db, "report_generation_queue")] == [str(checkup)]
+    assert [e["event"] for e in f.queued(db, "analytics_queue")] == ["checkup_completed"]
+
+
+@pytest.mark.parametrize("address", UNSENDABLE)
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_a_payment_is_recorded_whatever_the_families_address(
+        db: psycopg.Connection, address: str, outcome: str) -> None:
+    user = f.profile(db, email=address)
+    appointment = f.appointment(db, user, starts_in=timedelta(days=1), status="pending_payment")
+    payment = f.payment(db, user, appointment)
+    db.execute("DELETE FROM pgmq.q_email_queue_dlq")
+
+    db.execute("UPDATE public.payments SET status = %s WHERE id = %s", (outcome, payment))
+
+    assert db.execute("SELECT status FROM public.payments WHERE id = %s",
+                      (payment,)).fetchone() == (outcome,)
+    expected = ("scheduled", True) if outcome == "completed" else ("pending_payment", False)
+    assert db.execute("SELECT status, paid_at IS NOT NULL FROM public.appointments WHERE id = %s",
+                      (appointment,)).fetchone() == expected
+    letter = refused(db, "email_queue", address)
+    assert letter["original"]["template"] == f"payment_{outcome}".replace(  # type: ignore[index]
+        "payment_completed", "payment_confirmation")
+
+
+def test_a_locale_the_templates_lack_means_the_default_not_a_failed_booking(
+        db: psycopg.Connection) -> None:
+    """A real app's profiles may allow any locale: the mail goes out in the default one."""
+    db.execute("ALTER TABLE public.profiles DROP CONSTRAINT profiles_locale_check")
+    user = f.profile(db, locale="de")
+    f.appointment(db, user, starts_in=timedelta(days=2))
+    [mail] = f.queued(db, "email_queue")
+    assert mail["locale"] == "ru"
+    assert dead_letters(db, "email_queue") == []
+
+
+def test_a_profile_without_address_or_row_is_refused_and_recorded(
+        db: psycopg.Connection) -> None:
+    """Incomplete profiles, as a real app's schema may allow them."""
+    db.execute("ALTER TABLE public.profiles ALTER COLUMN email DROP NOT NULL")
+    db.execute("ALTER TABLE public.appointments DROP CONSTRAINT appointments_user_id_fkey")
+    no_email = db.execute("INSERT INTO public.profiles (email) VALUES (NULL) RETURNING id"
+                          ).fetchone()
+    assert no_email is not None
+    f.appointment(db, no_email[0], starts_in=timedelta(days=2))
+    nobody = f.appointment(db, uuid.uuid4(), starts_in=timedelta(days=3))
+
+    letters = dead_letters(db, "email_queue")
+    assert [letter["error"] for letter in letters] == [
+        'refused at enqueue: "to" is not a valid email address',
+        "refused at enqueue: no profile for this user"]
+    assert letters[1]["refused_by"] == f"handle_new_appointment() for appointment {nobody}"
+    assert db.execute("SELECT count(*) FROM public.appointments").fetchone() == (2,)
+
+
+def test_a_message_over_the_size_limit_is_dead_lettered_cut_short(
+        db: psycopg.Connection) -> None:
+    user = f.profile(db, full_name="Я" * 200_000)  # 400 KB of variables: over 256 KiB
+    f.appointment(db, user, starts_in=timedelta(days=2))
+    [letter] = dead_letters(db, "email_queue")
+    assert str(letter["error"]).startswith("refused at enqueue: message is ")
+    assert "more than the limit of 262144 bytes" in str(letter["error"])
+    assert letter["original"] is None
+    assert len(str(letter["original_text"])) == 2000
+
+
+def test_a_queue_that_does_not_exist_refuses_into_reactor_refusals(
+        db: psycopg.Connection) -> None:
+    """Both the queue and its dead-letter queue dropped: the booking still commits, and
+    the refusal is a row of reactor.refusals."""
+    db.execute("SELECT pgmq.drop_queue('analytics_queue')")
+    user = f.profile(db)
+    f.appointment(db, user, starts_in=timedelta(days=2))
+    [letter] = dead_letters(db, "analytics_queue")
+    assert letter["error"] == 'refused at enqueue: queue "analytics_queue" does not exist in pgmq'
+
+    db.execute("SELECT pgmq.drop_queue('analytics_queue_dlq')")
+    appointment = f.appointment(db, user, starts_in=timedelta(days=3))
+    assert db.execute("SELECT source, queue, reason FROM reactor.refusals").fetchall() == [
+        (f"handle_new_appointment() for appointment {appointment}", "analytics_queue",
+         'queue "analytics_queue" does not exist in pgmq')]
+    assert len(f.queued(db, "email_queue")) == 2  # the mails went out all the same
+
+
+def test_a_refused_mail_is_listed_and_replayed_like_any_dead_letter(
+        db: psycopg.Connection) -> None:
+    """The operator's tools see it: `reactor dlq` reads it, and a replay puts it back on
+    email_queue as it is (where the reactor judges it again)."""
+    from reactor.queues import peek, replay_dead_letters
+    user = f.profile(db, email="not an address")
+    f.appointment(db, user, starts_in=timedelta(days=2))
+    [letter] = peek(db, "email_queue_dlq")
+    assert isinstance(letter.body, dict)
+    assert letter.body["queue"] == "email_queue"
+    assert replay_dead_letters(db, "email_queue")
+    assert [m["template"] for m in f.queued(db, "email_queue")] == ["appointment_confirmation"]
+    assert dead_letters(db, "email_queue") == []
