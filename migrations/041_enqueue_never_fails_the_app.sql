@@ -82,7 +82,8 @@ BEGIN
             0);
     ELSE
         INSERT INTO reactor.refusals (source, queue, reason, message)
-        VALUES (source, queue_name, reason, left(message::text, 2000));
+        VALUES (coalesce(source, 'unknown'), queue_name, coalesce(reason, 'unknown'),
+                left(message::text, 2000));
     END IF;
     RAISE LOG 'reactor: % could not queue a message on %: %', source, queue_name, reason;
 END
@@ -179,24 +180,40 @@ LANGUAGE sql STABLE SET search_path = '' AS $$
         END)::reactor.task
 $$;
 
--- A mail to a profile, from a trigger or a cron job. A missing profile or one
--- without an address is refused and recorded like any other bad address; a
--- locale the templates do not have means the default (ru), as for a profile
--- without one: the family still gets the mail.
-CREATE OR REPLACE FUNCTION reactor.email_profile(
-    source text, profile public.profiles, template text, variables jsonb, priority integer)
-RETURNS bigint
-LANGUAGE plpgsql SET search_path = '' AS $$
-BEGIN
-    IF profile.id IS NULL THEN
-        RETURN reactor.enqueue_or_refuse(source, 'email_queue',
+-- A mail to a profile, for a trigger or a cron job. A missing profile or one
+-- without an address is a problem like any other bad address; a locale the
+-- templates do not have means the default (ru), as for a profile without one:
+-- the family still gets the mail ('EN', 'en-US' are en).
+CREATE OR REPLACE FUNCTION reactor.profile_email_task(
+    profile public.profiles, template text, variables jsonb, priority integer)
+RETURNS reactor.task
+LANGUAGE sql STABLE SET search_path = '' AS $$
+    SELECT CASE
+        WHEN profile.id IS NULL THEN
             ROW(jsonb_build_object('template', template, 'variables', variables),
-                'no profile for this user')::reactor.task);
-    END IF;
-    RETURN reactor.enqueue_or_refuse(source, 'email_queue', reactor.email_task(
-        profile.email, NULL, template, variables, priority,
-        CASE WHEN profile.locale IN ('ru', 'en') THEN profile.locale ELSE 'ru' END));
-END
+                'no profile for this user')::reactor.task
+        ELSE reactor.email_task(
+            profile.email, NULL, template, variables, priority,
+            CASE lower(split_part(replace(profile.locale, '_', '-'), '-', 1))
+                WHEN 'en' THEN 'en' ELSE 'ru' END)
+    END
+$$;
+
+-- A task whose message could not even be built (a value JSON cannot hold, a
+-- date out of range): refused with the reason, like a bad one.
+CREATE OR REPLACE FUNCTION reactor.unbuilt(reason text)
+RETURNS reactor.task
+LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
+    SELECT ROW(NULL, 'the message could not be built: '
+                     || coalesce(reason, 'unknown error'))::reactor.task
+$$;
+
+-- Seconds between two times, NULL where either is missing or infinite.
+CREATE OR REPLACE FUNCTION reactor.seconds_between(earlier timestamptz, later timestamptz)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE SET search_path = '' AS $$
+    SELECT CASE WHEN isfinite(earlier) AND isfinite(later)
+                THEN extract(epoch FROM later - earlier)::bigint END
 $$;
 
 -- The public helpers: the same checks and messages as before, now from the tasks.
@@ -229,27 +246,41 @@ LANGUAGE sql SECURITY DEFINER SET search_path = '' AS $$
                                queue_analytics_event.properties))
 $$;
 
--- The triggers (as in 032 and 040), through enqueue_or_refuse.
+-- The triggers (as in 032 and 040). Each first builds its messages in a block
+-- that writes nothing (so it takes no transaction id: a 10,000-row import still
+-- uses one), catching what cannot be built; then queues each through
+-- enqueue_or_refuse, outside the block.
 
 CREATE OR REPLACE FUNCTION public.handle_completed_checkup() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     p public.profiles%ROWTYPE;
-    source text := 'handle_completed_checkup() for assessment ' || NEW.id;
+    source text := 'handle_completed_checkup() for assessment ' || coalesce(NEW.id::text, '?');
+    report reactor.task;
+    mail reactor.task;
+    event reactor.task;
+    unbuilt reactor.task;
 BEGIN
     -- Only the transition counts: re-saving a completed checkup does nothing.
     IF TG_OP = 'UPDATE' AND OLD.status = 'completed' THEN
         RETURN NEW;
     END IF;
     SELECT * INTO p FROM public.profiles WHERE id = NEW.user_id;
-    PERFORM reactor.enqueue_or_refuse(source, 'report_generation_queue',
-        reactor.report_task(NEW.id, NEW.user_id, 'pdf'));
-    PERFORM reactor.email_profile(source, p, 'checkup_completed',
-        jsonb_build_object('full_name', p.full_name, 'assessment_id', NEW.id), 3);
-    PERFORM reactor.enqueue_or_refuse(source, 'analytics_queue', reactor.analytics_task(
-        'checkup_completed', NEW.user_id,
-        jsonb_build_object('assessment_id', NEW.id,
-                           'duration_s', extract(epoch FROM NEW.completed_at - NEW.created_at)::bigint)));
+    BEGIN
+        report := reactor.report_task(NEW.id, NEW.user_id, 'pdf');
+        event := reactor.analytics_task('checkup_completed', NEW.user_id,
+            jsonb_build_object('assessment_id', NEW.id,
+                               'duration_s', reactor.seconds_between(NEW.created_at,
+                                                                     NEW.completed_at)));
+        -- Last: the family's own text is what may not fit in a message.
+        mail := reactor.profile_email_task(p, 'checkup_completed',
+            jsonb_build_object('full_name', p.full_name, 'assessment_id', NEW.id), 3);
+    EXCEPTION WHEN OTHERS THEN
+        unbuilt := reactor.unbuilt(SQLERRM);
+    END;
+    PERFORM reactor.enqueue_or_refuse(source, 'report_generation_queue', coalesce(report, unbuilt));
+    PERFORM reactor.enqueue_or_refuse(source, 'email_queue', coalesce(mail, unbuilt));
+    PERFORM reactor.enqueue_or_refuse(source, 'analytics_queue', coalesce(event, unbuilt));
     RETURN NEW;
 END
 $$;
@@ -258,117 +289,200 @@ CREATE OR REPLACE FUNCTION public.handle_new_appointment() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     p public.profiles%ROWTYPE;
-    source text := 'handle_new_appointment() for appointment ' || NEW.id;
+    source text := 'handle_new_appointment() for appointment ' || coalesce(NEW.id::text, '?');
+    mail reactor.task;
+    event reactor.task;
+    unbuilt reactor.task;
 BEGIN
     SELECT * INTO p FROM public.profiles WHERE id = NEW.user_id;
-    PERFORM reactor.email_profile(source, p, 'appointment_confirmation',
-        reactor.appointment_email_variables(p.full_name, NEW.specialist_name, NEW.scheduled_at,
-                                            NEW.duration_minutes, NEW.id), 5);
-    PERFORM reactor.enqueue_or_refuse(source, 'analytics_queue', reactor.analytics_task(
-        'appointment_created', NEW.user_id, jsonb_build_object('appointment_id', NEW.id)));
+    BEGIN
+        event := reactor.analytics_task('appointment_created', NEW.user_id,
+            jsonb_build_object('appointment_id', NEW.id));
+        -- Last: the family's own text is what may not fit in a message.
+        mail := reactor.profile_email_task(p, 'appointment_confirmation',
+            reactor.appointment_email_variables(p.full_name, NEW.specialist_name,
+                                                NEW.scheduled_at, NEW.duration_minutes, NEW.id),
+            5);
+    EXCEPTION WHEN OTHERS THEN
+        unbuilt := reactor.unbuilt(SQLERRM);
+    END;
+    PERFORM reactor.enqueue_or_refuse(source, 'email_queue', coalesce(mail, unbuilt));
+    PERFORM reactor.enqueue_or_refuse(source, 'analytics_queue', coalesce(event, unbuilt));
     RETURN NEW;
 END
 $$;
 
--- Completed: receipt + consultation paid; failed: notice. The consultation is
--- marked paid whatever happens to the mail.
+-- Completed: receipt + consultation paid; failed: notice. Nothing about the
+-- mail can stop the payment or the consultation's update from committing.
 CREATE OR REPLACE FUNCTION public.handle_payment_status_change() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     p public.profiles%ROWTYPE;
     a public.appointments%ROWTYPE;
-    source text := 'handle_payment_status_change() for payment ' || NEW.id;
+    source text := 'handle_payment_status_change() for payment ' || coalesce(NEW.id::text, '?');
+    mail reactor.task;
+    event reactor.task;
+    unbuilt reactor.task;
 BEGIN
     SELECT * INTO p FROM public.profiles WHERE id = NEW.user_id;
     IF NEW.appointment_id IS NOT NULL THEN
         SELECT * INTO a FROM public.appointments WHERE id = NEW.appointment_id;
     END IF;
-
-    IF NEW.status = 'completed' THEN
-        IF a.id IS NOT NULL THEN
-            UPDATE public.appointments
-               SET paid_at = coalesce(paid_at, now()),
-                   status = CASE WHEN status = 'pending_payment' THEN 'scheduled' ELSE status END
-             WHERE id = a.id;
-        END IF;
-        PERFORM reactor.email_profile(source, p, 'payment_confirmation',
-            jsonb_build_object('full_name', p.full_name, 'amount', NEW.amount,
-                               'currency', NEW.currency, 'appointment_id', NEW.appointment_id,
-                               'scheduled_at', a.scheduled_at), 7);
-    ELSIF NEW.status = 'failed' THEN
-        PERFORM reactor.email_profile(source, p, 'payment_failed',
-            jsonb_build_object('full_name', p.full_name, 'amount', NEW.amount,
-                               'currency', NEW.currency, 'appointment_id', NEW.appointment_id), 7);
+    IF NEW.status = 'completed' AND a.id IS NOT NULL THEN
+        UPDATE public.appointments
+           SET paid_at = coalesce(paid_at, now()),
+               status = CASE WHEN status = 'pending_payment' THEN 'scheduled' ELSE status END
+         WHERE id = a.id;
     END IF;
-    PERFORM reactor.enqueue_or_refuse(source, 'analytics_queue', reactor.analytics_task(
-        'payment_' || NEW.status, NEW.user_id,
-        jsonb_build_object('payment_id', NEW.id, 'amount', NEW.amount, 'currency', NEW.currency,
-                           'previous_status', OLD.status)));
+    BEGIN
+        event := reactor.analytics_task('payment_' || NEW.status, NEW.user_id,
+            jsonb_build_object('payment_id', NEW.id, 'amount', NEW.amount,
+                               'currency', NEW.currency, 'previous_status', OLD.status));
+        -- Last: the family's own text is what may not fit in a message.
+        IF NEW.status = 'completed' THEN
+            mail := reactor.profile_email_task(p, 'payment_confirmation',
+                jsonb_build_object('full_name', p.full_name, 'amount', NEW.amount,
+                                   'currency', NEW.currency, 'appointment_id', NEW.appointment_id,
+                                   'scheduled_at', a.scheduled_at), 7);
+        ELSIF NEW.status = 'failed' THEN
+            mail := reactor.profile_email_task(p, 'payment_failed',
+                jsonb_build_object('full_name', p.full_name, 'amount', NEW.amount,
+                                   'currency', NEW.currency, 'appointment_id', NEW.appointment_id),
+                7);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        unbuilt := reactor.unbuilt(SQLERRM);
+    END;
+    IF NEW.status IN ('completed', 'failed') THEN
+        PERFORM reactor.enqueue_or_refuse(source, 'email_queue', coalesce(mail, unbuilt));
+    END IF;
+    PERFORM reactor.enqueue_or_refuse(source, 'analytics_queue', coalesce(event, unbuilt));
     RETURN NEW;
 END
 $$;
 
--- The cron jobs (as in 030 and 040).
+-- The cron jobs (as in 030 and 040). One family's row never stops a run for
+-- the others: each runs set-based, as before, and only if that fails (an
+-- app's own trigger refuses one row, a lock wait times out) goes row by row,
+-- each row in its own subtransaction, re-checking the row's state (a row
+-- the app changed meanwhile is left as the app left it). A row that still
+-- fails is recorded in reactor.refusals and tried again at the next run.
 
--- Each reminder is claimed and queued (or refused and recorded) on its own:
--- one family's bad address no longer stops the run for everyone after it.
--- The counts are of reminders queued; a refused one is claimed all the same
--- (exactly once: it is not tried again every hour) and sits in the DLQ.
+-- One reminder of a claimed consultation: built (nothing written, so no
+-- transaction id) and queued, or refused and recorded.
+CREATE OR REPLACE FUNCTION reactor.queue_reminder(a public.appointments, template text,
+                                                  priority integer)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+    p public.profiles%ROWTYPE;
+    mail reactor.task;
+BEGIN
+    SELECT * INTO p FROM public.profiles WHERE id = a.user_id;
+    BEGIN
+        mail := reactor.profile_email_task(p, template,
+            reactor.appointment_email_variables(p.full_name, a.specialist_name, a.scheduled_at,
+                                                a.duration_minutes, a.id), priority);
+    EXCEPTION WHEN OTHERS THEN
+        mail := reactor.unbuilt(SQLERRM);
+    END;
+    RETURN reactor.enqueue_or_refuse(
+        'send_appointment_reminders() for appointment ' || coalesce(a.id::text, '?'),
+        'email_queue', mail);
+END
+$$;
+
+-- Each reminder exactly once: claimed (reminder_*_sent_at) and queued, or
+-- refused and recorded (claimed all the same, so not refused again every
+-- hour). The counts are of reminders queued.
 CREATE OR REPLACE FUNCTION public.send_appointment_reminders(
     OUT reminders_24h integer, OUT reminders_1h integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     r record;
-    p public.profiles%ROWTYPE;
+    a public.appointments%ROWTYPE;
 BEGIN
     reminders_24h := 0;
     reminders_1h := 0;
+    BEGIN
+        FOR a IN
+            UPDATE public.appointments
+               SET reminder_24h_sent_at = now()
+             WHERE status = 'scheduled'
+               AND reminder_24h_sent_at IS NULL
+               AND scheduled_at >  now() + interval '1 hour'
+               AND scheduled_at <= now() + interval '24 hours'
+            RETURNING *
+        LOOP
+            IF reactor.queue_reminder(a, 'appointment_reminder_24h', 5) IS NOT NULL THEN
+                reminders_24h := reminders_24h + 1;
+            END IF;
+        END LOOP;
+        FOR a IN
+            UPDATE public.appointments
+               SET reminder_1h_sent_at = now()
+             WHERE status = 'scheduled'
+               AND reminder_1h_sent_at IS NULL
+               AND scheduled_at >  now()
+               AND scheduled_at <= now() + interval '1 hour'
+            RETURNING *
+        LOOP
+            IF reactor.queue_reminder(a, 'appointment_reminder_1h', 8) IS NOT NULL THEN
+                reminders_1h := reminders_1h + 1;
+            END IF;
+        END LOOP;
+        RETURN;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE LOG 'reactor: send_appointment_reminders() goes row by row: %', SQLERRM;
+    END;
 
+    reminders_24h := 0;
+    reminders_1h := 0;
     FOR r IN
-        UPDATE public.appointments a
-           SET reminder_24h_sent_at = now()
-         WHERE a.status = 'scheduled'
-           AND a.reminder_24h_sent_at IS NULL
-           AND a.scheduled_at >  now() + interval '1 hour'
-           AND a.scheduled_at <= now() + interval '24 hours'
-        RETURNING a.*
+        SELECT id, scheduled_at > now() + interval '1 hour' AS tomorrow
+          FROM public.appointments
+         WHERE status = 'scheduled'
+           AND ((reminder_24h_sent_at IS NULL AND scheduled_at > now() + interval '1 hour'
+                 AND scheduled_at <= now() + interval '24 hours')
+             OR (reminder_1h_sent_at IS NULL AND scheduled_at > now()
+                 AND scheduled_at <= now() + interval '1 hour'))
     LOOP
-        SELECT * INTO p FROM public.profiles WHERE id = r.user_id;
-        IF reactor.email_profile('send_appointment_reminders() for appointment ' || r.id, p,
-               'appointment_reminder_24h',
-               reactor.appointment_email_variables(p.full_name, r.specialist_name,
-                                                   r.scheduled_at, r.duration_minutes, r.id),
-               5) IS NOT NULL THEN
-            reminders_24h := reminders_24h + 1;
-        END IF;
-    END LOOP;
-
-    FOR r IN
-        UPDATE public.appointments a
-           SET reminder_1h_sent_at = now()
-         WHERE a.status = 'scheduled'
-           AND a.reminder_1h_sent_at IS NULL
-           AND a.scheduled_at >  now()
-           AND a.scheduled_at <= now() + interval '1 hour'
-        RETURNING a.*
-    LOOP
-        SELECT * INTO p FROM public.profiles WHERE id = r.user_id;
-        IF reactor.email_profile('send_appointment_reminders() for appointment ' || r.id, p,
-               'appointment_reminder_1h',
-               reactor.appointment_email_variables(p.full_name, r.specialist_name,
-                                                   r.scheduled_at, r.duration_minutes, r.id),
-               8) IS NOT NULL THEN
-            reminders_1h := reminders_1h + 1;
-        END IF;
+        BEGIN
+            IF r.tomorrow THEN
+                UPDATE public.appointments
+                   SET reminder_24h_sent_at = now()
+                 WHERE id = r.id AND status = 'scheduled' AND reminder_24h_sent_at IS NULL
+                   AND scheduled_at > now() + interval '1 hour'
+                   AND scheduled_at <= now() + interval '24 hours'
+                RETURNING * INTO a;
+                IF FOUND AND reactor.queue_reminder(a, 'appointment_reminder_24h', 5) IS NOT NULL
+                THEN
+                    reminders_24h := reminders_24h + 1;
+                END IF;
+            ELSE
+                UPDATE public.appointments
+                   SET reminder_1h_sent_at = now()
+                 WHERE id = r.id AND status = 'scheduled' AND reminder_1h_sent_at IS NULL
+                   AND scheduled_at > now() AND scheduled_at <= now() + interval '1 hour'
+                RETURNING * INTO a;
+                IF FOUND AND reactor.queue_reminder(a, 'appointment_reminder_1h', 8) IS NOT NULL
+                THEN
+                    reminders_1h := reminders_1h + 1;
+                END IF;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            INSERT INTO reactor.refusals (source, reason)
+            VALUES ('send_appointment_reminders() for appointment ' || r.id,
+                    'could not claim the reminder: ' || SQLERRM);
+            RAISE LOG 'reactor: send_appointment_reminders() skipped appointment %: %',
+                r.id, SQLERRM;
+        END;
     END LOOP;
 END
 $$;
 
--- The status updates run set-based, as before. If that fails (an app's own
--- trigger on appointments refuses one row, a lock wait times out) they go
--- row by row, so one row cannot hold back the others; a row that still fails
--- is recorded in reactor.refusals and tried again at the next run. The
--- subtransactions are opened only on that slow path.
+-- "Ended" is written as scheduled_at <= now() - duration: the same instant as
+-- scheduled_at + duration <= now(), without overflowing on a far-future date.
 CREATE OR REPLACE FUNCTION public.update_appointment_statuses(
     OUT started integer, OUT completed integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
@@ -379,7 +493,7 @@ BEGIN
         UPDATE public.appointments
            SET status = 'completed'
          WHERE status IN ('scheduled', 'in_progress')
-           AND scheduled_at + make_interval(mins => duration_minutes) <= now();
+           AND scheduled_at <= now() - make_interval(mins => duration_minutes);
         GET DIAGNOSTICS completed = ROW_COUNT;
 
         UPDATE public.appointments
@@ -395,24 +509,28 @@ BEGIN
     started := 0;
     completed := 0;
     FOR r IN
-        SELECT id, CASE WHEN scheduled_at + make_interval(mins => duration_minutes) <= now()
-                        THEN 'completed' ELSE 'in_progress' END AS next_status
-          FROM public.appointments
-         WHERE (status IN ('scheduled', 'in_progress')
-                AND scheduled_at + make_interval(mins => duration_minutes) <= now())
-            OR (status = 'scheduled' AND scheduled_at <= now())
+        SELECT id FROM public.appointments
+         WHERE status IN ('scheduled', 'in_progress') AND scheduled_at <= now()
     LOOP
         BEGIN
-            UPDATE public.appointments SET status = r.next_status WHERE id = r.id;
-            IF r.next_status = 'completed' THEN
+            UPDATE public.appointments
+               SET status = 'completed'
+             WHERE id = r.id AND status IN ('scheduled', 'in_progress')
+               AND scheduled_at <= now() - make_interval(mins => duration_minutes);
+            IF FOUND THEN
                 completed := completed + 1;
             ELSE
-                started := started + 1;
+                UPDATE public.appointments
+                   SET status = 'in_progress'
+                 WHERE id = r.id AND status = 'scheduled' AND scheduled_at <= now();
+                IF FOUND THEN
+                    started := started + 1;
+                END IF;
             END IF;
         EXCEPTION WHEN OTHERS THEN
             INSERT INTO reactor.refusals (source, reason)
             VALUES ('update_appointment_statuses() for appointment ' || r.id,
-                    format('could not set status %s: %s', r.next_status, SQLERRM));
+                    'could not update its status: ' || SQLERRM);
             RAISE LOG 'reactor: update_appointment_statuses() skipped appointment %: %',
                 r.id, SQLERRM;
         END;
@@ -444,8 +562,11 @@ BEGIN
          WHERE status = 'in_progress' AND created_at < now() - older_than
     LOOP
         BEGIN
-            UPDATE public.assessments SET status = 'abandoned' WHERE id = r.id;
-            n := n + 1;
+            UPDATE public.assessments SET status = 'abandoned'
+             WHERE id = r.id AND status = 'in_progress' AND created_at < now() - older_than;
+            IF FOUND THEN
+                n := n + 1;
+            END IF;
         EXCEPTION WHEN OTHERS THEN
             INSERT INTO reactor.refusals (source, reason)
             VALUES ('cleanup_old_assessments() for assessment ' || r.id,

@@ -209,3 +209,76 @@ def test_a_checkup_the_app_refuses_holds_back_no_other_cleanup(db: psycopg.Conne
     assert rows == {stuck: "in_progress", stale: "abandoned"}
     assert db.execute("SELECT source FROM reactor.refusals").fetchall() == [
         (f"cleanup_old_assessments() for assessment {stuck}",)]
+
+
+def test_a_far_future_consultation_holds_back_no_status_update(db: psycopg.Connection) -> None:
+    """scheduled_at + duration would overflow near the end of the timestamp range."""
+    user = f.profile(db)
+    ended = f.appointment(db, user, starts_in=-timedelta(days=1))
+    far = db.execute("INSERT INTO public.appointments (user_id, specialist_name, scheduled_at, "
+                     "status) VALUES (%s, 'Dr', '294276-12-31 23:30:00+00', 'scheduled') "
+                     "RETURNING id", (user,)).fetchone()
+    assert far is not None
+    assert db.execute("SELECT * FROM public.update_appointment_statuses()").fetchone() == (0, 1)
+    assert status_of(db, ended) == "completed"
+    assert status_of(db, far[0]) == "scheduled"
+
+
+def test_a_reminder_the_app_refuses_holds_back_no_other_reminder(
+        db: psycopg.Connection) -> None:
+    user = f.profile(db)
+    stuck = f.appointment(db, user, starts_in=timedelta(hours=20))
+    other = f.appointment(db, user, starts_in=timedelta(hours=21))
+    soon = f.appointment(db, user, starts_in=timedelta(minutes=30))
+    db.execute(REFUSE_ONE_ROW.replace("{table}", "appointments").replace("%s", f"'{stuck}'"))
+
+    assert db.execute("SELECT * FROM public.send_appointment_reminders()").fetchone() == (1, 1)
+
+    assert sorted(reminders(db)) == sorted([("appointment_reminder_24h", str(other)),
+                                            ("appointment_reminder_1h", str(soon))])
+    [(source, reason)] = db.execute("SELECT source, reason FROM reactor.refusals").fetchall()
+    assert source == f"send_appointment_reminders() for appointment {stuck}"
+    assert "the app refuses this row" in reason
+
+
+def _cron_waits_for_the_apps_commit(database_url: str, app_sql: str, row: object,
+                                    cron_sql: str) -> None:
+    """The app holds an uncommitted change of `row`; the cron run (on its row-by-row
+    path) waits for that row's lock; then the app commits."""
+    with psycopg.connect(database_url) as app, \
+            psycopg.connect(database_url, autocommit=True) as cron, \
+            psycopg.connect(database_url, autocommit=True) as monitor, \
+            ThreadPoolExecutor(1) as pool:
+        app.execute(app_sql, (row,))
+        pid = cron.info.backend_pid
+        running = pool.submit(lambda: cron.execute(cron_sql).fetchone())
+        wait_until(lambda: monitor.execute(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+            (pid,)).fetchone() == (True,), what="the cron run to wait on the app's row")
+        app.commit()
+        running.result(timeout=60)
+
+
+def test_the_row_by_row_path_leaves_a_cancellation_made_meanwhile(
+        database_url: str, db: psycopg.Connection) -> None:
+    user = f.profile(db)
+    refused = f.appointment(db, user, starts_in=-timedelta(days=2))
+    cancelled = f.appointment(db, user, starts_in=-timedelta(days=1))
+    db.execute(REFUSE_ONE_ROW.replace("{table}", "appointments").replace("%s", f"'{refused}'"))
+    _cron_waits_for_the_apps_commit(
+        database_url, "UPDATE public.appointments SET status = 'cancelled' WHERE id = %s",
+        cancelled, "SELECT * FROM public.update_appointment_statuses()")
+    assert status_of(db, cancelled) == "cancelled"
+
+
+def test_the_row_by_row_path_leaves_a_checkup_completed_meanwhile(
+        database_url: str, db: psycopg.Connection) -> None:
+    user = f.profile(db)
+    refused = f.assessment(db, user, age=timedelta(days=41))
+    completed = f.assessment(db, user, age=timedelta(days=40))
+    db.execute(REFUSE_ONE_ROW.replace("{table}", "assessments").replace("%s", f"'{refused}'"))
+    _cron_waits_for_the_apps_commit(
+        database_url, "UPDATE public.assessments SET status = 'completed' WHERE id = %s",
+        completed, "SELECT public.cleanup_old_assessments()")
+    assert db.execute("SELECT status FROM public.assessments WHERE id = %s",
+                      (completed,)).fetchone() == ("completed",)

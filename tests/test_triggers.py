@@ -118,9 +118,8 @@ def test_trigger_work_is_rolled_back_with_the_app_change(db: psycopg.Connection)
     assert f.queued(db, "email_queue") == []
 
 
-def test_app_role_insert_fires_trigger_without_pgmq_rights(db: psycopg.Connection) -> None:
-    """SECURITY DEFINER triggers: an API role that may insert need not touch pgmq."""
-    user = f.profile(db)
+def book_as_an_api_role(db: psycopg.Connection, user: uuid.UUID) -> None:
+    """A booking as supabase-js makes it: an INSERT by `authenticated`, allowed by RLS."""
     db.execute("GRANT INSERT ON public.appointments TO authenticated")
     db.execute("CREATE POLICY own_insert ON public.appointments FOR INSERT TO authenticated "
                "WITH CHECK (true)")
@@ -128,6 +127,11 @@ def test_app_role_insert_fires_trigger_without_pgmq_rights(db: psycopg.Connectio
         db.execute("SET LOCAL ROLE authenticated")
         db.execute("INSERT INTO public.appointments (user_id, specialist_name, scheduled_at) "
                    "VALUES (%s, 'Dr. X', now() + interval '2 days')", (user,))
+
+
+def test_app_role_insert_fires_trigger_without_pgmq_rights(db: psycopg.Connection) -> None:
+    """SECURITY DEFINER triggers: an API role that may insert need not touch pgmq."""
+    book_as_an_api_role(db, f.profile(db))
     assert [m["template"] for m in f.queued(db, "email_queue")] == ["appointment_confirmation"]
 
 
@@ -279,3 +283,60 @@ def test_a_refused_mail_is_listed_and_replayed_like_any_dead_letter(
     assert replay_dead_letters(db, "email_queue")
     assert [m["template"] for m in f.queued(db, "email_queue")] == ["appointment_confirmation"]
     assert dead_letters(db, "email_queue") == []
+
+
+def test_a_checkup_with_infinite_times_still_completes(db: psycopg.Connection) -> None:
+    """±infinity is a valid timestamptz: the duration is then unknown, not an error."""
+    user = f.profile(db)
+    checkup = f.assessment(db, user)
+    db.execute("UPDATE public.assessments SET status = 'completed', completed_at = 'infinity' "
+               "WHERE id = %s", (checkup,))
+    db.execute("INSERT INTO public.assessments (user_id, status, created_at) "
+               "VALUES (%s, 'completed', '-infinity')", (user,))
+    assert len(f.queued(db, "report_generation_queue")) == 2
+    assert [e["properties"]["duration_s"] for e in f.queued(db, "analytics_queue")] == [
+        None, None]
+
+
+def test_a_variable_json_cannot_hold_is_refused_not_raised(db: psycopg.Connection) -> None:
+    """A full_name longer than a JSON string may be (256 MiB): the message cannot even be
+    built; the booking commits and the refusal says why."""
+    row = db.execute("INSERT INTO public.profiles (email, full_name) "
+                     "VALUES ('a@example.com', repeat('x', 268435456)) RETURNING id").fetchone()
+    assert row is not None
+    appointment = f.appointment(db, row[0], starts_in=timedelta(days=2))
+    [letter] = dead_letters(db, "email_queue")
+    assert str(letter["error"]).startswith("refused at enqueue: the message could not be built: ")
+    assert "too long" in str(letter["error"])
+    assert letter["refused_by"] == f"handle_new_appointment() for appointment {appointment}"
+    assert [e["event"] for e in f.queued(db, "analytics_queue")] == ["appointment_created"]
+
+
+def test_a_bulk_import_writes_in_one_transaction_good_or_bad_addresses(
+        db: psycopg.Connection) -> None:
+    """No subtransaction that writes, per row: every row of a 2,000-row import, its queued
+    mails, dead letters and events carry the one transaction id (many subtransaction ids
+    in one transaction would slow every other session of the database)."""
+    good, bad = f.profile(db), f.profile(db, email="not an address")
+    db.execute("INSERT INTO public.appointments (user_id, specialist_name, scheduled_at) "
+               "SELECT CASE WHEN i %% 2 = 0 THEN %s ELSE %s END::uuid, 'Dr', "
+               "       now() + interval '2 days' FROM generate_series(1, 2000) AS i",
+               (good, bad))
+    written = db.execute("""
+        SELECT count(*), count(DISTINCT xmin::text) FROM (
+            SELECT xmin FROM public.appointments UNION ALL
+            SELECT xmin FROM pgmq.q_email_queue UNION ALL
+            SELECT xmin FROM pgmq.q_email_queue_dlq UNION ALL
+            SELECT xmin FROM pgmq.q_analytics_queue) AS rows""").fetchone()
+    assert written == (6000, 1)  # 2,000 bookings and events, 1,000 mails, 1,000 refused
+    assert len(f.queued(db, "email_queue")) == 1000
+    assert len(dead_letters(db, "email_queue")) == 1000
+
+
+def test_an_api_role_booking_commits_with_the_queues_gone(db: psycopg.Connection) -> None:
+    """SECURITY DEFINER: the refusal is recorded for an `authenticated` insert too."""
+    db.execute("SELECT pgmq.drop_queue('email_queue_dlq')")
+    db.execute("SELECT pgmq.drop_queue('email_queue')")
+    book_as_an_api_role(db, f.profile(db, email="not an address"))
+    assert db.execute("SELECT queue, reason FROM reactor.refusals").fetchall() == [
+        ("email_queue", '"to" is not a valid email address')]
