@@ -28,11 +28,12 @@ test-fast: install system-deps
 ## (docs/operations.md, "The container image"). Skips where podman cannot run.
 test-container: install
 	WITH_CONTAINER=1 scripts/install-system-deps
-	$(BIN)/pytest -m container tests/test_container.py
+	$(BIN)/pytest -m container tests/system/test_container.py
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/hadolint deploy/Dockerfile
 
 ## The whole system on this machine with demo data: mails, a PDF, live events.

@@ -35,14 +35,15 @@ import trio
 
 from bench import mail, peers, profile, resources
 from bench.common import MissingDependency
-from reactor import queues
-from reactor.config import load_settings
-from reactor.core.app import Reactor
-from reactor.logs import configure_logging
-from reactor.migrate import migrate
-from reactor.pgcluster import PgCluster, free_port
-from reactor.processors.analytics import AnalyticsProcessor
-from reactor.processors.base import Job, MessageModel, Processor
+from reactor.clinic.analytics import AnalyticsProcessor
+from reactor.clinic.app import build
+from reactor.clinic.schema import migrate
+from reactor.clinic.settings import load_settings
+from reactor.engine import queues
+from reactor.engine.logs import configure_logging
+from reactor.engine.pgcluster import PgCluster, free_port
+from reactor.engine.processor import Job, MessageModel, Processor
+from reactor.engine.runtime import Reactor
 
 Result = dict[str, Any]
 
@@ -89,9 +90,10 @@ class CountingAnalytics(Counted, AnalyticsProcessor):
         self.tick()
 
 
-def settings(url: str, **env: Any) -> Any:
-    return load_settings(_env_file=None, DATABASE_URL=url, WORKER_INTERVAL_MS=60_000,
-                         LOG_LEVEL="warning", **env)
+def app(url: str, **env: Any) -> Any:
+    """The clinic app on these settings (the benchmarks drain their own processors)."""
+    return build(load_settings(_env_file=None, DATABASE_URL=url, WORKER_INTERVAL_MS=60_000,
+                               LOG_LEVEL="warning", **env))
 
 
 def reset(url: str) -> None:
@@ -121,7 +123,7 @@ def throughput(url: str, processor: type[NoopProcessor | CountingAnalytics], n: 
 
     async def main() -> float:
         processor.expect(n)
-        reactor = Reactor(settings(url, **env), processors={processor.queue: processor})
+        reactor = Reactor(app(url, **env), processors={processor.queue: processor})
         async with trio.open_nursery() as nursery:
             t0 = time.perf_counter()
             await nursery.start(partial(reactor.run, handle_signals=False))
@@ -188,7 +190,7 @@ def feed_load(url: str, n: int = 10_000) -> Result:
         async def main(clients: int = clients, feed_port: int = feed_port) -> float:
             nonlocal proc
             NoopProcessor.expect(n)
-            reactor = Reactor(settings(url, FEED_PORT=feed_port, METRICS_PORT=0),
+            reactor = Reactor(app(url, FEED_PORT=feed_port, METRICS_PORT=0),
                               processors={NoopProcessor.queue: NoopProcessor})
             reactor.drainers[NoopProcessor.queue]._wake_pending = False  # wait for the clients
             async with trio.open_nursery() as nursery:

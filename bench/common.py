@@ -1,6 +1,6 @@
 """What every scenario shares: the bench cluster's queues, filling them, statistics.
 
-The bench database is a throwaway cluster (reactor.pgcluster, fsync on), so
+The bench database is a throwaway cluster (reactor.engine.pgcluster, fsync on), so
 the SQL here is bench-only set-up and measurement, not the product's SQL.
 """
 

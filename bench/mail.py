@@ -51,10 +51,11 @@ def _sent(url: str) -> int:
 
 def _drain(url: str, port: int, pool: int, n: int) -> float:
     """Run the reactor's email queue until n mails are done; seconds taken."""
-    from reactor.config import load_settings
-    from reactor.core.app import Reactor
-    from reactor.processors.base import Job
-    from reactor.processors.email import EmailProcessor
+    from reactor.clinic.app import build
+    from reactor.clinic.email import EmailProcessor
+    from reactor.clinic.settings import load_settings
+    from reactor.engine.processor import Job
+    from reactor.engine.runtime import Reactor
 
     class CountingEmail(EmailProcessor):
         count: ClassVar[int] = 0
@@ -75,7 +76,7 @@ def _drain(url: str, port: int, pool: int, n: int) -> float:
 
     async def main() -> float:
         CountingEmail.count, CountingEmail.done = 0, trio.Event()
-        reactor = Reactor(settings, processors={"email_queue": CountingEmail})
+        reactor = Reactor(build(settings), processors={"email_queue": CountingEmail})
         async with trio.open_nursery() as nursery:
             t0 = time.perf_counter()
             await nursery.start(partial(reactor.run, handle_signals=False))

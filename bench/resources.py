@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.common import Child, Result, fill_pgmq, pct, reset_pgmq
-from reactor.pgcluster import free_port
+from reactor.engine.pgcluster import free_port
 
 __all__ = ["idle_cpu", "memory", "pdf"]
 
@@ -24,7 +24,7 @@ __all__ = ["idle_cpu", "memory", "pdf"]
 # -- PDF -----------------------------------------------------------------------------------
 def _reports() -> tuple[object, object]:
     """The standard report, and the worst one the report processor accepts."""
-    from reactor.processors.reports import (
+    from reactor.clinic.reports import (
         MAX_DOMAIN_CHARS,
         MAX_RECOMMENDATIONS,
         MAX_RESULTS_BYTES,
@@ -32,7 +32,7 @@ def _reports() -> tuple[object, object]:
         MAX_TEXT_CHARS,
         check_report_size,
     )
-    from reactor.services.pdf import ReportData, Score
+    from reactor.clinic.services.pdf import ReportData, Score
 
     standard = ReportData("a1", "Маша Петрова", "Анна Петрова", datetime.now(UTC), [
         Score("Эмоциональное состояние", 12, 20, "moderate"), Score("Поведение", 6, 20, "low"),
@@ -40,7 +40,7 @@ def _reports() -> tuple[object, object]:
         "Маша в целом хорошо справляется; стоит обратить внимание на концентрацию.",
         ["Обсудить со специалистом трудности с концентрацией.", "Режим сна и прогулки."])
 
-    # Every limit of reactor.processors.reports at its maximum. Time grows with the
+    # Every limit of reactor.clinic.reports at its maximum. Time grows with the
     # characters per line (the line breaker measures the line so far after each one), so
     # the text is of narrow Latin letters; Cyrillic at every limit would be over the
     # 64 KiB cap on the results (two bytes a letter) and refused.
@@ -67,8 +67,8 @@ def _reports() -> tuple[object, object]:
 def pdf(url: str, runs: int = 50) -> list[Result]:
     """Median render time of the standard report and of the worst accepted one."""
     del url
-    from reactor.paths import TEMPLATES_DIR
-    from reactor.services.pdf import find_fonts, prepare_fonts, render_report
+    from reactor.clinic.resources import TEMPLATES_DIR
+    from reactor.clinic.services.pdf import find_fonts, prepare_fonts, render_report
 
     fonts = prepare_fonts(find_fonts(Path("/usr/share/fonts/truetype/dejavu")),
                           Path(tempfile.gettempdir()) / "reactor-fonts")

@@ -37,14 +37,15 @@ def say(*fields: object) -> None:
 
 
 # -- the reactor -------------------------------------------------------------------------
-def reactor_settings(url: str, extra: dict[str, str]) -> Any:
+def reactor_app(url: str, extra: dict[str, str]) -> Any:
     """Defaults (LOG_LEVEL=info included), except: no HTTP/feed ports to collide on,
     fallback poll 60 s."""
-    from reactor.config import load_settings
+    from reactor.clinic.app import build
+    from reactor.clinic.settings import load_settings
 
     env: dict[str, Any] = {"DATABASE_URL": url, "WORKER_INTERVAL_MS": 60_000,
                            "FEED_PORT": 0, "METRICS_PORT": 0}
-    return load_settings(_env_file=None, **(env | extra))
+    return build(load_settings(_env_file=None, **(env | extra)))
 
 
 def reactor_runner(url: str, target: int, extra: dict[str, str], *,
@@ -56,9 +57,9 @@ def reactor_runner(url: str, target: int, extra: dict[str, str], *,
     on_job(msg_id, count) is called at the start of every job; at each count in
     marks the process prints `RSS <count> <KiB>`.
     """
-    from reactor.core.app import Reactor
-    from reactor.logs import configure_logging
-    from reactor.processors.base import Job, MessageModel, Processor
+    from reactor.engine.logs import configure_logging
+    from reactor.engine.processor import Job, MessageModel, Processor
+    from reactor.engine.runtime import Reactor
 
     class AnyMessage(MessageModel):
         pass
@@ -83,12 +84,12 @@ def reactor_runner(url: str, target: int, extra: dict[str, str], *,
                 cls.done.set()
 
     Noop.concurrency = concurrency
-    settings = reactor_settings(url, extra)
-    configure_logging(settings.log_level, "json")  # as `reactor run` does
+    app = reactor_app(url, extra)
+    configure_logging(app.settings.log_level, "json")  # as `reactor run` does
 
     async def main() -> None:
         Noop.done = trio.Event()
-        reactor = Reactor(settings, processors={QUEUE: Noop})
+        reactor = Reactor(app, processors={QUEUE: Noop})
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(reactor.run, handle_signals=False))
             await Noop.done.wait()
@@ -107,7 +108,7 @@ def count_calls() -> Callable[[], dict[str, int]]:
 
     import psycopg
 
-    from reactor.core.events import EventBus
+    from reactor.engine.events import EventBus
 
     counts = {"thread_hops": 0, "statements": 0, "events": 0, "statement_us": 0}
 

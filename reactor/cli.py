@@ -17,13 +17,17 @@ import psycopg
 import structlog
 import trio
 
-from reactor import queues
-from reactor.config import QUEUES, ConfigError, Settings, load_settings
-from reactor.db import connect_sync, describe_db_error
-from reactor.logs import configure_logging, mask_emails_in
-from reactor.migrate import MigrationError, migrate
+from reactor.engine import queues
+from reactor.engine.app import App, load_app
+from reactor.engine.db import connect_sync, describe_db_error
+from reactor.engine.logs import configure_logging, mask_emails_in
+from reactor.engine.migrate import MigrationError, migrate
+from reactor.engine.settings import ConfigError, EngineSettings, load_feed_client_settings
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_APP", "main"]
+
+# The app `reactor` commands are about unless --app names another.
+DEFAULT_APP = "reactor.clinic.app:build"
 
 
 class CliError(Exception):
@@ -34,27 +38,31 @@ class CliError(Exception):
         self.code = code
 
 
-def _settings() -> Settings:
+def _app(args: argparse.Namespace) -> App:
+    """The app the command is about (--app, default the clinic), with its settings."""
     try:
-        return load_settings()
+        return load_app(args.app)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
 
 
-def _with_db(settings: Settings, fn: Callable[[psycopg.Connection], Any]) -> Any:
+def _with_db(settings: EngineSettings, fn: Callable[[psycopg.Connection], Any]) -> Any:
     try:
         with connect_sync(settings.database_url, "reactor cli") as conn:
             return fn(conn)
     except psycopg.OperationalError as exc:
         raise CliError(f"cannot reach the database: {describe_db_error(exc)} "
                        "(check DATABASE_URL and that Postgres is running)") from None
+    except psycopg.Error as exc:
+        raise CliError(f"the database refused it: {describe_db_error(exc)} (is it migrated? "
+                       "run `reactor migrate`)") from None
 
 
 # -- commands ------------------------------------------------------------------------
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = _settings()
+    app = _app(args)
     try:
-        report = migrate(settings.database_url)
+        report = migrate(app.settings.database_url, app.migrations, pg_cron=app.pg_cron)
     except MigrationError as exc:
         raise CliError(str(exc)) from None
     except psycopg.OperationalError as exc:
@@ -70,14 +78,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reactor.core.app import Reactor, SchemaNotReady
-    from reactor.startup import DatabaseRefused, raise_open_files_limit
+    from reactor.engine.runtime import Reactor, SchemaNotReady
+    from reactor.engine.startup import DatabaseRefused, raise_open_files_limit
 
-    settings = _settings()
+    app = _app(args)
+    settings = app.settings
     configure_logging(settings.log_level, settings.log_format_effective)
     raise_open_files_limit()
     try:
-        reactor = Reactor(settings, freeze_heap=True)
+        reactor = Reactor(app, freeze_heap=True)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
     def report_ports(event: Any) -> None:
@@ -89,14 +98,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     reactor.bus.sinks.append(report_ports)
     try:
         trio.run(reactor.run)
-    except* (SchemaNotReady, DatabaseRefused) as group:
+    except* (SchemaNotReady, DatabaseRefused, MigrationError) as group:
         raise CliError(str(group.exceptions[0]), 2) from None
     return 0
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    settings = _settings()
-    queue = _queue(args.queue)
+    app = _app(args)
+    settings = app.settings
+    queue = _queue(app, args.queue)
     try:
         message = json.loads(args.json)
     except json.JSONDecodeError as exc:
@@ -111,8 +121,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 def cmd_dlq(args: argparse.Namespace) -> int:
     """Dead letters. Two ids, never confused: `msg` is the original message's id (what
     events, logs and the dashboard show), `dlq` the dead letter's own id in <queue>_dlq."""
-    settings = _settings()
-    queue = _queue(args.queue)
+    app = _app(args)
+    settings = app.settings
+    queue = _queue(app, args.queue)
     if args.action == "list":
         letters = _with_db(settings, lambda c: queues.peek(c, queues.dlq_name(queue),
                                                            limit=args.limit))
@@ -175,9 +186,9 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from reactor.status import cron_status, queue_status
+    from reactor.engine.status import cron_status, queue_status
 
-    settings = _settings()
+    settings = _app(args).settings
     queue_rows, cron = _with_db(settings, lambda c: (queue_status(c), cron_status(c)))
     if args.json:
         print(json.dumps({"queues": [{k: v for k, v in q.as_dict().items() if k != "throughput"}
@@ -186,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     # done = finished successfully; dead = dead-lettered (never counted as done);
     # retrying = failed at least once and waiting for another try; dlq = dead letters waiting.
-    width = max(26, *(len(q.queue) for q in queue_rows))
+    width = max([26, *(len(q.queue) for q in queue_rows)])
     print(f"{'queue':<{width}} {'depth':>6} {'retrying':>8} {'oldest':>7} {'done 1h':>8} "
           f"{'dead 1h':>8} {'done 24h':>9} {'dead 24h':>9} {'dlq':>5}")
     for q in queue_rows:
@@ -209,8 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from reactor.config import load_feed_client_settings
-    from reactor.watch import feed_url, run_watch
+    from reactor.engine.watch import feed_url, run_watch
 
     try:
         feed = load_feed_client_settings()
@@ -224,9 +234,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_email(args: argparse.Namespace) -> int:
     """Resolve mails a killed worker left 'sending' (see docs/operations.md)."""
-    from reactor import queries
+    from reactor.clinic import queries
 
-    settings = _settings()
+    settings = _app(args).settings
     if args.action == "stuck":
         rows = _with_db(settings, lambda c: c.execute(
             queries.STUCK_EMAILS, {"older_than_s": args.older_than}).fetchall())
@@ -255,15 +265,16 @@ def cmd_email(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from reactor.devstack import run_dev
+    from reactor.clinic.devstack import run_dev
 
     return run_dev(Path(args.dir), args.reset)
 
 
-def _queue(name: str) -> str:
-    if name not in QUEUES:
-        raise CliError(f"unknown queue {name!r}: use one of {', '.join(QUEUES)}")
-    return name
+def _queue(app: App, name: str) -> str:
+    try:
+        return app.check_queue(name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 # -- parser --------------------------------------------------------------------------
@@ -279,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the reactor until SIGTERM/SIGINT").set_defaults(func=cmd_run)
 
     enqueue = sub.add_parser("enqueue", help="put a JSON message on a queue")
-    enqueue.add_argument("queue", help=", ".join(QUEUES))
+    enqueue.add_argument("queue", help="one of the app's queues (e.g. analytics_queue)")
     enqueue.add_argument("json", help="the message, a JSON object")
     enqueue.add_argument("--delay", type=int, default=0, help="seconds before it is visible")
     enqueue.set_defaults(func=cmd_enqueue)
@@ -319,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
     dlq.add_argument("action", choices=["list", "replay", "purge"])
-    dlq.add_argument("queue", help=", ".join(QUEUES))
+    dlq.add_argument("queue", help="one of the app's queues (e.g. email_queue)")
     dlq.add_argument("--id", type=int, metavar="DLQ_ID",
                      help="replay only the dead letter with this id (the 'dlq id' column)")
     dlq.add_argument("--msg-id", type=int, metavar="MSG_ID",
@@ -329,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--json", action="store_true", help="list as JSON lines")
     dlq.add_argument("--yes", action="store_true", help="confirm purge")
     dlq.set_defaults(func=cmd_dlq)
+    for command in sub.choices.values():  # `reactor run --app module:factory`, and so on
+        command.add_argument("--app", default=DEFAULT_APP, metavar="MODULE:FACTORY",
+                             help=f"the app (default {DEFAULT_APP})")
     return parser
 
 

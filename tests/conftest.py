@@ -27,9 +27,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from reactor.logs import configure_logging
-from reactor.migrate import migrate
-from reactor.pgcluster import PgCluster, PgClusterError, free_port
+from reactor.clinic.schema import migrate
+from reactor.engine.logs import configure_logging
+from reactor.engine.pgcluster import PgCluster, PgClusterError, free_port
 from tests.harness import read_line
 from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 

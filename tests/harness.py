@@ -28,10 +28,19 @@ import psycopg
 import trio
 from psycopg.types.json import Jsonb
 
-from reactor.config import load_settings
-from reactor.core.app import Reactor
-from reactor.core.events import Event, Subscription
-from reactor.processors.base import Job, MessageModel, PermanentError, Processor
+from reactor.clinic.app import build
+from reactor.clinic.settings import Settings, load_settings
+from reactor.engine import queries
+from reactor.engine.db import Database
+from reactor.engine.events import Event, EventBus, Subscription
+from reactor.engine.health import Health
+from reactor.engine.migrate import _ensure_pgmq as ensure_pgmq
+from reactor.engine.migrate import load_migrations
+from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
+from reactor.engine.runtime import Reactor
+
+# The checkout the tests run from (its docs/, deploy/, test-artifacts/).
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
 
@@ -83,7 +92,7 @@ def scripted_processor(*, timeout_s: float = 30.0, concurrency: int = 50,
     })
 
 
-def settings_for(url: str, **env: Any) -> Any:
+def settings_for(url: str, **env: Any) -> Settings:
     values: dict[str, Any] = {"DATABASE_URL": url, "WORKER_INTERVAL_MS": 60_000,
                               "RETRY_BASE_S": 1, "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
                               "EMAIL_PROVIDER": "file", "FEED_PORT": 0, "METRICS_PORT": 0,
@@ -92,11 +101,33 @@ def settings_for(url: str, **env: Any) -> Any:
     return load_settings(_env_file=None, **values)
 
 
+def processor_context(queue: str, db: Database, settings: Any) -> Context:
+    """What the reactor gives a processor, for a test that drives one by hand."""
+    return Context(queue=queue, db=db, bus=EventBus(), health=Health(), settings=settings)
+
+
+def migrate_like_the_last_release(url: str, directory: Path) -> None:
+    """What `reactor migrate` did before the engine had a line of its own (release
+    f6fa557): pgmq, then each file of `directory` once, locked down and recorded, one
+    transaction each; no engine line, no repeatable files."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(queries.CREATE_MIGRATIONS_TABLE)
+        ensure_pgmq(conn)
+        for migration in load_migrations(directory):
+            with conn.transaction():
+                conn.execute(queries.SNAPSHOT_OBJECTS)
+                conn.execute(migration.sql.encode())
+                conn.execute(queries.LOCK_DOWN_NEW_OBJECTS)
+                conn.execute(queries.RECORD_MIGRATION, (migration.version, migration.name,
+                                                        [migration.sql], migration.checksum))
+
+
 @asynccontextmanager
 async def running_reactor(url: str, processors: Mapping[str, type[Processor[Any]]] | None = None,
                           **env: Any) -> AsyncIterator[Reactor]:
     """A reactor in the test's nursery; stopped (gracefully) on exit."""
-    reactor = Reactor(settings_for(url, **env), processors=processors)
+    reactor = Reactor(build(settings_for(url, **env)), processors=processors)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(reactor.run, handle_signals=False))
         try:

@@ -26,8 +26,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from reactor.migrate import migrate
-from reactor.pgcluster import CRON_DATABASE, PgCluster, free_port
+from reactor.clinic.schema import migrate
+from reactor.engine.pgcluster import CRON_DATABASE, PgCluster, free_port
 
 ADMIN = "supabase_admin"
 OWNER = "postgres"                      # owns the app database, runs `reactor migrate`

@@ -1,0 +1,39 @@
+"""The clinic's composition root: every queue it drains, named once, with its
+processor; its settings, migrations and event kinds.
+
+`reactor run` loads this by default (`--app reactor.clinic.app:build`).
+"""
+
+from __future__ import annotations
+
+from reactor.clinic.analytics import AnalyticsProcessor
+from reactor.clinic.email import EmailProcessor
+from reactor.clinic.payments import PaymentProcessor
+from reactor.clinic.reports import ReportProcessor
+from reactor.clinic.resources import MIGRATIONS_DIR
+from reactor.clinic.settings import Settings, load_settings
+from reactor.engine.app import App, Queue
+
+__all__ = ["EVENT_KINDS", "QUEUES", "build"]
+
+QUEUES = (
+    # A relay conversation may take SMTP_TIMEOUT_S per command: 120 s a mail at most.
+    Queue("email_queue", EmailProcessor, concurrency=20, timeout_s=120.0),
+    # CPU-bound (rendering runs in a worker thread): two at once on a small VM.
+    Queue("report_generation_queue", ReportProcessor, concurrency=2, timeout_s=120.0),
+    Queue("payment_processing_queue", PaymentProcessor, concurrency=10, timeout_s=60.0),
+    # Each job is one INSERT: the database pool is the real limit.
+    Queue("analytics_queue", AnalyticsProcessor, concurrency=8, timeout_s=30.0),
+)
+# Published by the payment processor: the provider's word differs from our row.
+EVENT_KINDS = ("payment.mismatch",)
+
+
+def build(settings: Settings | None = None) -> App:
+    """The clinic app; its settings from the environment unless given.
+
+    Raises:
+        ConfigError: a setting is missing or wrong (one line naming the fix).
+    """
+    return App(name="clinic", settings=settings or load_settings(), queues=QUEUES,
+               migrations=MIGRATIONS_DIR, event_kinds=EVENT_KINDS, pg_cron=True)

@@ -1,0 +1,277 @@
+"""email_queue: render a template, send it once, record it in the email ledger.
+
+At most one send per message: before the SMTP conversation the message's
+idempotency key is claimed in `public.email_ledger` ('sending', committed);
+after it the row says 'sent' (or 'failed', so a retry may claim it again).
+A redelivered message whose mail is 'sent' is archived without sending; one
+left 'sending' by a worker that died mid-send is dead-lettered for a person
+to check, never sent blind. The send and its record are shielded from
+shutdown's cancellation, so only a crash, or a relay that took the whole
+message and then did not answer (it may have accepted it), leaves 'sending'
+behind; the latter is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, LiteralString
+
+import psycopg
+import trio
+from pydantic import BaseModel, Field, field_validator
+
+from reactor.clinic import queries
+from reactor.clinic.resources import TEMPLATES_DIR
+from reactor.clinic.services.mailer import (
+    Attachment,
+    DeliveryUnknown,
+    Mailer,
+    build_message,
+    check_mail_settings,
+    open_mailer,
+)
+from reactor.clinic.services.templates import EmailRenderer
+from reactor.clinic.settings import Settings
+from reactor.engine.db import Database, DatabaseUnavailable
+from reactor.engine.errors import RetryableError
+from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
+from reactor.engine.queues import Message
+
+__all__ = ["EmailMessage", "EmailProcessor"]
+
+# The verdict of a send (sent / failed) is written to the ledger for up to this long.
+LEDGER_RETRY_S = 10.0
+# MAIL FROM, RCPT TO, DATA and the message: each may take SMTP_TIMEOUT_S.
+SMTP_COMMANDS_PER_MAIL = 4
+
+# The address syntax public.queue_email_task accepts (031), so both ends agree.
+ADDRESS_RE = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+
+
+class AttachmentRef(BaseModel):
+    """A file under REPORTS_DIR to attach (the report processor adds the PDF)."""
+
+    path: str
+    filename: str | None = None
+    content_type: str = "application/pdf"
+
+
+class EmailMessage(MessageModel):
+    to: str
+    subject: str | None = None
+    template: str = Field(pattern=r"^[a-z0-9_]+$")
+    variables: dict[str, Any] = Field(default_factory=dict)
+    priority: int = 0
+    locale: Literal["ru", "en"] | None = None
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    attachments: list[AttachmentRef] = Field(default_factory=list)
+
+    @field_validator("to")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if "\r" in value or "\n" in value or len(value) > 254 or not ADDRESS_RE.match(value):
+            raise ValueError("not a valid email address")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is not None and ("\r" in value or "\n" in value):
+            raise ValueError("must not contain CR or LF")
+        return value
+
+
+@dataclass(eq=False)
+class _SentVerdict:
+    """One mail's 'sent' verdict, waiting to be written with the others of its moment."""
+
+    key: str
+    message_id: str
+    written: bool = False
+    error: Exception | None = None
+
+
+class EmailProcessor(Processor[EmailMessage]):
+    settings: Settings
+    model = EmailMessage
+    concurrency = 20
+    timeout_s = 120.0
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        settings = self.settings
+        check_mail_settings(settings)
+        self.renderer = EmailRenderer(TEMPLATES_DIR, timezone=settings.app_timezone,
+                                      app_name=settings.app_name,
+                                      app_base_url=settings.app_base_url,
+                                      reply_to=settings.smtp_reply_to)
+        self.mailer: Mailer | None = None
+        # Group commit of 'sent' verdicts (see _record_sent).
+        self._unwritten: list[_SentVerdict] = []
+        self._verdict_writer = trio.Lock()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with open_mailer(self.settings) as mailer:
+            self.mailer = mailer
+            try:
+                yield
+            finally:
+                self.mailer = None
+
+    async def handle(self, job: Job[EmailMessage]) -> None:
+        msg = job.message
+        key = msg.idempotency_key or unkeyed_ledger_key(job.delivery)
+        locale = msg.locale or await self._profile_locale(msg.to) or "ru"
+        rendered = self.renderer.render(msg.template, locale, msg.variables, msg.subject)
+        attachments = [await self._attachment(ref) for ref in msg.attachments]
+        sender = self.settings.smtp_from or "noreply@localhost"
+        email = build_message(sender=sender, sender_name=self.settings.smtp_from_name,
+                              to=msg.to, email=rendered, attachments=attachments,
+                              reply_to=self.settings.smtp_reply_to)
+
+        assert self.mailer is not None, "EmailProcessor used outside running()"
+        # Waiting for a pooled connection may be cut (job timeout, shutdown): nothing has
+        # started, and the ledger is claimed only once the connection is ours.
+        async with self.mailer.session() as session:
+            prior = await claim(self.db, key, job, msg)
+            if prior == "sent":
+                return  # redelivered after the mail went out: nothing to do
+            if prior == "sending":
+                raise PermanentError(
+                    f"delivery state unknown: a worker stopped while sending (ledger key "
+                    f"{key}); check the SMTP server's log, then run `reactor email resolve "
+                    f"{key} --sent` (it arrived) or `--resend` (it did not) and replay the "
+                    "dead letter")
+            # Shielded: shutdown must not cut a conversation whose outcome we then cannot
+            # know. Bounded all the same: every SMTP command has SMTP_TIMEOUT_S, and the
+            # verdict's write to the ledger gets LEDGER_RETRY_S.
+            with trio.CancelScope(shield=True) as conversation:
+                conversation.deadline = (trio.current_time() + LEDGER_RETRY_S
+                                         + SMTP_COMMANDS_PER_MAIL * self.settings.smtp_timeout_s)
+                try:
+                    message_id = await session.send(email)
+                except DeliveryUnknown as exc:
+                    # The ledger keeps 'sending' (never resent blind): a person decides.
+                    raise PermanentError(
+                        f"delivery state unknown: {exc} (ledger key {key}); check the SMTP "
+                        f"server's log, then run `reactor email resolve {key} --sent` (it "
+                        "arrived) or `--resend` (it did not) and replay the dead letter"
+                    ) from None
+                except Exception as exc:
+                    await self._record(queries.EMAIL_FAILED, {"key": key, "error": str(exc)})
+                    raise
+                await self._record_sent(key, message_id)
+            if conversation.cancelled_caught:
+                raise RetryableError(f"the SMTP conversation did not finish in time (ledger "
+                                     f"key {key}): its outcome is unknown", outage=True)
+
+    async def _record(self, query: LiteralString, params: dict[str, Any]) -> None:
+        """Write the verdict of a send; retried, so a database blip right after a send
+        does not turn a known outcome into an unknown one. One quick statement: it
+        goes on a trio-native connection (`Database.fetch`), without a thread hop."""
+        delay = 0.2
+        deadline = trio.current_time() + LEDGER_RETRY_S
+        while True:
+            try:
+                await self.db.fetch(query, params)
+                return
+            except (DatabaseUnavailable, psycopg.Error):
+                if trio.current_time() + delay > deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _record_sent(self, key: str, message_id: str) -> None:
+        """Write a 'sent' verdict together with the others waiting at this moment.
+
+        Whoever holds the writer writes every verdict then waiting, in one statement
+        and one commit; the others find theirs written when their turn comes. This
+        adds no delay (the first verdict is written at once) and, under load, saves
+        a round trip and a commit a mail. A 'sent' verdict is true once the server
+        has accepted the mail, and rewriting it is harmless: verdicts whose writer
+        was cut off (its deadline) go back to be written by the next one, so the
+        ledger still learns that those mails went out.
+        """
+        verdict = _SentVerdict(key, message_id)
+        self._unwritten.append(verdict)
+        async with self._verdict_writer:
+            if not verdict.written:
+                batch, self._unwritten = self._unwritten, []
+                try:
+                    await self._record(queries.EMAIL_SENT_MANY, {
+                        "keys": [v.key for v in batch],
+                        "message_ids": [v.message_id for v in batch]})
+                except Exception as exc:
+                    for waiting in batch:
+                        waiting.error = exc
+                        waiting.written = True
+                except BaseException:  # cut off (the deadline): the next writer takes them
+                    self._unwritten[:0] = batch
+                    raise
+                else:
+                    for waiting in batch:
+                        waiting.written = True
+        if verdict.error is not None:
+            raise verdict.error
+
+    def dead_letter_stamp(self, delivery: Message) -> dict[str, Any]:
+        """A mail queued without a key keeps the one it was tried under: replaying it
+        is then the same mail for the ledger (never a second, blind send)."""
+        body = delivery.body
+        if isinstance(body, dict) and not body.get("idempotency_key"):
+            return {"idempotency_key": unkeyed_ledger_key(delivery)}
+        return {}
+
+    async def _profile_locale(self, address: str) -> str | None:
+        row = await self.db.run(
+            lambda c: c.execute(queries.PROFILE_LOCALE_BY_EMAIL, {"email": address}).fetchone())
+        return str(row[0]) if row else None
+
+    async def _attachment(self, ref: AttachmentRef) -> Attachment:
+        base = await trio.Path(self.settings.reports_dir).resolve()
+        path = await (base / ref.path).resolve()
+        if not path.is_relative_to(base):
+            raise PermanentError(f"attachment {ref.path!r} is outside REPORTS_DIR")
+        try:
+            content = await trio.Path(path).read_bytes()
+        except FileNotFoundError:
+            raise PermanentError(f"attachment {ref.path!r} does not exist") from None
+        return Attachment(ref.filename or path.name, content, ref.content_type)
+
+
+def unkeyed_ledger_key(delivery: Message) -> str:
+    """The ledger key of a mail queued without one: the message's identity.
+
+    pgmq msg ids start again at 1 when a queue is dropped and recreated, so the
+    key carries the enqueue time too (microseconds): an old ledger row can never
+    make a new mail look sent.
+    """
+    micros = int(delivery.enqueued_at.timestamp() * 1_000_000)
+    return f"{delivery.queue}:{delivery.msg_id}:{micros}"
+
+
+async def claim(db: Database, key: str, job: Job[EmailMessage],
+                msg: EmailMessage) -> str | None:
+    """Claim the ledger key; None if ours to send, else the holder's status.
+
+    One autocommit statement on a trio-native connection (`Database.fetch`): the
+    claim costs one round trip to Postgres and no thread hop.
+
+    Raises:
+        RetryableError: another delivery of the same key committed its claim while
+            this one ran (two at once); the next attempt sees which.
+    """
+    rows = await db.fetch(queries.CLAIM_EMAIL, {
+        "key": key, "queue": job.delivery.queue, "msg_id": job.msg_id,
+        "enqueued_at": job.delivery.enqueued_at, "recipient": msg.to,
+        "template": msg.template})
+    if not rows:
+        raise RetryableError(f"ledger key {key} was claimed by another delivery at the "
+                             "same moment; retrying to see its outcome")
+    return None if rows[0][0] is None else str(rows[0][0])

@@ -1,0 +1,237 @@
+"""The checkup report's layout (fpdf2), in Russian or English.
+
+Wording comes from `templates/report/<locale>.toml` and colours and sizes
+from `templates/report/style.toml`, so a wording change needs no code
+change; both are parsed once per file version (`_load`).
+
+The scale: more points mean more signs of difficulty, so a long red bar is a
+reason for attention, not good news. Every report with scores says so before
+the bars (a legend of the scale and of the colours), and the band words name
+a level *of difficulty*, in every locale.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from babel.dates import format_date
+from fpdf import FPDF
+from fpdf.enums import XPos, YPos
+
+from reactor.clinic.services.pdf.fonts import (
+    _LOCK,
+    Fonts,
+    _add_font,
+    _file_key,
+    _FileKey,
+    _Producer,
+    _remember,
+)
+
+__all__ = ["Band", "ReportData", "Score", "render_report"]
+
+Band = Literal["low", "moderate", "high"]
+
+
+@dataclass(frozen=True)
+class Score:
+    domain: str
+    score: float
+    max: float
+    band: Band
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """What a report shows: `assessments.results` plus who and when."""
+
+    assessment_id: str
+    child_name: str | None
+    parent_name: str | None
+    completed_at: datetime | None
+    scores: list[Score] = field(default_factory=list)
+    summary: str | None = None
+    recommendations: list[str] = field(default_factory=list)
+
+
+# The wording and style, by file version (the lock and the LRU are fonts.py's).
+_wording: OrderedDict[tuple[_FileKey, _FileKey],
+                      tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
+
+
+def _load(templates_dir: Path, locale: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The wording and style, parsed once per file version (an edit is seen at once).
+
+    The dicts are shared between documents and threads: callers only read them.
+    """
+    folder = templates_dir / "report"
+    words_path, style_path = folder / f"{locale}.toml", folder / "style.toml"
+    key = (_file_key(words_path), _file_key(style_path))
+    with _LOCK:
+        found = _wording.get(key)
+    if found is not None:
+        return found
+    with words_path.open("rb") as words, style_path.open("rb") as st:
+        loaded = tomllib.load(words), tomllib.load(st)
+    with _LOCK:
+        _remember(_wording, key, loaded)
+    return loaded
+
+
+class _Report(FPDF):
+    footer_text = ""
+    muted: tuple[int, int, int] = (123, 135, 148)
+    small = 8.5
+
+    def footer(self) -> None:
+        self.set_y(-14)
+        self.set_font("DejaVu", size=self.small)
+        self.set_text_color(*self.muted)
+        self.cell(0, 6, self.footer_text.format(page=self.page_no(), pages="{nb}"),
+                  align="C")
+
+
+def _legend(pdf: FPDF, words: dict[str, Any], colors: dict[str, Any],
+            sizes: dict[str, Any]) -> None:
+    """How to read the bars, before them: a high score means more difficulty, which a
+    parent could otherwise take for good news (red bar, "high level")."""
+    width = pdf.epw
+    if words.get("legend_heading"):
+        pdf.set_font("DejaVu", "B", sizes["small"])
+        pdf.set_text_color(*colors["text"])
+        pdf.cell(width, 5, words["legend_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_font("DejaVu", "", sizes["small"])
+    if words.get("scale_note"):
+        pdf.multi_cell(width, 4.4, words["scale_note"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_text_color(*colors["muted"])
+    meanings = words.get("legend", {})
+    for band in ("low", "moderate", "high"):
+        y = pdf.get_y() + 0.8
+        pdf.set_fill_color(*colors[band])
+        pdf.rect(pdf.l_margin, y + 0.6, 6, 3, style="F")
+        pdf.set_xy(pdf.l_margin + 8, y)
+        label = words["bands"][band]
+        line = f"{label} — {meanings[band]}" if meanings.get(band) else label
+        pdf.multi_cell(width - 8, 4.2, line, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(2)
+    pdf.set_draw_color(*colors["bar_background"])
+    pdf.set_line_width(0.3)
+    pdf.line(pdf.l_margin, pdf.get_y(), pdf.l_margin + width, pdf.get_y())
+    pdf.ln(3)
+
+
+def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir: Path,
+                  app_name: str, timezone: str = "Europe/Moscow",
+                  now: datetime | None = None) -> bytes:
+    """The report as PDF bytes (A4, page numbers, title/author/creation date)."""
+    words, style = _load(templates_dir, locale)
+    colors = {k: tuple(v) for k, v in style["colors"].items()}
+    sizes = style["sizes"]
+    tz = ZoneInfo(timezone)
+    created = (now or datetime.now(tz)).astimezone(tz)
+
+    pdf = _Report(format="A4", unit="mm")
+    pdf.footer_text = words["page"]
+    pdf.muted = colors["muted"]
+    pdf.small = sizes["small"]
+    _add_font(pdf, "DejaVu", "", fonts.regular)
+    _add_font(pdf, "DejaVu", "B", fonts.bold)
+    pdf.set_title(f"{words['title']}: {data.child_name or data.assessment_id}")
+    pdf.set_author(app_name)
+    pdf.set_creator(app_name)
+    pdf.set_creation_date(created)
+    pdf.set_lang(locale)
+    pdf.set_margins(18, 18, 18)
+    pdf.set_auto_page_break(auto=True, margin=20)
+    pdf.add_page()
+    width = pdf.epw
+
+    def text(size: float, color: str = "text", bold: bool = False) -> None:
+        pdf.set_font("DejaVu", "B" if bold else "", size)
+        pdf.set_text_color(*colors[color])
+
+    # Header: service name and date, then the title.
+    text(sizes["small"], "muted")
+    pdf.cell(width / 2, 6, app_name)
+    pdf.cell(width / 2, 6, f"{words['date_label']}: {format_date(created, 'long', locale=locale)}",
+             align="R", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_draw_color(*colors["accent"])
+    pdf.set_line_width(0.6)
+    pdf.line(pdf.l_margin, pdf.get_y() + 1, pdf.l_margin + width, pdf.get_y() + 1)
+    pdf.ln(6)
+    text(sizes["title"], "accent", bold=True)
+    pdf.multi_cell(width, 9, words["title"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(1)
+    text(sizes["body"])
+    if data.child_name:
+        pdf.multi_cell(width, 6, f"{words['child_label']}: {data.child_name}",
+                       new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    if data.completed_at:
+        done = format_date(data.completed_at.astimezone(tz), "long", locale=locale)
+        pdf.multi_cell(width, 6, f"{words['completed_label']}: {done}",
+                       new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(4)
+
+    # One row per domain: name, score, and a bar coloured by band.
+    text(sizes["heading"], "accent", bold=True)
+    pdf.cell(width, 8, words["scores_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    if not data.scores:
+        text(sizes["body"], "muted")
+        pdf.multi_cell(width, 6, words["no_scores"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    else:
+        _legend(pdf, words, colors, sizes)
+    name_w, score_w = width * 0.38, width * 0.14
+    bar_w = width - name_w - score_w - 4
+    for score in data.scores:
+        if pdf.will_page_break(12):
+            pdf.add_page()
+        y = pdf.get_y()
+        text(sizes["body"])
+        pdf.set_xy(pdf.l_margin, y)
+        pdf.multi_cell(name_w, 5.5, score.domain, new_x=XPos.RIGHT, new_y=YPos.TOP)
+        row_bottom = pdf.get_y()
+        pdf.set_xy(pdf.l_margin + name_w, y)
+        pdf.cell(score_w, 5.5, f"{score.score:g} / {score.max:g}", align="R")
+        bar_x = pdf.l_margin + name_w + score_w + 4
+        bar_h = sizes["bar_height"]
+        pdf.set_fill_color(*colors["bar_background"])
+        pdf.rect(bar_x, y + 0.6, bar_w, bar_h, style="F")
+        share = 0.0 if score.max <= 0 else max(0.0, min(1.0, score.score / score.max))
+        pdf.set_fill_color(*colors.get(score.band, colors["muted"]))
+        if share > 0:
+            pdf.rect(bar_x, y + 0.6, bar_w * share, bar_h, style="F")
+        text(sizes["small"], "muted")
+        pdf.set_xy(bar_x, y + bar_h + 0.8)
+        pdf.cell(bar_w, 4, words["bands"].get(score.band, score.band))
+        pdf.set_y(max(row_bottom, y + bar_h + 5.5) + 2.5)
+    pdf.ln(2)
+
+    text(sizes["heading"], "accent", bold=True)
+    pdf.cell(width, 8, words["summary_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    text(sizes["body"])
+    pdf.multi_cell(width, 5.8, data.summary or "—", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(3)
+
+    text(sizes["heading"], "accent", bold=True)
+    pdf.cell(width, 8, words["recommendations_heading"], new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    text(sizes["body"])
+    if not data.recommendations:
+        pdf.multi_cell(width, 5.8, words["no_recommendations"], new_x=XPos.LMARGIN,
+                       new_y=YPos.NEXT)
+    for item in data.recommendations:
+        pdf.multi_cell(width, 5.8, f"•  {item}", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        pdf.ln(0.8)
+    pdf.ln(4)
+
+    # The disclaimer, in a tinted box.
+    text(sizes["small"], "muted")
+    pdf.set_fill_color(244, 245, 247)
+    pdf.multi_cell(width, 4.8, words["disclaimer"], fill=True, padding=3,
+                   new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    return bytes(pdf.output(output_producer_class=_Producer))

@@ -1,0 +1,107 @@
+"""What an app built on the engine declares: its queues with their processors, its
+settings, its migrations and its own event kinds.
+
+An app is made by a factory, `build(settings=None) -> App`, that names every
+queue once; `reactor run --app module:factory` loads one. The engine never
+names a queue of its own: it drains what the app declares.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reactor.engine.processor import Processor
+from reactor.engine.queues import QUEUE_NAME
+from reactor.engine.settings import ConfigError, EngineSettings
+
+__all__ = ["App", "AppFactory", "Queue", "load_app"]
+
+
+@dataclass(frozen=True)
+class Queue:
+    """One queue the app drains: the processor class that handles its messages, and
+    (if not the processor's defaults) how many jobs run at once and for how long."""
+
+    name: str
+    processor: type[Processor[Any]]
+    concurrency: int | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class App:
+    """An app on the engine: what `reactor run` drains and `reactor migrate` applies."""
+
+    name: str
+    settings: EngineSettings
+    queues: tuple[Queue, ...]
+    migrations: Path
+    # Event kinds the app's processors publish besides the engine's (events.EVENT_TYPES).
+    event_kinds: tuple[str, ...] = ()
+    # Its migrations schedule pg_cron jobs: `reactor migrate` checks pg_cron is loaded.
+    pg_cron: bool = False
+
+    def __post_init__(self) -> None:
+        names = [q.name for q in self.queues]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"app {self.name}: a queue is declared twice ({', '.join(names)})")
+        for name in names:
+            if not QUEUE_NAME.fullmatch(name) or name.endswith("_dlq"):
+                raise ConfigError(f"app {self.name}: {name!r} cannot be a queue's name (lower "
+                                  "case letters, digits and _, at most 43, not ending in _dlq)")
+
+    @property
+    def queue_names(self) -> tuple[str, ...]:
+        return tuple(q.name for q in self.queues)
+
+    @property
+    def processors(self) -> Mapping[str, type[Processor[Any]]]:
+        return {q.name: q.processor for q in self.queues}
+
+    def check_queue(self, name: str) -> str:
+        """`name` if the app drains it.
+
+        Raises:
+            ValueError: naming the queues there are.
+        """
+        if name not in self.queue_names:
+            raise ValueError(f"unknown queue {name!r}: use one of {', '.join(self.queue_names)}")
+        return name
+
+
+AppFactory = Callable[..., App]
+
+
+def load_app(path: str, settings: EngineSettings | None = None) -> App:
+    """The app made by the factory at `module:function` (procrastinate's App.from_path).
+
+    Raises:
+        ConfigError: the path does not name a factory that returns an App.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--app {path!r}: write it as module:factory "
+                          "(e.g. myworker.app:build)")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, a SyntaxError in the module …
+        raise ConfigError(f"--app {path!r}: cannot load it ({type(exc).__name__}: {exc})") \
+            from None
+    if not callable(factory):
+        raise ConfigError(f"--app {path!r}: {attr} is not a factory (a function returning "
+                          "an App)")
+    try:
+        app = factory(settings) if settings is not None else factory()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"--app {path!r}: the factory failed: {type(exc).__name__}: "
+                          f"{exc}") from None
+    if not isinstance(app, App):
+        raise ConfigError(f"--app {path!r}: the factory returned {type(app).__name__}, "
+                          "not reactor.engine.App")
+    return app

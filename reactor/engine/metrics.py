@@ -1,0 +1,77 @@
+"""Prometheus metrics, fed by the event bus (one sink, called for every event)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from reactor.engine.events import Event
+
+__all__ = ["Metrics"]
+
+_OUTCOMES = {"job.succeeded": "succeeded", "job.retrying": "retried",
+             "job.dead_lettered": "dead_lettered"}
+
+
+class Metrics:
+    """The reactor's metrics, in a registry of its own (several reactors may share a process)."""
+
+    def __init__(self, feed_clients: Callable[[], int] = lambda: 0,
+                 app_event_kinds: tuple[str, ...] = ()) -> None:
+        """app_event_kinds: the kinds the app declared (App.event_kinds), counted in
+        reactor_app_events_total and exported at 0 from the start, so an alert rule on
+        one exists before the first such event."""
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter("reactor_jobs", "Jobs finished, by queue and outcome",
+                            ["queue", "outcome"], registry=r)
+        self.duration = Histogram(
+            "reactor_job_duration_seconds", "Handler run time", ["queue"], registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.depth = Gauge("reactor_queue_depth", "Messages waiting or in flight", ["queue"],
+                           registry=r)
+        self.oldest = Gauge("reactor_queue_oldest_age_seconds", "Age of the oldest message",
+                            ["queue"], registry=r)
+        self.listener = Gauge("reactor_listener_connected",
+                              "1 while the LISTEN connection is up", registry=r)
+        self.wakeups = Counter("reactor_wakeups", "NOTIFY wake-ups received", ["queue"],
+                               registry=r)
+        clients = Gauge("reactor_feed_clients", "Websocket feed clients connected", registry=r)
+        clients.set_function(lambda: float(feed_clients()))
+        app_events = Counter("reactor_app_events", "Events the app's processors published, "
+                             "by type (e.g. payment.mismatch)", ["type"], registry=r)
+        self._app_events = {kind: app_events.labels(kind) for kind in app_event_kinds}
+        self._children: dict[tuple[str, str], Counter] = {}
+        self._durations: dict[str, Histogram] = {}  # labels() looks up under a lock: cache
+
+    def observe(self, event: Event) -> None:
+        """The bus sink."""
+        kind = event["type"]
+        queue = event["queue"] or ""
+        outcome = _OUTCOMES.get(kind)
+        if outcome is not None:
+            key = (queue, outcome)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self.jobs.labels(queue, outcome)
+            child.inc()
+            if event["duration_ms"] is not None:
+                histogram = self._durations.get(queue)
+                if histogram is None:
+                    histogram = self._durations[queue] = self.duration.labels(queue)
+                histogram.observe(event["duration_ms"] / 1000)
+        elif kind == "queue.depth":
+            self.depth.labels(queue).set(event.get("depth") or 0)
+            self.oldest.labels(queue).set(event.get("oldest_age_s") or 0)
+        elif kind == "listener.connected":
+            self.listener.set(1)
+        elif kind == "listener.lost":
+            self.listener.set(0)
+        elif kind == "wakeup":
+            self.wakeups.labels(queue).inc()
+        elif (app_event := self._app_events.get(kind)) is not None:
+            app_event.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,383 @@
+"""The reactor's HTTP port (METRICS_PORT): dashboard, /metrics, /healthz, the
+dashboard's small JSON API and provider webhooks.
+
+Starlette (ASGI) served by Hypercorn's trio worker, inside the reactor's
+nursery: no hand-parsed HTTP.
+
+Exposed on purpose only (reactor.engine.auth.Access holds the rules): every route but
+/healthz and the provider webhooks answers only to the allowed `Host` names
+(DNS rebinding); with FEED_TOKEN set the API needs the token (an
+`Authorization: Bearer` header, or the dashboard's sign-in cookie, HttpOnly and
+SameSite=Strict) and without one it serves direct loopback callers only, never
+a request that came through a proxy. The page opens the feed with a one-use
+ticket, so the token is never in a URL. Everything returned is masked like the
+logs; /healthz tells anyone only "ok"/"unhealthy" and reason classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from reactor.engine import queries, status
+from reactor.engine.auth import SESSION_TTL_S, Access, Refusal, origin_host, token_ok
+from reactor.engine.db import Database, DatabaseUnavailable
+from reactor.engine.health import Health
+from reactor.engine.logs import mask_emails_in
+from reactor.engine.metrics import Metrics
+
+__all__ = ["SESSION_COOKIE", "BodyRefused", "WebContext", "create_app", "masked", "read_body",
+           "serve_http"]
+
+log = structlog.get_logger("reactor.engine.web")
+
+# The dashboard page ships inside the package (the wheel carries it).
+DASHBOARD = Path(__file__).resolve().parent / "dashboard" / "index.html"
+HEALTH_DB_TIMEOUT_S = 2.0
+SESSION_COOKIE = "reactor_session"
+# The page is ours alone: no framing (clickjacking), no referrer, its own script only.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                               "style-src 'self' 'unsafe-inline'; connect-src 'self' ws: wss:; "
+                               "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'self'",
+    "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+}
+API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+# A sign-in body is {"token": "..."}: anything longer is not one.
+SESSION_MAX_BYTES = 4096
+# A request body must have arrived this long after its head (read_body).
+BODY_DEADLINE_S = 10.0
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass
+class WebContext:
+    """What the HTTP handlers need from the running reactor."""
+
+    db: Database
+    metrics: Metrics
+    token: str | None
+    feed_port: Callable[[], int]
+    listener_connected: Callable[[], bool]
+    extra_routes: tuple[Route, ...] = ()
+    # The reactor's fault registry (reactor.engine.health): /healthz reports from it.
+    health: Health | None = None
+    # FEED_ALLOWED_HOSTS/ORIGINS and limits; None: loopback names and `token` only.
+    access: Access | None = None
+
+
+class BodyRefused(Exception):
+    """A request body not read: over its limit (413) or too slow to arrive (408)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message}, status_code=self.status)
+
+
+async def read_body(request: Request, limit: int, *,
+                    within_s: float | None = None) -> bytes:
+    """The request's body, read up to `limit` bytes and within `within_s` (default
+    BODY_DEADLINE_S).
+
+    Hypercorn bounds a request's head, not its body, and Starlette's `body()` /
+    `json()` keep whatever arrives: one client could fill the memory, or hold a
+    connection for ever by sending a byte a minute. Every route that reads a body
+    reads it here.
+
+    Raises:
+        BodyRefused: over the limit (declared or sent: 413) or not there in time (408).
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyRefused(413, f"body too large: at most {limit} bytes")
+    body = bytearray()
+    with trio.move_on_after(BODY_DEADLINE_S if within_s is None else within_s):
+        try:
+            async with aclosing(request.stream()) as chunks:  # closed, not left to the GC
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > limit:
+                        raise BodyRefused(413, f"body too large: at most {limit} bytes")
+        except ClientDisconnect:
+            # Gone mid-body: nobody reads the answer, and it is no error of ours to log.
+            raise BodyRefused(400, "the client went away before the body was whole") from None
+        return bytes(body)
+    raise BodyRefused(408, "the request body did not arrive in time")
+
+
+class DrainUnreadBody:
+    """ASGI middleware: a route that answers without reading the request's body (a GET
+    with a body, a refusal) must not leave its connection open for ever.
+
+    Hypercorn hands the app at most `max_app_queue_size` body chunks; past them its
+    protocol task waits for the app to take one, and the app's last `send` waits to
+    queue `http.disconnect` behind them: neither moves again, the socket stays open
+    and no timer applies (it is not idle). So while the last part of a response is
+    being sent, whatever the client still sends is read and dropped, until
+    Hypercorn says the request is over; then the connection closes as usual.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_then_drain(message: Any) -> None:
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                await send(message)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_drop_until_disconnect, receive)
+                await send(message)
+                # The request is over now (http.disconnect follows at once); bounded anyway.
+                nursery.cancel_scope.deadline = trio.current_time() + BODY_DEADLINE_S
+
+        await self.app(scope, receive, send_then_drain)
+
+
+async def _drop_until_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def masked(value: Any) -> Any:
+    """Every string inside a JSON value with its email addresses masked (as in the logs)."""
+    if isinstance(value, str):
+        return mask_emails_in(value)
+    if isinstance(value, dict):
+        return {k: masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(v) for v in value]
+    return value
+
+
+def _json(content: Any, status_code: int = 200) -> JSONResponse:
+    return JSONResponse(masked(content), status_code=status_code, headers=API_HEADERS)
+
+
+def _refused(refusal: Refusal) -> JSONResponse:
+    return _json({"error": refusal.message}, refusal.status)
+
+
+def _headers(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items()}
+
+
+def _peer(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def create_app(ctx: WebContext) -> Starlette:
+    access = ctx.access or Access(token=ctx.token)
+
+    def api_refusal(request: Request) -> Refusal | None:
+        """Host first; then the token (header or sign-in cookie), or direct loopback."""
+        headers = _headers(request)
+        refusal = access.host_refusal(headers)
+        if refusal is not None:
+            return refusal
+        if access.token:
+            if token_ok(access.token, headers) or access.session_ok(
+                    request.cookies.get(SESSION_COOKIE)):
+                return None
+            return Refusal(401, "sign in with FEED_TOKEN (the dashboard asks for it) or send "
+                                "'Authorization: Bearer <token>'")
+        if access.proxied(headers, _peer(request)):
+            return Refusal(403, "this request came through a proxy or from another host: "
+                                "set FEED_TOKEN on the reactor, then sign in")
+        return None
+
+    def page_refusal(request: Request) -> Refusal | None:
+        """The page and /metrics: right Host; through a proxy only when a token guards the API."""
+        headers = _headers(request)
+        refusal = access.host_refusal(headers)
+        if refusal is None and not access.token and access.proxied(headers, _peer(request)):
+            refusal = Refusal(403, "this request came through a proxy or from another host: "
+                                   "set FEED_TOKEN on the reactor")
+        return refusal
+
+    def metrics_refusal(request: Request) -> Refusal | None:
+        """Direct scrapes stay open; through a proxy, /metrics needs the token like a tool."""
+        headers = _headers(request)
+        refusal = access.host_refusal(headers)
+        if refusal is None and access.proxied(headers, _peer(request)):
+            refusal = access.tool_refusal(headers, _peer(request))
+        return refusal
+
+    def guarded(check: Callable[[Request], Refusal | None], handler: Handler) -> Handler:
+        async def wrapper(request: Request) -> Response:
+            refusal = check(request)
+            if refusal is not None:
+                log.info("http request refused", path=request.url.path, status=refusal.status,
+                         reason=refusal.message)
+                return _refused(refusal)
+            return await handler(request)
+        return wrapper
+
+    def same_origin(request: Request) -> bool:
+        """A browser's POST names its page's origin: ours, or one of FEED_ALLOWED_ORIGINS."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True  # not a browser (browsers always send Origin on POST)
+        return (origin_host(origin) == request.headers.get("host", "").lower()
+                or access.origin_allowed(origin))
+
+    async def dashboard(_: Request) -> Response:
+        return FileResponse(DASHBOARD, media_type="text/html; charset=utf-8",
+                            headers=PAGE_HEADERS)
+
+    async def metrics(_: Request) -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    last_logged: list[str | None] = [None]
+
+    async def healthz(request: Request) -> Response:
+        faults = ctx.health.faults if ctx.health is not None else []
+        reasons = {f.reason for f in faults}
+        healthy = ctx.health.healthy if ctx.health is not None else True
+        detail = None
+        if not ctx.listener_connected():
+            reasons.add("listener_down")
+            healthy, detail = False, "the LISTEN connection is down"
+        else:
+            with trio.move_on_after(HEALTH_DB_TIMEOUT_S) as scope:
+                try:
+                    await ctx.db.run(lambda c: c.execute(queries.PING).fetchone())
+                except DatabaseUnavailable as exc:
+                    detail = f"the database does not answer: {exc}"
+            if scope.cancelled_caught:
+                detail = f"the database did not answer within {HEALTH_DB_TIMEOUT_S:g}s"
+            if detail is not None:
+                reasons.add("database_unreachable")
+                healthy = False
+        if detail != last_logged[0]:  # the detail goes to the log, once per change
+            last_logged[0] = detail
+            if detail is not None:
+                log.warning("healthz: unhealthy", detail=detail)
+        body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy",
+                                "reasons": sorted(reasons)}
+        if access.token and token_ok(access.token, _headers(request)):
+            body["faults"] = [{"source": f.source, "reason": f.reason, "detail": f.detail,
+                               "since": f.since} for f in faults]
+            if detail is not None:
+                body["detail"] = detail
+        return _json(body, 200 if healthy else 503)
+
+    async def config(request: Request) -> Response:
+        signed_in = api_refusal(request) is None
+        return _json({"feed_port": ctx.feed_port(), "token_required": bool(access.token),
+                      "signed_in": signed_in})
+
+    async def session(request: Request) -> Response:
+        """Sign in (POST {"token"}) or out (DELETE): an HttpOnly, SameSite=Strict cookie."""
+        if not same_origin(request):
+            return _json({"error": "sign in from the reactor's own dashboard page"}, 403)
+        secure = (request.url.scheme == "https"
+                  or request.headers.get("x-forwarded-proto", "").lower() == "https")
+        if request.method == "DELETE":
+            response = _json({"signed_in": False})
+            response.delete_cookie(SESSION_COOKIE, path="/", secure=secure, httponly=True,
+                                   samesite="strict")
+            return response
+        if not access.token:
+            return _json({"error": "no FEED_TOKEN is set: there is nothing to sign in to"}, 400)
+        try:
+            given = json.loads(await read_body(request, SESSION_MAX_BYTES)).get("token", "")
+        except BodyRefused as refused:
+            return refused.response()
+        except (ValueError, AttributeError):
+            given = None
+        if not isinstance(given, str) or not token_ok(access.token,
+                                                      {"authorization": f"Bearer {given}"}):
+            await trio.sleep(0.5)  # a guesser gets two tries a second per connection
+            return _json({"error": "wrong token: use the value of FEED_TOKEN"}, 401)
+        response = _json({"signed_in": True})
+        response.set_cookie(SESSION_COOKIE, access.issue_session(), max_age=int(SESSION_TTL_S),
+                            path="/", secure=secure, httponly=True, samesite="strict")
+        return response
+
+    async def ticket(request: Request) -> Response:
+        """A one-use pass for the page's websocket: the token never goes into a URL."""
+        origin = request.headers.get("origin")
+        if origin is None or not same_origin(request):
+            return _json({"error": "tickets are for the reactor's own dashboard page"}, 403)
+        return _json({"ticket": access.issue_ticket(origin), "feed_port": ctx.feed_port()})
+
+    async def overview(_: Request) -> Response:
+        def read(conn: Any) -> dict[str, Any]:
+            cron = status.cron_status(conn)
+            return {
+                "now": time.time(),
+                "chart": {"bucket_s": status.CHART_BUCKET_S, "window_s": status.CHART_WINDOW_S},
+                "queues": [q.as_dict() for q in status.queue_status(conn)],
+                "cron": None if cron is None else [j.as_dict() for j in cron],
+                "failures": status.recent_failures(conn),
+                "dead_letters": status.recent_dead_letters(conn),
+            }
+        try:
+            return _json(await ctx.db.run(read))
+        except DatabaseUnavailable as exc:
+            log.warning("overview: the database does not answer", error=str(exc))
+            return _json({"error": "the database does not answer (see the reactor's log)"},
+                         503)
+
+    routes = [
+        Route("/", guarded(page_refusal, dashboard)),
+        Route("/metrics", guarded(metrics_refusal, metrics)),
+        Route("/healthz", healthz),
+        Route("/api/config", guarded(page_refusal, config)),
+        Route("/api/session", guarded(page_refusal, session), methods=["POST", "DELETE"]),
+        Route("/api/ticket", guarded(api_refusal, ticket), methods=["POST"]),
+        Route("/api/overview", guarded(api_refusal, overview)),
+        *ctx.extra_routes,
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(DrainUnreadBody)])
+
+
+async def serve_http(app: Starlette, host: str, port: int, *,
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; started() with the bound port.
+
+    A connection that has not sent a whole request head within 5 s (hypercorn's
+    keep-alive timer, which runs until a request is complete) is closed.
+    """
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    # Hypercorn's own errors (a route that raised: "Error in ASGI Framework") go to the
+    # log like every library's (reactor.engine.logs); with None it has no error log at all.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 1.0
+    config.keep_alive_timeout = 5.0
+
+    async with trio.open_nursery() as nursery:
+        # Starlette is an ASGI app; hypercorn's types name the ASGI callable signature.
+        binds: list[str] = await nursery.start(partial(serve, app, config))  # type: ignore[arg-type]
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))
