@@ -34,7 +34,7 @@ from reactor.clinic.services.mailer import (
     open_mailer,
 )
 from reactor.clinic.services.templates import EmailRenderer
-from reactor.clinic.settings import Settings
+from reactor.clinic.settings import MailSettings, Settings
 from reactor.engine.db import Database, DatabaseUnavailable
 from reactor.engine.errors import RetryableError
 from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
@@ -98,13 +98,14 @@ class _SentVerdict:
 
 class EmailProcessor(Processor[EmailMessage]):
     settings: Settings
+    mail: MailSettings  # what it reads of the settings: its own part
     model = EmailMessage
     concurrency = 20
     timeout_s = 120.0
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        settings = self.settings
+        self.mail = settings = self.settings
         check_mail_settings(settings)
         self.renderer = EmailRenderer(TEMPLATES_DIR, timezone=settings.app_timezone,
                                       app_name=settings.app_name,
@@ -117,7 +118,7 @@ class EmailProcessor(Processor[EmailMessage]):
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        async with open_mailer(self.settings) as mailer:
+        async with open_mailer(self.mail) as mailer:
             self.mailer = mailer
             try:
                 yield
@@ -130,10 +131,10 @@ class EmailProcessor(Processor[EmailMessage]):
         locale = msg.locale or await self._profile_locale(msg.to) or "ru"
         rendered = self.renderer.render(msg.template, locale, msg.variables, msg.subject)
         attachments = [await self._attachment(ref) for ref in msg.attachments]
-        sender = self.settings.smtp_from or "noreply@localhost"
-        email = build_message(sender=sender, sender_name=self.settings.smtp_from_name,
+        sender = self.mail.smtp_from or "noreply@localhost"
+        email = build_message(sender=sender, sender_name=self.mail.smtp_from_name,
                               to=msg.to, email=rendered, attachments=attachments,
-                              reply_to=self.settings.smtp_reply_to)
+                              reply_to=self.mail.smtp_reply_to)
 
         assert self.mailer is not None, "EmailProcessor used outside running()"
         # Waiting for a pooled connection may be cut (job timeout, shutdown): nothing has
@@ -153,7 +154,7 @@ class EmailProcessor(Processor[EmailMessage]):
             # verdict's write to the ledger gets LEDGER_RETRY_S.
             with trio.CancelScope(shield=True) as conversation:
                 conversation.deadline = (trio.current_time() + LEDGER_RETRY_S
-                                         + SMTP_COMMANDS_PER_MAIL * self.settings.smtp_timeout_s)
+                                         + SMTP_COMMANDS_PER_MAIL * self.mail.smtp_timeout_s)
                 try:
                     message_id = await session.send(email)
                 except DeliveryUnknown as exc:
@@ -234,7 +235,7 @@ class EmailProcessor(Processor[EmailMessage]):
         return str(row[0]) if row else None
 
     async def _attachment(self, ref: AttachmentRef) -> Attachment:
-        base = await trio.Path(self.settings.reports_dir).resolve()
+        base = await trio.Path(self.mail.reports_dir).resolve()
         path = await (base / ref.path).resolve()
         if not path.is_relative_to(base):
             raise PermanentError(f"attachment {ref.path!r} is outside REPORTS_DIR")

@@ -67,7 +67,7 @@ from reactor.clinic.services.payments import (
     open_provider,
     shown,
 )
-from reactor.clinic.settings import Settings, parse_networks
+from reactor.clinic.settings import PaymentSettings, Settings, parse_networks
 from reactor.engine.db import DatabaseUnavailable
 from reactor.engine.errors import PermanentError, RetryLater
 from reactor.engine.processor import Context, Job, MessageModel, Processor
@@ -175,13 +175,14 @@ def _requested_amount(msg: PaymentMessage, row: Row) -> Decimal:
 
 class PaymentProcessor(Processor[PaymentMessage]):
     settings: Settings
+    payment: PaymentSettings  # what it reads of the settings: its own part
     model = PaymentMessage
     concurrency = 10
     timeout_s = 60.0
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        settings = self.settings
+        self.payment = settings = self.settings
         self.provider: PaymentProvider | None = open_provider(settings)  # ConfigError: keys
         self.sources = parse_networks(settings.yookassa_webhook_networks)
         self.proxies = parse_networks(settings.webhook_trusted_proxies)
@@ -378,7 +379,7 @@ class PaymentProcessor(Processor[PaymentMessage]):
     async def _later(self, op: Operation, what: str) -> Exception:
         """Ask again after a quarter of the operation's age; give up after the max age."""
         age = op.age_s
-        limit = self.settings.payment_verify_max_age_s
+        limit = self.payment.payment_verify_max_age_s
         if age > limit:
             if op.action == "verify":
                 await self._close(op, "expired")

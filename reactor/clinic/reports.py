@@ -34,7 +34,7 @@ from reactor.clinic.services.pdf import (
     prepare_fonts,
     render_report,
 )
-from reactor.clinic.settings import Settings
+from reactor.clinic.settings import ReportSettings, Settings
 from reactor.engine import queues
 from reactor.engine.db import in_worker_thread
 from reactor.engine.errors import PermanentError, RetryableError
@@ -114,13 +114,14 @@ def check_report_size(data: ReportData) -> None:
 
 class ReportProcessor(Processor[ReportMessage]):
     settings: Settings
+    report: ReportSettings  # what it reads of the settings: its own part
     model = ReportMessage
     concurrency = 2  # CPU-bound: rendering runs in a worker thread
     timeout_s = 120.0
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        settings = self.settings
+        self.report = settings = self.settings
         self.source_fonts = find_fonts(settings.report_font_dir)  # ConfigError if missing
         self.fonts: Fonts | None = None
         key = settings.supabase_service_role_key
@@ -158,11 +159,11 @@ class ReportProcessor(Processor[ReportMessage]):
         # caps above bound how long the thread goes on after that.
         pdf = await in_worker_thread(lambda: render_report(
             data, locale=locale, fonts=self.fonts, templates_dir=TEMPLATES_DIR,  # type: ignore[arg-type]
-            app_name=self.settings.app_name, timezone=self.settings.app_timezone),
+            app_name=self.report.app_name, timezone=self.report.app_timezone),
             abandon_on_cancel=True)
         relative = f"{user_id}/{msg.assessment_id}.pdf"
         await self._store(relative, pdf)
-        if self.settings.supabase_url and self.storage_key:
+        if self.report.supabase_url and self.storage_key:
             await self._upload(relative, pdf)
         mail = {
             "to": email, "subject": None, "template": "report_ready", "priority": 3,
@@ -184,7 +185,7 @@ class ReportProcessor(Processor[ReportMessage]):
 
     async def _store(self, relative: str, pdf: bytes) -> None:
         """Write atomically: a reader sees the old file or the new one, never half."""
-        final = trio.Path(self.settings.reports_dir) / relative
+        final = trio.Path(self.report.reports_dir) / relative
         # A temp name of its own: two deliveries of one report may render at once.
         temp = final.with_name(f".{final.name}.{uuid4().hex}.tmp")
         try:
@@ -196,8 +197,8 @@ class ReportProcessor(Processor[ReportMessage]):
 
     async def _upload(self, relative: str, pdf: bytes) -> None:
         """Upsert the PDF into the Storage bucket REPORTS_BUCKET (Storage REST API)."""
-        base = str(self.settings.supabase_url).rstrip("/")
-        url = f"{base}/storage/v1/object/{self.settings.reports_bucket}/{relative}"
+        base = str(self.report.supabase_url).rstrip("/")
+        url = f"{base}/storage/v1/object/{self.report.reports_bucket}/{relative}"
         headers = {"Authorization": f"Bearer {self.storage_key}", "apikey": str(self.storage_key),
                    "Content-Type": "application/pdf", "x-upsert": "true"}
         try:

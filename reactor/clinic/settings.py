@@ -14,11 +14,13 @@ from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reactor.engine.settings import ConfigError, EngineSettings
 from reactor.engine.settings import load_settings as _load
 
-__all__ = ["ConfigError", "Settings", "load_settings", "parse_networks"]
+__all__ = ["BrandSettings", "ConfigError", "MailSettings", "PaymentSettings", "ReportSettings",
+           "Settings", "load_settings", "parse_networks"]
 
 # https://yookassa.ru/developers/using-api/webhooks#ip (the addresses notifications come from).
 YOOKASSA_NETWORKS = ("185.71.76.0/27,185.71.77.0/27,77.75.153.0/25,77.75.156.11,77.75.156.35,"
@@ -42,11 +44,35 @@ def parse_networks(value: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-class Settings(EngineSettings):
-    """Every knob of the clinic and of its engine, by its environment variable name."""
+class _Part(BaseSettings):
+    """One feature's settings: read from the environment like the engine's."""
 
-    LOWERCASE_CHOICES: ClassVar[tuple[str, ...]] = (
-        *EngineSettings.LOWERCASE_CHOICES, "EMAIL_PROVIDER", "SMTP_SECURITY", "PAYMENT_PROVIDER")
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True,
+        case_sensitive=True,
+    )
+
+
+class BrandSettings(_Part):
+    """What mails and reports share: the service's name, time zone, links, report files."""
+
+    app_name: str = Field("Family Mind", alias="APP_NAME")
+    app_timezone: str = Field("Europe/Moscow", alias="APP_TIMEZONE")
+    app_base_url: str | None = Field(None, alias="APP_BASE_URL")
+    reports_dir: Path = Field(Path("reports"), alias="REPORTS_DIR")
+
+    @model_validator(mode="after")
+    def _check_timezone(self) -> BrandSettings:
+        try:
+            ZoneInfo(self.app_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"APP_TIMEZONE={self.app_timezone!r} is not a time zone "
+                             "(e.g. Europe/Moscow)") from None
+        return self
+
+
+class MailSettings(BrandSettings):
+    """The email processor's and the mailer's (SMTP or the file outbox)."""
 
     email_provider: Literal["smtp", "file"] = Field("smtp", alias="EMAIL_PROVIDER")
     smtp_host: str | None = Field(None, alias="SMTP_HOST")
@@ -63,15 +89,28 @@ class Settings(EngineSettings):
     smtp_pool_idle_s: float = Field(30.0, alias="SMTP_POOL_IDLE_S", gt=0)
     smtp_helo_name: str | None = Field(None, alias="SMTP_HELO_NAME")
     smtp_reply_to: str | None = Field(None, alias="SMTP_REPLY_TO")
-    app_name: str = Field("Family Mind", alias="APP_NAME")
-    app_timezone: str = Field("Europe/Moscow", alias="APP_TIMEZONE")
 
-    reports_dir: Path = Field(Path("reports"), alias="REPORTS_DIR")
+    @property
+    def smtp_security_effective(self) -> Literal["starttls", "ssl", "none"]:
+        """SMTP_SECURITY, else derived from the port: 465 → ssl, 587 → starttls."""
+        if self.smtp_security:
+            return self.smtp_security
+        return "ssl" if self.smtp_port == 465 else "starttls" if self.smtp_port == 587 else "none"
+
+
+class ReportSettings(BrandSettings):
+    """The report processor's: fonts, and Supabase Storage where reports are uploaded."""
+
     report_font_dir: Path = Field(Path("/usr/share/fonts/truetype/dejavu"),
                                   alias="REPORT_FONT_DIR")
     supabase_url: str | None = Field(None, alias="SUPABASE_URL")
     supabase_service_role_key: SecretStr | None = Field(None, alias="SUPABASE_SERVICE_ROLE_KEY")
     reports_bucket: str = Field("reports", alias="REPORTS_BUCKET")
+
+
+class PaymentSettings(_Part):
+    """The payment processor's and the provider's (YooKassa), and its webhook's sources."""
+
     payment_verify_max_age_s: int = Field(86_400, alias="PAYMENT_VERIFY_MAX_AGE", ge=60)
     payment_provider: Literal["manual", "yookassa"] = Field("manual", alias="PAYMENT_PROVIDER")
     yookassa_shop_id: str | None = Field(None, alias="YOOKASSA_SHOP_ID")
@@ -81,7 +120,6 @@ class Settings(EngineSettings):
     # direct peers (reverse proxies) may name the real source in X-Forwarded-For.
     yookassa_webhook_networks: str = Field(YOOKASSA_NETWORKS, alias="YOOKASSA_WEBHOOK_NETWORKS")
     webhook_trusted_proxies: str = Field("", alias="WEBHOOK_TRUSTED_PROXIES")
-    app_base_url: str | None = Field(None, alias="APP_BASE_URL")
 
     @field_validator("yookassa_webhook_networks", "webhook_trusted_proxies")
     @classmethod
@@ -92,21 +130,13 @@ class Settings(EngineSettings):
         parse_networks(value)
         return value
 
-    @model_validator(mode="after")
-    def _check_clinic(self) -> Settings:
-        try:
-            ZoneInfo(self.app_timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"APP_TIMEZONE={self.app_timezone!r} is not a time zone "
-                             "(e.g. Europe/Moscow)") from None
-        return self
 
-    @property
-    def smtp_security_effective(self) -> Literal["starttls", "ssl", "none"]:
-        """SMTP_SECURITY, else derived from the port: 465 → ssl, 587 → starttls."""
-        if self.smtp_security:
-            return self.smtp_security
-        return "ssl" if self.smtp_port == 465 else "starttls" if self.smtp_port == 587 else "none"
+class Settings(EngineSettings, MailSettings, ReportSettings, PaymentSettings):
+    """Every knob of the clinic and of its engine, by its environment variable name: the
+    engine's and each processor's own class, in one object read once."""
+
+    LOWERCASE_CHOICES: ClassVar[tuple[str, ...]] = (
+        *EngineSettings.LOWERCASE_CHOICES, "EMAIL_PROVIDER", "SMTP_SECURITY", "PAYMENT_PROVIDER")
 
 
 def load_settings(**overrides: Any) -> Settings:

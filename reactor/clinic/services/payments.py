@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 import httpx
 
-from reactor.clinic.settings import ConfigError, Settings
+from reactor.clinic.settings import ConfigError, PaymentSettings
 from reactor.engine.errors import PermanentError, RetryableError
 
 __all__ = ["PaymentProvider", "ProviderObject", "YooKassaProvider", "check_yookassa_id",
@@ -122,7 +122,7 @@ class YooKassaProvider:
 
     name = "yookassa"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: PaymentSettings) -> None:
         if not settings.yookassa_shop_id or settings.yookassa_secret_key is None:
             raise ConfigError("PAYMENT_PROVIDER=yookassa needs YOOKASSA_SHOP_ID and "
                               "YOOKASSA_SECRET_KEY: set both, or PAYMENT_PROVIDER=manual")
@@ -241,7 +241,7 @@ class YooKassaProvider:
         await self.client.aclose()
 
 
-def open_provider(settings: Settings) -> PaymentProvider | None:
+def open_provider(settings: PaymentSettings) -> PaymentProvider | None:
     """The configured provider; None for `manual` (staff decide, nothing is called).
 
     Raises: ConfigError when the chosen provider lacks its settings.

@@ -29,7 +29,7 @@ from reactor.clinic.services.mailer.smtp import (
     classify,
     helo_name,
 )
-from reactor.clinic.settings import Settings
+from reactor.clinic.settings import MailSettings
 from reactor.engine.errors import PermanentError, RetryableError
 
 __all__ = ["PROBE_AFTER_S", "SmtpMailer", "open_mailer"]
@@ -51,7 +51,7 @@ class SmtpMailer:
     carries a mail.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: MailSettings) -> None:
         check_mail_settings(settings)
         self.settings = settings
         self.security = settings.smtp_security_effective
@@ -240,7 +240,7 @@ class _SmtpSession:
 
 
 @contextlib.asynccontextmanager
-async def open_mailer(settings: Settings) -> AsyncIterator[Mailer]:
+async def open_mailer(settings: MailSettings) -> AsyncIterator[Mailer]:
     """The mailer EMAIL_PROVIDER asks for, for the duration of the block."""
     if settings.email_provider == "file":
         yield FileMailer(settings.email_outbox_dir)

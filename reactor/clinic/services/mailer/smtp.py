@@ -25,7 +25,7 @@ import aiosmtplib
 import trio
 
 from reactor.clinic.services.asyncio_thread import AsyncioThread
-from reactor.clinic.settings import ConfigError, Settings
+from reactor.clinic.settings import ConfigError, MailSettings
 from reactor.engine.errors import PermanentError, RetryableError
 
 __all__ = ["ConnectionGone", "DeliveryUnknown", "SmtpAuthFailed", "SmtpConnection",
@@ -276,7 +276,7 @@ _HOST_LABEL: Final = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _ADDRESS: Final = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+$")
 
 
-def helo_name(settings: Settings) -> str:
+def helo_name(settings: MailSettings) -> str:
     """The EHLO name: SMTP_HELO_NAME, else the domain of SMTP_FROM.
 
     Never `socket.getfqdn()`: that is `localhost` or a container ID, which
@@ -311,7 +311,7 @@ def _not_fully_qualified(name: str) -> str | None:
     return None
 
 
-def check_mail_settings(settings: Settings) -> None:
+def check_mail_settings(settings: MailSettings) -> None:
     """Refuse at start-up what would fail every mail later.
 
     Raises:
