@@ -340,9 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--json", action="store_true", help="list as JSON lines")
     dlq.add_argument("--yes", action="store_true", help="confirm purge")
     dlq.set_defaults(func=cmd_dlq)
-    for command in sub.choices.values():  # `reactor run --app module:factory`, and so on
-        command.add_argument("--app", default=DEFAULT_APP, metavar="MODULE:FACTORY",
-                             help=f"the app (default {DEFAULT_APP})")
+    # `reactor run --app module:factory`, and so on: every command about an app's queues
+    # and database (watch reads the feed of whatever runs; dev is the clinic's own stack).
+    for name, command in sub.choices.items():
+        if name not in ("watch", "dev"):
+            command.add_argument("--app", default=DEFAULT_APP, metavar="MODULE:FACTORY",
+                                 help=f"the app (default {DEFAULT_APP})")
     return parser
 
 
