@@ -127,9 +127,9 @@ class Drainer:
         # Read and not yet settled, by msg_id.
         self._jobs: dict[int, _Job] = {}
         # Settled, waiting to be written: archive / retry or release / dead-letter / requeue.
-        self._done: list[int] = []
-        # Their job.succeeded events (msg_id, attempt, duration_ms), published once archived.
-        self._succeeded: list[tuple[int, int, float]] = []
+        # Succeeded, to be archived: (msg_id, attempt, duration_ms); each one's
+        # job.succeeded is published once its archive committed.
+        self._done: list[tuple[int, int, float]] = []
         self._outcomes: list[Outcome] = []
         self._letters: list[Outcome] = []
         self._requeues: list[Outcome] = []
@@ -395,7 +395,7 @@ class Drainer:
         if self._stopping:
             read = 0  # what was just released (set visible) must not be read back in
         done, self._done = self._done, []
-        succeeded, self._succeeded = self._succeeded, []
+        ids = [msg_id for msg_id, _, _ in done]
         try:
             if read:
                 vt = self.cfg.visibility_timeout_s
@@ -409,22 +409,20 @@ class Drainer:
                 try:
                     with scope:
                         taken = await self._db_call(queues.archive_then_read(
-                            self.db, self._take, self.queue, done, vt, read))
-                        self._publish_succeeded(succeeded)
+                            self.db, self._take, self.queue, ids, vt, read))
+                        self._publish_succeeded(done)
                         return taken
                 finally:
                     self._take_scope = None
                 # Cut at the end of the grace (cancel_jobs), cancelled on the server.
                 self._done[:0] = done
-                self._succeeded[:0] = succeeded
                 return []
-            if done:
-                await self._db_call(queues.archive_fast(self.db, self.queue, done))
-            self._publish_succeeded(succeeded)
+            if ids:
+                await self._db_call(queues.archive_fast(self.db, self.queue, ids))
+            self._publish_succeeded(done)
             return []
         except BaseException:
             self._done[:0] = done  # archived next time (archive is idempotent)
-            self._succeeded[:0] = succeeded
             raise
 
     def _publish_succeeded(self, succeeded: list[tuple[int, int, float]]) -> None:
@@ -482,8 +480,7 @@ class Drainer:
             self._settle_failure(job, describe_error(exc))
         else:
             if self._settle(job):
-                self._done.append(message.msg_id)
-                self._succeeded.append((message.msg_id, message.attempt, _ms(job)))
+                self._done.append((message.msg_id, message.attempt, _ms(job)))
 
     # -- settling: synchronous, exactly once per delivery ---------------------------------
     def _settle(self, job: _Job) -> bool:
