@@ -6,24 +6,26 @@ processor; its settings, migrations and event kinds.
 
 from __future__ import annotations
 
-from reactor.clinic.analytics import AnalyticsProcessor
-from reactor.clinic.email import EmailProcessor
-from reactor.clinic.payments import PaymentProcessor
-from reactor.clinic.reports import ReportProcessor
 from reactor.clinic.resources import MIGRATIONS_DIR
 from reactor.clinic.settings import Settings, load_settings
 from reactor.engine.app import App, Queue
 
 __all__ = ["EVENT_KINDS", "QUEUES", "build"]
 
+# Processors by path: imported by `reactor run` only (the CLI's other commands need
+# the queue names, not fpdf2 and aiosmtplib).
 QUEUES = (
     # A relay conversation may take SMTP_TIMEOUT_S per command: 120 s a mail at most.
-    Queue("email_queue", EmailProcessor, concurrency=20, timeout_s=120.0),
+    Queue("email_queue", "reactor.clinic.email:EmailProcessor",
+          concurrency=20, timeout_s=120.0),
     # CPU-bound (rendering runs in a worker thread): two at once on a small VM.
-    Queue("report_generation_queue", ReportProcessor, concurrency=2, timeout_s=120.0),
-    Queue("payment_processing_queue", PaymentProcessor, concurrency=10, timeout_s=60.0),
+    Queue("report_generation_queue", "reactor.clinic.reports:ReportProcessor",
+          concurrency=2, timeout_s=120.0),
+    Queue("payment_processing_queue", "reactor.clinic.payments:PaymentProcessor",
+          concurrency=10, timeout_s=60.0),
     # Each job is one INSERT: the database pool is the real limit.
-    Queue("analytics_queue", AnalyticsProcessor, concurrency=8, timeout_s=30.0),
+    Queue("analytics_queue", "reactor.clinic.analytics:AnalyticsProcessor",
+          concurrency=8, timeout_s=30.0),
 )
 # Published by the payment processor: the provider's word differs from our row.
 EVENT_KINDS = ("payment.mismatch",)

@@ -9,6 +9,7 @@ names a queue of its own: it drains what the app declares.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,42 @@ from reactor.engine.settings import ConfigError, EngineSettings
 
 __all__ = ["App", "AppFactory", "Queue", "load_app"]
 
+_CLASS_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
 
 @dataclass(frozen=True)
 class Queue:
     """One queue the app drains: the processor class that handles its messages, and
-    (if not the processor's defaults) how many jobs run at once and for how long."""
+    (if not the processor's defaults) how many jobs run at once and for how long.
+
+    `processor` is the class or its `"module:Class"` path. A path is imported only when
+    a reactor drains the queue: `reactor status`, `dlq` or `migrate` then load none of
+    the processors' libraries (a PDF renderer, an SMTP client: seconds per command).
+    """
 
     name: str
-    processor: type[Processor[Any]]
+    processor: type[Processor[Any]] | str
     concurrency: int | None = None
     timeout_s: float | None = None
+
+    @property
+    def processor_class(self) -> type[Processor[Any]]:
+        """The processor class (imported now if it was given by path).
+
+        Raises:
+            ConfigError: the path names no Processor class.
+        """
+        if not isinstance(self.processor, str):
+            return self.processor
+        module_name, _, attr = self.processor.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except Exception as exc:  # ImportError, AttributeError, an error in the module …
+            raise ConfigError(f"queue {self.name}: cannot load its processor "
+                              f"{self.processor!r} ({type(exc).__name__}: {exc})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Processor)):
+            raise ConfigError(f"queue {self.name}: {self.processor!r} is not a Processor class")
+        return cls
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,10 @@ class App:
         names = [q.name for q in self.queues]
         if len(set(names)) != len(names):
             raise ConfigError(f"app {self.name}: a queue is declared twice ({', '.join(names)})")
+        for queue in self.queues:
+            if isinstance(queue.processor, str) and not _CLASS_PATH.fullmatch(queue.processor):
+                raise ConfigError(f"app {self.name}: queue {queue.name}: write its processor "
+                                  f"as module:Class, not {queue.processor!r}")
         for name in names:
             if not QUEUE_NAME.fullmatch(name) or name.endswith("_dlq"):
                 raise ConfigError(f"app {self.name}: {name!r} cannot be a queue's name (lower "
@@ -60,7 +91,7 @@ class App:
 
     @property
     def processors(self) -> Mapping[str, type[Processor[Any]]]:
-        return {q.name: q.processor for q in self.queues}
+        return {q.name: q.processor_class for q in self.queues}
 
     def check_queue(self, name: str) -> str:
         """`name` if the app drains it.

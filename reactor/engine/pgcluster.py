@@ -72,6 +72,9 @@ def _check_pg_cron(bin_dir: Path) -> None:
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \S+ \[\d+\] ")
 # Causes that Postgres logs below FATAL, before the FATAL that only reports the effect.
 _CAUSES = ("Address already in use", "could not bind", "Permission denied", "No space left")
+# Lines that hold a cause's words but never say why a start failed: the server user
+# cannot enter the caller's working directory (a checkout under /root, a 0700 mktemp).
+_NOISE = ("could not change directory to",)
 
 
 def start_failure_reason(output: str) -> str:
@@ -82,7 +85,7 @@ def start_failure_reason(output: str) -> str:
     lower-level line just before it (a port in use is a LOG line).
     """
     lines = [" ".join(_LOG_PREFIX.sub("", line).split()) for line in output.splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line for line in lines if line and not any(noise in line for noise in _NOISE)]
     if not lines:
         return "no reason given in the log"
 
@@ -128,10 +131,13 @@ class PgCluster:
 
     # -- commands --------------------------------------------------------
     def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run a server command as the server user, from a directory it may enter (its own
+        base directory): a caller's cwd under /root would cost a warning in every log."""
         cmd = list(argv)
         if self._as_postgres:
             cmd = ["runuser", "-u", SERVER_USER, "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cwd = self.base_dir if self.base_dir.is_dir() else None
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
 
     def _own(self, path: Path) -> None:
         if self._as_postgres:

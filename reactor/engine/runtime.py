@@ -103,7 +103,7 @@ class Reactor:
     def _processor(self, queue: str, cls: type[Processor[Any]]) -> Processor[Any]:
         # The app's declaration, unless a test or a bench drains the queue with another class.
         declared = next((q for q in self.app.queues
-                         if q.name == queue and q.processor is cls), None)
+                         if q.name == queue and q.processor_class is cls), None)
         return cls(Context(queue=queue, db=self.db, bus=self.bus, health=self.health,
                            settings=self.settings,
                            concurrency=declared.concurrency if declared else None,

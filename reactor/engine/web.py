@@ -129,6 +129,40 @@ async def read_body(request: Request, limit: int, *,
     raise BodyRefused(408, "the request body did not arrive in time")
 
 
+class LogRouteErrors:
+    """ASGI middleware: a route that raised is logged *before* its 500 is sent.
+
+    Starlette's ServerErrorMiddleware sends the 500 and then re-raises for the server
+    to log ("Error in ASGI Framework"); but the client has its answer by then, and a
+    shutdown (or a cancelled request) that lands in between loses the line. Here the
+    traceback is written first, then the 500 goes out (if nothing was sent yet), and
+    nothing is re-raised, so the error is logged exactly once, by us.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("http route failed", path=scope.get("path"),
+                          method=scope.get("method"))
+            if not started:
+                await JSONResponse({"error": "internal error (see the reactor's log)"},
+                                   status_code=500)(scope, receive, send)
+
+
 class DrainUnreadBody:
     """ASGI middleware: a route that answers without reading the request's body (a GET
     with a body, a refusal) must not leave its connection open for ever.
@@ -365,9 +399,14 @@ async def serve_http(app: Starlette, host: str, port: int, *,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; started() with the bound port.
 
-    A connection that has not sent a whole request head within 5 s (hypercorn's
+    Every Starlette app served here logs a route that raised before its 500 is sent
+    (LogRouteErrors). A connection that has not sent a whole request head within 5 s (hypercorn's
     keep-alive timer, which runs until a request is complete) is closed.
     """
+    middleware: set[Any] = {m.cls for m in app.user_middleware}
+    if LogRouteErrors not in middleware:
+        # Inside Starlette's ServerErrorMiddleware, which would send the 500 first.
+        app.add_middleware(LogRouteErrors)
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from reactor.clinic.devstack import DevStack
-from reactor.engine.pgcluster import PgCluster, PgClusterError, free_port
+from reactor.engine.pgcluster import PgCluster, PgClusterError, free_port, start_failure_reason
 from tests.harness import wait_until
 
 # `reactor dev` and Postgres servers run as child processes.
@@ -173,3 +173,30 @@ def test_a_postgres_start_failure_leads_with_the_line_that_says_why(
     assert reason.startswith('FATAL: lock file "postmaster.pid" already exists')
     assert "Is another postmaster" in reason
     assert str(stopped_cluster.log_file) in reason
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server user differs from the caller only as root")
+def test_the_reason_is_right_from_a_directory_the_server_user_cannot_enter(
+        stopped_cluster: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout under /root or in a 0700 mktemp directory: Postgres (as `postgres`)
+    cannot enter the caller's working directory. It runs from its own base directory
+    instead, and the "line that says why" is still the real reason."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir(mode=0o700)
+    monkeypatch.chdir(checkout)
+    stopped_cluster.start()
+    twin = PgCluster(stopped_cluster.base_dir, free_port())
+    with pytest.raises(PgClusterError) as same_dir:
+        twin.start()
+    assert reason_of(same_dir.value, twin.port).startswith(
+        'FATAL: lock file "postmaster.pid" already exists')
+    assert "could not change directory" not in stopped_cluster.log_file.read_text()
+
+
+def test_the_reason_skips_postgres_noise_about_the_working_directory() -> None:
+    log = ('could not change directory to "/root/reactor": Permission denied\n'
+           "2026-12-04 16:00:00.000 UTC [1] LOG:  starting PostgreSQL 15\n"
+           '2026-12-04 16:00:00.001 UTC [1] FATAL:  lock file "postmaster.pid" already exists\n'
+           "2026-12-04 16:00:00.001 UTC [1] HINT:  Is another postmaster running?\n")
+    assert start_failure_reason(log) == ('FATAL: lock file "postmaster.pid" already exists '
+                                         "(HINT: Is another postmaster running?)")

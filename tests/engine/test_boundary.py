@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from reactor.engine.app import load_app
-from reactor.engine.settings import ConfigError
+from reactor.engine.app import App, Queue, load_app
+from reactor.engine.settings import ConfigError, EngineSettings
 
 CLINIC_LIBRARIES = ("fpdf", "fontTools", "aiosmtplib", "httpx", "jinja2", "babel")
 
@@ -41,3 +42,36 @@ def test_importing_the_engine_loads_none_of_the_clinics_libraries() -> None:
 def test_an_app_path_that_names_no_app_is_one_clear_line(path: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_app(path)
+
+
+def test_the_commands_that_do_not_drain_load_no_processor_library() -> None:
+    """`reactor status`, `dlq`, `migrate` build the clinic app for its queue names: its
+    processors are named by path and imported only by `reactor run`, so these commands
+    start in about a second instead of three (fpdf2, fontTools, aiosmtplib …)."""
+    code = (
+        "import sys\n"
+        "from reactor.clinic.app import build\n"
+        "from reactor.clinic.settings import Settings\n"
+        "app = build(Settings(database_url='postgresql://u@h/db'))\n"
+        f"before = sorted({{n.split('.')[0] for n in sys.modules}} & set({CLINIC_LIBRARIES!r}))\n"
+        "app.processors\n"
+        f"after = sorted({{n.split('.')[0] for n in sys.modules}} & set({CLINIC_LIBRARIES!r}))\n"
+        "print(len(app.queue_names), before, after)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == ("4 [] ['aiosmtplib', 'babel', 'fontTools', 'fpdf', 'httpx', "
+                           "'jinja2']")
+
+
+@pytest.mark.parametrize(("processor", "message"), [
+    ("no_colon", "write its processor as module:Class"),
+    ("no.such.module:Thing", "cannot load its processor"),
+    ("reactor.engine.settings:ConfigError", "is not a Processor class"),
+])
+def test_a_processor_path_that_names_no_processor_is_one_clear_line(
+        processor: str, message: str) -> None:
+    settings = EngineSettings(database_url="postgresql://u@h/db")
+    with pytest.raises(ConfigError, match=message):
+        App(name="x", settings=settings, migrations=Path("."),
+            queues=(Queue("x_queue", processor),)).processors
