@@ -17,8 +17,9 @@ import pytest
 import trio
 from pypdf import PdfReader
 
+from reactor.clinic.services.pdf import find_fonts, prepare_fonts
 from reactor.engine.events import Event, Subscription
-from reactor.engine.files import STALE_AFTER_S
+from reactor.engine.files import STALE_AFTER_S, WriteFailed
 from tests import factories as f
 from tests.harness import (
     log_lines,
@@ -213,3 +214,18 @@ def test_sigterm_during_a_report_write_leaves_no_temp_file_and_no_row(
               if e.get("queue") == REPORTS and "msg_id" in e]
     assert "job.succeeded" not in report
 
+
+
+def test_a_font_cache_on_a_full_disk_fails_naming_it_and_leaves_no_temp_file(
+        tmp_path: Path) -> None:
+    """The prepared fonts go through the same helper: a full disk is one clear error,
+    no partial subset is left to be loaded next time, and the next start prepares them."""
+    dejavu = find_fonts(Path("/usr/share/fonts/truetype/dejavu"))
+    with tmpfs(tmp_path / "fonts") as cache:
+        filler = fill(cache)
+        with pytest.raises(WriteFailed, match=f"^cannot write to {cache}: No space left"):
+            prepare_fonts(dejavu, cache)
+        assert list(cache.iterdir()) == [filler]
+        filler.unlink()
+        prepared = prepare_fonts(dejavu, cache)
+        assert sorted(cache.iterdir()) == sorted([prepared.regular, prepared.bold])
