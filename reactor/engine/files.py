@@ -183,8 +183,8 @@ def sweep_temp_files(directory: Path, older_than_s: float = STALE_AFTER_S) -> in
                 continue  # gone meanwhile: its writer finished or another sweep took it
             except OSError as exc:
                 problem = problem or exc
-    if removed:
-        log.info("stale temp files removed", directory=str(directory), count=removed)
+    if removed:  # a write was cut short by a crash (kill -9, power loss): worth a look
+        log.warning("stale temp files removed", directory=str(directory), count=removed)
     if problem is not None:
         log.warning("cannot sweep stale temp files", directory=str(directory),
                     error=problem.strerror or str(problem))
