@@ -23,8 +23,8 @@ from starlette.routing import Route
 from reactor.engine.pgcluster import PgCluster, free_port
 from reactor.engine.startup import refusal, url_problem
 from reactor.engine.web import serve_http
+from reactor.testing import start_on_a_free_port
 from tests import factories as f
-from tests.conftest import start_on_a_free_port
 from tests.harness import log_lines, ports, reactor_command, reactor_process, wait_until
 
 
