@@ -46,7 +46,6 @@ from reactor.engine.db import Database, in_worker_thread
 from reactor.engine.pgcluster import PgCluster
 from reactor.engine.processor import Job, MessageModel
 from tests.clinic.reports.test_reports import outlined
-from tests.engine.test_faults import pgbouncer
 from tests.harness import (
     ScriptedProcessor,
     eventually,
@@ -57,6 +56,7 @@ from tests.harness import (
     sql,
     wait_for,
 )
+from tests.pgbouncer import pgbouncer
 
 QUEUE = "analytics_queue"
 

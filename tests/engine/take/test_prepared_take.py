@@ -16,8 +16,8 @@ from psycopg import sql as pgsql
 from reactor.engine import queues
 from reactor.engine.db import Database, DatabaseUnavailable, Prepared
 from reactor.engine.pgcluster import PgCluster
-from tests.engine.test_faults import pgbouncer
 from tests.harness import send, sql
+from tests.pgbouncer import pgbouncer
 
 QUEUE = "analytics_queue"
 OTHER = "email_queue"

@@ -28,8 +28,8 @@ from reactor.engine import queues
 from reactor.engine.db import Database, DatabaseUnavailable
 from reactor.engine.pgcluster import PgCluster
 from tests.engine.take.test_wake_take import standby_that_never_answers
-from tests.engine.test_faults import pgbouncer
 from tests.harness import eventually, running_reactor, send, sql
+from tests.pgbouncer import pgbouncer
 
 QUEUE = "analytics_queue"
 VT, BATCH = 30, 100

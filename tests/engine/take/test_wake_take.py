@@ -25,8 +25,8 @@ from psycopg import sql as pgsql
 from reactor.engine import queues
 from reactor.engine.db import Database, DatabaseUnavailable
 from reactor.engine.pgcluster import PgCluster
-from tests.engine.test_faults import pgbouncer
 from tests.harness import eventually, send, sql
+from tests.pgbouncer import pgbouncer
 
 QUEUE = "analytics_queue"
 BOTH_FLAVOURS = pytest.mark.parametrize("db_flavor", ["plain", "supabase"], indirect=True)
