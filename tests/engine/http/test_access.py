@@ -90,6 +90,7 @@ async def test_behind_a_proxy_a_token_is_required(database_url: str) -> None:
                                      "Authorization: Bearer t0ken-123\r\n")
 
 
+# trio-websocket's client leaves its socket to the GC when the server rejects the handshake.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_token_is_required_when_set_and_never_in_a_url(database_url: str) -> None:
     async with running_reactor(database_url, FEED_TOKEN="t0ken-123") as reactor:
