@@ -38,7 +38,7 @@ from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 
 # Modules whose database tests run on plain Postgres and on the Supabase-like database.
 SUPABASE_TIER = frozenset({"test_schema", "test_triggers", "test_rpc", "test_cron_functions",
-                           "test_supabase_access", "test_hot_path"})
+                           "test_supabase_access"})
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import trio
+from psycopg import sql as pgsql
 
 from reactor.clinic.app import build
 from reactor.clinic.settings import Settings, load_settings
@@ -157,6 +159,22 @@ async def in_db(url: str, fn: Callable[[psycopg.Connection], T]) -> T:
         with psycopg.connect(url, autocommit=True) as conn:
             return fn(conn)
     return await trio.to_thread.run_sync(run)
+
+
+def database_name(url: str) -> str:
+    """The database a URL names."""
+    return urlsplit(url).path.lstrip("/")
+
+
+# What a test's own connections add to a URL to stay writable and UTF-8 whatever defaults
+# `alter_database` gave the database's new sessions.
+PLAIN = "?options=-c%20default_transaction_read_only%3Doff&client_encoding=UTF8"
+
+
+async def alter_database(url: str, setting: str) -> None:
+    """ALTER DATABASE <the database of url> <setting>: new sessions get it."""
+    await sql(url + PLAIN, pgsql.SQL("ALTER DATABASE {} " + setting).format(
+        pgsql.Identifier(database_name(url))))
 
 
 @contextmanager
