@@ -16,6 +16,7 @@ older than `STALE_AFTER_S`, and `swept` does so at start and every
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -42,7 +43,7 @@ SWEEP_EVERY_S = 3600.0
 # cancellation lands between two chunks instead of after the whole file.
 CHUNK_BYTES = 1 << 20
 
-_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # whole name: fullmatch
 
 
 class WriteFailed(OSError):
@@ -62,7 +63,7 @@ class WriteFailed(OSError):
 
 def is_temp_name(name: str) -> bool:
     """Whether `name` is one of write_whole's temp names (`.<name>.<32 hex>.tmp`)."""
-    return bool(_TEMP_NAME.match(name))
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 def _temp_for(path: Path) -> Path:
@@ -71,8 +72,34 @@ def _temp_for(path: Path) -> Path:
 
 
 def _open(temp: Path) -> int:
-    temp.parent.mkdir(parents=True, exist_ok=True)
+    _make_directory(temp.parent)
     return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
+
+def _make_directory(directory: Path) -> None:
+    """Create `directory` and its missing parents durably: each new directory's entry is
+    fsynced in its parent (Postgres' fsync_parent_path), so a family's first report
+    directory does not vanish in a power loss while its row says the file is there."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_directory(new.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory (EINVAL) or refuse it on a read-only
+        # descriptor (EBADF); what they keep is theirs to keep. Postgres ignores the same.
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write(fd: int, data: memoryview) -> None:
@@ -87,11 +114,7 @@ def _commit(fd: int, temp: Path, path: Path) -> None:
     finally:
         os.close(fd)
     os.replace(temp, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_directory(path.parent)
 
 
 def _discard(fd: int | None, temp: Path) -> None:
@@ -147,7 +170,10 @@ async def write_whole(path: trio.Path | Path, data: bytes) -> None:
         for start in range(0, len(view), CHUNK_BYTES):
             await trio.to_thread.run_sync(_write, fd, view[start:start + CHUNK_BYTES])
         opened, fd = fd, None  # _commit closes it, whatever happens
-        await trio.to_thread.run_sync(_commit, opened, temp, path)
+        # Shielded: the thread is never abandoned, and a cancel landing before it starts
+        # would leave `opened` open (a deleted temp file keeps its blocks while open).
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_commit, opened, temp, path)
     except BaseException as exc:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_discard, fd, temp)
@@ -169,20 +195,26 @@ def sweep_temp_files(directory: Path, older_than_s: float = STALE_AFTER_S) -> in
         if not isinstance(exc, FileNotFoundError):
             problem = problem or exc
 
-    for root, _dirs, names in os.walk(directory, onerror=unreadable):
-        for name in names:
-            if not is_temp_name(name):
-                continue
-            path = os.path.join(root, name)
-            try:
-                info = os.lstat(path)
-                if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
-                    os.unlink(path)
-                    removed += 1
-            except FileNotFoundError:
-                continue  # gone meanwhile: its writer finished or another sweep took it
-            except OSError as exc:
-                problem = problem or exc
+    # fwalk + dir_fd: each name is removed from the directory that was listed, so a
+    # subdirectory swapped for a symlink meanwhile cannot lead the sweep elsewhere.
+    if not os.path.isdir(directory):
+        return 0  # nothing written there yet (or not a directory: the writes will say so)
+    try:
+        for _root, _dirs, names, root_fd in os.fwalk(directory, onerror=unreadable):
+            for name in names:
+                if not is_temp_name(name):
+                    continue
+                try:
+                    info = os.lstat(name, dir_fd=root_fd)
+                    if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                        os.unlink(name, dir_fd=root_fd)
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # gone meanwhile: its writer finished or another sweep took it
+                except OSError as exc:
+                    problem = problem or exc
+    except FileNotFoundError:
+        pass  # the directory went away while being swept: nothing left to sweep
     if removed:  # a write was cut short by a crash (kill -9, power loss): worth a look
         log.warning("stale temp files removed", directory=str(directory), count=removed)
     if problem is not None:

@@ -76,7 +76,8 @@ _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \S+ \[\d+\] ")
 _CAUSES = ("Address already in use", "could not bind", "Permission denied", "No space left")
 # Lines that hold a cause's words but never say why a start failed: the server user
 # cannot enter the caller's working directory (a checkout under /root, a 0700 mktemp).
-_NOISE = ("could not change directory to",)
+# Written bare, before logging starts; a FATAL about the data directory keeps its prefix.
+_NOISE = re.compile(r'^could not change directory to ".*": Permission denied$')
 
 
 def start_failure_reason(output: str) -> str:
@@ -87,7 +88,7 @@ def start_failure_reason(output: str) -> str:
     lower-level line just before it (a port in use is a LOG line).
     """
     lines = [" ".join(_LOG_PREFIX.sub("", line).split()) for line in output.splitlines()]
-    lines = [line for line in lines if line and not any(noise in line for noise in _NOISE)]
+    lines = [line for line in lines if line and not _NOISE.match(line)]
     if not lines:
         return "no reason given in the log"
 

@@ -131,11 +131,17 @@ def test_the_engine_prunes_an_apps_history_with_no_clinic_in_the_database(
         db.execute("SELECT pgmq.archive('greeting_queue', ARRAY[1, 2]::bigint[])")
         db.execute("UPDATE pgmq.a_greeting_queue SET archived_at = now() - interval '40 days'"
                    " WHERE msg_id = 1")
+        db.execute("SELECT pgmq.create('someone_elses_queue')")  # not the engine's to prune
+        db.execute("SELECT pgmq.send('someone_elses_queue', '{}')")
+        db.execute("SELECT pgmq.archive('someone_elses_queue', 1::bigint)")
+        db.execute("UPDATE pgmq.a_someone_elses_queue SET archived_at = now() - interval "
+                   "'40 days'")
         db.execute("INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at, updated_at)"
                    " VALUES ('greeting_queue', 1, now(), now() - interval '40 days')")
         assert db.execute("SELECT reactor.prune_history()").fetchone() == (2,)
         assert db.execute("SELECT message->>'name' FROM pgmq.a_greeting_queue").fetchall() \
             == [("new",)]
+        assert db.execute("SELECT count(*) FROM pgmq.a_someone_elses_queue").fetchone() == (1,)
         assert db.execute("SELECT to_regprocedure('public.prune_reactor_history(interval)')"
                           ).fetchone() == (None,)
 

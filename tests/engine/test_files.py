@@ -160,3 +160,81 @@ async def test_swept_sweeps_before_the_block_runs(tmp_path: Path) -> None:
     temp = stale(tmp_path / "u" / f".r.pdf.{'ab' * 16}.tmp", 2 * files.STALE_AFTER_S)
     async with swept(tmp_path, tmp_path / "missing"):
         assert not temp.exists()
+
+
+def open_descriptors_on(directory: Path) -> list[str]:
+    """What this process holds open under `directory` (deleted files included)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            held.append(target)
+    return held
+
+
+async def test_a_cancel_after_the_last_chunk_leaks_no_descriptor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel (SIGTERM's grace, a job timeout) landing between the last chunk and the
+    commit: the write completes (the commit is shielded) and nothing stays open — a
+    deleted temp file held open would keep its blocks on a full disk."""
+    real_write = files._write
+    scope = trio.CancelScope()
+
+    def write_then_cancel(fd: int, data: memoryview) -> None:
+        real_write(fd, data)
+        trio.from_thread.run_sync(scope.cancel)
+
+    monkeypatch.setattr(files, "_write", write_then_cancel)
+    for _ in range(3):
+        scope = trio.CancelScope()
+        with scope:
+            await write_whole(tmp_path / "report.pdf", NEW)
+    assert open_descriptors_on(tmp_path) == []
+    assert temp_files(tmp_path) == []
+    assert (tmp_path / "report.pdf").read_bytes() == NEW
+
+
+@pytest.mark.parametrize("write", FORMS, ids=["async", "sync"])
+async def test_new_directories_are_made_durable_in_their_parents(
+        tmp_path: Path, write: Callable[[Path, bytes], Awaitable[None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A family's first report creates its directory: the new entry is fsynced in the
+    parent (REPORTS_DIR), not only the file in the new directory."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    await write(tmp_path / "family" / "child" / "report.pdf", NEW)
+    directories = [p for p in synced if not p.endswith((".tmp", ".pdf"))]
+    assert directories == [str(tmp_path), str(tmp_path / "family"),
+                           str(tmp_path / "family" / "child")]
+
+
+async def test_a_filesystem_that_cannot_fsync_a_directory_still_takes_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EINVAL from a directory's fsync (some filesystems) is not a failed write: the file
+    is renamed into place already, and a retry would write it again (a second mail in
+    the outbox)."""
+    real_fsync = os.fsync
+
+    def no_directory_fsync(fd: int) -> None:
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_directory_fsync)
+    await write_whole(tmp_path / "new" / "mail.eml", NEW)
+    assert (tmp_path / "new" / "mail.eml").read_bytes() == NEW
+
+
+def test_a_temp_name_is_matched_whole() -> None:
+    assert files.is_temp_name(".report.pdf." + "a" * 32 + ".tmp")
+    assert not files.is_temp_name(".report.pdf." + "a" * 32 + ".tmp\n")
+    assert not files.is_temp_name("report.pdf")

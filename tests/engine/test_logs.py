@@ -109,3 +109,42 @@ def test_an_error_in_a_route_reaches_the_log() -> None:
     errors = [line for line in lines if "a bug in a route" in line.get("exception", "")]
     assert len(errors) == 1, done.stderr
     assert (errors[0]["event"], errors[0]["path"]) == ("http route failed", "/")
+
+
+def test_an_apps_own_error_handler_still_answers_and_the_error_is_logged_once() -> None:
+    """LogRouteErrors logs and lets the exception go on: the app's handler for Exception
+    answers (here 418), and the server's own record of the same exception is dropped."""
+    done = run_logged("""
+        import httpx, trio
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse, PlainTextResponse
+        from starlette.routing import Route
+        from reactor.engine.web import serve_http
+
+        async def boom(request):
+            raise RuntimeError("a bug in a route")
+
+        async def ok(request):
+            return PlainTextResponse("ok")
+
+        async def sorry(request, exc):
+            return JSONResponse({"sorry": True}, status_code=418)
+
+        app = Starlette(routes=[Route("/", boom), Route("/ok", ok)],
+                        exception_handlers={Exception: sorry})
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(serve_http, app, "127.0.0.1", 0)
+                def get(path):
+                    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10).status_code
+                print(await trio.to_thread.run_sync(get, "/"),
+                      await trio.to_thread.run_sync(get, "/ok"))
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        """)
+    assert done.stdout.split() == ["418", "200"]
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    errors = [line for line in lines if "a bug in a route" in line.get("exception", "")]
+    assert [line["event"] for line in errors] == ["http route failed"], done.stderr
