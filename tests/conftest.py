@@ -52,7 +52,10 @@ TIERS = ("unit", "db", "process", "browser", "container")
 # Fixtures that start Postgres: a test that uses one (directly or through another
 # fixture) is in the `db` tier unless it is marked process/browser/container.
 DB_FIXTURES = frozenset({"pg_cluster", "template_db", "supabase_cluster", "database_url",
-                         "empty_database_url", "private_cluster", "db"})
+                         "empty_database_url", "private_cluster", "db",
+                         # reactor.testing's (the plugin; examples/webhooks uses only these)
+                         "reactor_cluster", "reactor_database", "reactor_app",
+                         "running_reactor"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
