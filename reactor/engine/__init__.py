@@ -12,14 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from reactor.engine.app import App, AppFactory, Queue, load_app
-from reactor.engine.errors import PermanentError, RetryableError, RetryLater
+from reactor.engine.errors import Deferred, PermanentError, RetryableError, RetryLater
 from reactor.engine.processor import Context, Job, MessageModel, Processor
 from reactor.engine.settings import ConfigError, EngineSettings, load_settings
 
 if TYPE_CHECKING:
     from reactor.engine.runtime import Reactor
 
-__all__ = ["App", "AppFactory", "ConfigError", "Context", "EngineSettings", "Job",
+__all__ = ["App", "AppFactory", "ConfigError", "Context", "Deferred", "EngineSettings", "Job",
            "MessageModel", "PermanentError", "Processor", "Queue", "Reactor", "RetryLater",
            "RetryableError", "load_app", "load_settings"]
 
