@@ -9,6 +9,13 @@ to check, never sent blind. The send and its record are shielded from
 shutdown's cancellation, so only a crash, or a relay that took the whole
 message and then did not answer (it may have accepted it), leaves 'sending'
 behind; the latter is dead-lettered at once.
+
+A relay's 4xx to the mail (greylisting, a rate limit, a full mailbox) is a
+deferral, waited out on a time budget like an MTA's queue lifetime
+(`_deferral`, SMTP_DEFER_MAX_S), not on MAX_ATTEMPTS. Every message field
+that reaches a header is checked at the door (the models below), since message
+bodies are untrusted: a bad one is dead-lettered naming the field, and the
+MIME writer never sees it.
 """
 
 from __future__ import annotations
