@@ -1,4 +1,5 @@
-"""The `reactor` command line.
+"""The `reactor` command line: the engine's commands, plus the ones the app declares
+(`App.commands`; the clinic adds `email` and `dev`).
 
 Every error a user can cause ends in one line on stderr that names the fix:
 exit code 2 for configuration, 1 for everything else.
@@ -9,8 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import psycopg
@@ -19,10 +19,11 @@ import trio
 
 from reactor.engine import queues
 from reactor.engine.app import App, load_app
-from reactor.engine.db import connect_sync, describe_db_error
+from reactor.engine.commands import CliError, with_db
+from reactor.engine.db import describe_db_error
 from reactor.engine.logs import configure_logging, mask_emails_in
 from reactor.engine.migrate import MigrationError, migrate
-from reactor.engine.settings import ConfigError, EngineSettings, load_feed_client_settings
+from reactor.engine.settings import ConfigError, load_feed_client_settings
 
 __all__ = ["DEFAULT_APP", "main"]
 
@@ -30,37 +31,17 @@ __all__ = ["DEFAULT_APP", "main"]
 DEFAULT_APP = "reactor.clinic.app:build"
 
 
-class CliError(Exception):
-    """A user-facing failure: `str()` is the one line shown, `code` the exit status."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _app(args: argparse.Namespace) -> App:
-    """The app the command is about (--app, default the clinic), with its settings."""
+def _load(path: str) -> App:
+    """The app the command line is about (--app, default the clinic). Its settings load
+    when a command first needs them."""
     try:
-        return load_app(args.app)
+        return load_app(path)
     except ConfigError as exc:
         raise CliError(str(exc), 2) from None
 
 
-def _with_db(settings: EngineSettings, fn: Callable[[psycopg.Connection], Any]) -> Any:
-    try:
-        with connect_sync(settings.database_url, "reactor cli") as conn:
-            return fn(conn)
-    except psycopg.OperationalError as exc:
-        raise CliError(f"cannot reach the database: {describe_db_error(exc)} "
-                       "(check DATABASE_URL and that Postgres is running)") from None
-    except psycopg.Error as exc:
-        raise CliError(f"the database refused it: {describe_db_error(exc)} (is it migrated? "
-                       "run `reactor migrate`)") from None
-
-
 # -- commands ------------------------------------------------------------------------
-def cmd_migrate(args: argparse.Namespace) -> int:
-    app = _app(args)
+def cmd_migrate(args: argparse.Namespace, app: App) -> int:
     try:
         report = migrate(app.settings.database_url, app.migrations, pg_cron=app.pg_cron)
     except MigrationError as exc:
@@ -77,11 +58,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, app: App) -> int:
     from reactor.engine.runtime import Reactor, SchemaNotReady
     from reactor.engine.startup import DatabaseRefused, raise_open_files_limit
 
-    app = _app(args)
     settings = app.settings
     configure_logging(settings.log_level, settings.log_format_effective)
     raise_open_files_limit()
@@ -103,8 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_enqueue(args: argparse.Namespace) -> int:
-    app = _app(args)
+def cmd_enqueue(args: argparse.Namespace, app: App) -> int:
     settings = app.settings
     queue = _queue(app, args.queue)
     try:
@@ -113,19 +92,18 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise CliError(f"JSON is not valid: {exc}") from None
     if not isinstance(message, dict):
         raise CliError("JSON must be an object, e.g. '{\"event\": \"signup\"}'")
-    msg_id = _with_db(settings, lambda c: queues.enqueue(c, queue, message, args.delay))
+    msg_id = with_db(settings, lambda c: queues.enqueue(c, queue, message, args.delay))
     print(msg_id)
     return 0
 
 
-def cmd_dlq(args: argparse.Namespace) -> int:
+def cmd_dlq(args: argparse.Namespace, app: App) -> int:
     """Dead letters. Two ids, never confused: `msg` is the original message's id (what
     events, logs and the dashboard show), `dlq` the dead letter's own id in <queue>_dlq."""
-    app = _app(args)
     settings = app.settings
     queue = _queue(app, args.queue)
     if args.action == "list":
-        letters = _with_db(settings, lambda c: queues.peek(c, queues.dlq_name(queue),
+        letters = with_db(settings, lambda c: queues.peek(c, queues.dlq_name(queue),
                                                            limit=args.limit))
         if args.json:
             for m in letters:
@@ -167,7 +145,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                     done.append((letter.msg_id, source, new_id))
             return done
 
-        done = _with_db(settings, replay)
+        done = with_db(settings, replay)
         if not done and (args.id is not None or args.msg_id is not None):
             which = f"with dlq id {args.id}" if args.id is not None else \
                 f"of message {args.msg_id}"
@@ -180,16 +158,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 0
     if not args.yes:
         raise CliError(f"purge deletes every dead letter of {queue}: add --yes to confirm")
-    count = _with_db(settings, lambda c: queues.purge_dead_letters(c, queue))
+    count = with_db(settings, lambda c: queues.purge_dead_letters(c, queue))
     print(f"purged {count} dead letter(s) of {queue}")
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, app: App) -> int:
     from reactor.engine.status import cron_status, queue_status
 
-    settings = _app(args).settings
-    queue_rows, cron = _with_db(settings, lambda c: (queue_status(c), cron_status(c)))
+    settings = app.settings
+    queue_rows, cron = with_db(settings, lambda c: (queue_status(c), cron_status(c)))
     if args.json:
         print(json.dumps({"queues": [{k: v for k, v in q.as_dict().items() if k != "throughput"}
                                      for q in queue_rows],
@@ -219,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def cmd_watch(args: argparse.Namespace, app: App) -> int:
     from reactor.engine.watch import feed_url, run_watch
 
     try:
@@ -232,44 +210,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return run_watch(url, args.json, token=token, depth=args.depth)
 
 
-def cmd_email(args: argparse.Namespace) -> int:
-    """Resolve mails a killed worker left 'sending' (see docs/operations.md)."""
-    from reactor.clinic import queries
-
-    settings = _app(args).settings
-    if args.action == "stuck":
-        rows = _with_db(settings, lambda c: c.execute(
-            queries.STUCK_EMAILS, {"older_than_s": args.older_than}).fetchall())
-        if not rows:
-            print("no mail is stuck in 'sending'")
-            return 0
-        print(f"{'KEY':<48} {'RECIPIENT':<28} {'TEMPLATE':<26} SINCE")
-        for key, recipient, template, since in rows:
-            print(f"{key:<48} {mask_emails_in(recipient):<28} {template:<26} "
-                  f"{since:%Y-%m-%d %H:%M:%S}")
-        return 0
-    if not args.key or args.verdict is None:
-        raise CliError("reactor email resolve KEY --sent|--resend: name the ledger key "
-                       "(from the dead letter's error or `reactor email stuck`) and a verdict")
-    status = "sent" if args.verdict == "sent" else "failed"
-    row = _with_db(settings, lambda c: c.execute(
-        queries.RESOLVE_EMAIL, {"key": args.key, "status": status}).fetchone())
-    if row is None:
-        raise CliError(f"no mail with ledger key {args.key!r} is in 'sending': nothing to "
-                       "resolve (`reactor email stuck` lists them)")
-    what = ("recorded as sent: a replay archives it without sending" if status == "sent"
-            else "marked for resending: replay its dead letter (`reactor dlq replay "
-            "email_queue`) to send it")
-    print(f"{args.key}: {row[1]} to {mask_emails_in(row[0])} {what}")
-    return 0
-
-
-def cmd_dev(args: argparse.Namespace) -> int:
-    from reactor.clinic.devstack import run_dev
-
-    return run_dev(Path(args.dir), args.reset)
-
-
 def _queue(app: App, name: str) -> str:
     try:
         return app.check_queue(name)
@@ -278,7 +218,7 @@ def _queue(app: App, name: str) -> str:
 
 
 # -- parser --------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(app: App) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reactor",
         description="Event-driven worker for pgmq queues, pg_cron jobs and database webhooks.",
@@ -311,23 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print every queue.depth tick (default: only when a depth changes)")
     watch.set_defaults(func=cmd_watch)
 
-    dev = sub.add_parser("dev", help="embedded local stack with demo data (Ctrl-C stops it)")
-    dev.add_argument("--reset", action="store_true", help="delete the stack's data first")
-    dev.add_argument("--dir", default=".reactor", help="where the stack keeps its state")
-    dev.set_defaults(func=cmd_dev)
-
-    mail = sub.add_parser("email", help="mails left 'sending' by a killed worker: stuck, resolve")
-    mail.add_argument("action", choices=["stuck", "resolve"])
-    mail.add_argument("key", nargs="?", help="the ledger key (resolve)")
-    verdict = mail.add_mutually_exclusive_group()
-    verdict.add_argument("--sent", dest="verdict", action="store_const", const="sent",
-                         help="it did arrive: never send it again")
-    verdict.add_argument("--resend", dest="verdict", action="store_const", const="resend",
-                         help="it did not arrive: the next delivery (a replay) sends it")
-    mail.add_argument("--older-than", type=int, default=300, metavar="SECONDS",
-                      help="stuck: only rows 'sending' for longer than this (default 300)")
-    mail.set_defaults(func=cmd_email)
-
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
     dlq.add_argument("action", choices=["list", "replay", "purge"])
     dlq.add_argument("queue", help="one of the app's queues (e.g. email_queue)")
@@ -340,19 +263,42 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--json", action="store_true", help="list as JSON lines")
     dlq.add_argument("--yes", action="store_true", help="confirm purge")
     dlq.set_defaults(func=cmd_dlq)
+
+    without_app = {"watch"}  # it reads the feed of whatever runs
+    for command in app.commands:
+        if command.name in sub.choices:
+            raise CliError(f"app {app.name}: its command {command.name!r} is one of the "
+                           "engine's: name it otherwise", 2)
+        own = sub.add_parser(command.name, help=command.help)
+        command.arguments(own)
+        own.set_defaults(func=command.run)
+        if not command.takes_app:
+            without_app.add(command.name)
     # `reactor run --app module:factory`, and so on: every command about an app's queues
-    # and database (watch reads the feed of whatever runs; dev is the clinic's own stack).
-    for name, command in sub.choices.items():
-        if name not in ("watch", "dev"):
-            command.add_argument("--app", default=DEFAULT_APP, metavar="MODULE:FACTORY",
-                                 help=f"the app (default {DEFAULT_APP})")
+    # and database.
+    for name, parser_of in sub.choices.items():
+        if name not in without_app:
+            parser_of.add_argument("--app", default=DEFAULT_APP, metavar="MODULE:FACTORY",
+                                   help=f"the app (default {DEFAULT_APP})")
     return parser
 
 
+def _app_path(argv: Sequence[str]) -> str:
+    """--app's value, read before the parser is built (the app adds commands to it)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--app", default=DEFAULT_APP)
+    return str(early.parse_known_args(list(argv))[0].app)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        code = args.func(args)
+        app = _load(_app_path(argv))
+        args = build_parser(app).parse_args(argv)
+        code = args.func(args, app)
+    except ConfigError as exc:  # the app's settings, loaded by the first command that needs them
+        print(f"reactor: {exc}", file=sys.stderr)
+        code = 2
     except CliError as exc:
         print(f"reactor: {exc}", file=sys.stderr)
         code = exc.code

@@ -1,11 +1,13 @@
 """The clinic's composition root: every queue it drains, named once, with its
-processor; its settings, migrations and event kinds.
+processor; its settings, migrations, event kinds and its own CLI commands; its HTTP
+route (the payment webhook) comes with the payment processor (Processor.routes).
 
 `reactor run` loads this by default (`--app reactor.clinic.app:build`).
 """
 
 from __future__ import annotations
 
+from reactor.clinic.commands import COMMANDS
 from reactor.clinic.resources import MIGRATIONS_DIR
 from reactor.clinic.settings import Settings, load_settings
 from reactor.engine.app import App, Queue
@@ -32,10 +34,11 @@ EVENT_KINDS = ("payment.mismatch",)
 
 
 def build(settings: Settings | None = None) -> App:
-    """The clinic app; its settings from the environment unless given.
+    """The clinic app; its settings from the environment (when first used) unless given.
 
-    Raises:
-        ConfigError: a setting is missing or wrong (one line naming the fix).
+    A setting that is missing or wrong raises ConfigError (one line naming the fix) from
+    `app.settings`, not here: `reactor --help` and `reactor dev` need none.
     """
-    return App(name="clinic", settings=settings or load_settings(), queues=QUEUES,
-               migrations=MIGRATIONS_DIR, event_kinds=EVENT_KINDS, pg_cron=True)
+    return App(name="clinic", settings=settings or load_settings, queues=QUEUES,
+               migrations=MIGRATIONS_DIR, event_kinds=EVENT_KINDS, pg_cron=True,
+               commands=COMMANDS)

@@ -12,12 +12,16 @@ import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reactor.engine.processor import Processor
 from reactor.engine.queues import QUEUE_NAME
-from reactor.engine.settings import ConfigError, EngineSettings
+from reactor.engine.settings import ConfigError, EngineSettings, load_settings
+
+if TYPE_CHECKING:
+    from reactor.engine.commands import Command
 
 __all__ = ["App", "AppFactory", "Queue", "load_app"]
 
@@ -59,20 +63,50 @@ class Queue:
         return cls
 
 
-@dataclass(frozen=True)
 class App:
-    """An app on the engine: what `reactor run` drains and `reactor migrate` applies."""
+    """An app on the engine: what `reactor run` drains and `reactor migrate` applies.
 
-    name: str
-    settings: EngineSettings
-    queues: tuple[Queue, ...]
-    migrations: Path
-    # Event kinds the app's processors publish besides the engine's (events.EVENT_TYPES).
-    event_kinds: tuple[str, ...] = ()
-    # Its migrations schedule pg_cron jobs: `reactor migrate` checks pg_cron is loaded.
-    pg_cron: bool = False
+    Args:
+        name: the app's name, for messages.
+        settings: its settings, their class (read from the environment) or a function
+            that loads them; a class or a function is called on first use, so
+            `reactor --help` and commands that need no database (`reactor dev`) work
+            with no environment set.
+        queues: every queue it drains, each declared once.
+        migrations: its ordered SQL migrations (the app's line; the engine has its own).
+        event_kinds: event kinds its processors publish besides the engine's.
+        pg_cron: its migrations schedule pg_cron jobs (`reactor migrate` checks it).
+        commands: its own `reactor` subcommands (reactor.engine.commands.Command).
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, *, name: str,
+                 settings: EngineSettings | type[EngineSettings] | Callable[[], EngineSettings],
+                 queues: tuple[Queue, ...], migrations: Path,
+                 event_kinds: tuple[str, ...] = (), pg_cron: bool = False,
+                 commands: tuple[Command, ...] = ()) -> None:
+        self.name = name
+        self.queues = queues
+        self.migrations = migrations
+        self.event_kinds = event_kinds
+        self.pg_cron = pg_cron
+        self.commands = commands
+        self._settings = settings
+        self._check()
+
+    @cached_property
+    def settings(self) -> EngineSettings:
+        """The app's settings, loaded now if they were given as a loader.
+
+        Raises:
+            ConfigError: a setting is missing or wrong (one line naming the fix).
+        """
+        if isinstance(self._settings, EngineSettings):
+            return self._settings
+        if isinstance(self._settings, type):
+            return load_settings(self._settings)
+        return self._settings()
+
+    def _check(self) -> None:
         names = [q.name for q in self.queues]
         if len(set(names)) != len(names):
             raise ConfigError(f"app {self.name}: a queue is declared twice ({', '.join(names)})")
@@ -84,6 +118,10 @@ class App:
             if not QUEUE_NAME.fullmatch(name) or name.endswith("_dlq"):
                 raise ConfigError(f"app {self.name}: {name!r} cannot be a queue's name (lower "
                                   "case letters, digits and _, at most 43, not ending in _dlq)")
+        commands = [c.name for c in self.commands]
+        if len(set(commands)) != len(commands):
+            raise ConfigError(f"app {self.name}: a command is declared twice "
+                              f"({', '.join(commands)})")
 
     @property
     def queue_names(self) -> tuple[str, ...]:

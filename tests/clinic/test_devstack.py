@@ -175,7 +175,8 @@ def test_a_postgres_start_failure_leads_with_the_line_that_says_why(
     assert str(stopped_cluster.log_file) in reason
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the server user differs from the caller only as root")
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="the server user differs from the caller only as root")
 def test_the_reason_is_right_from_a_directory_the_server_user_cannot_enter(
         stopped_cluster: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkout under /root or in a 0700 mktemp directory: Postgres (as `postgres`)

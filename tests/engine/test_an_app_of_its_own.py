@@ -4,6 +4,7 @@ engine. Also the CLI's --app, on the same app."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import trio
 
 from reactor.engine.app import App, Queue
+from reactor.engine.commands import Command, with_db
 from reactor.engine.migrate import migrate
 from reactor.engine.processor import Job, MessageModel, Processor
 from reactor.engine.runtime import Reactor, SchemaNotReady
@@ -46,12 +48,26 @@ class GreetingProcessor(Processor[Greeting]):
             (job.message.name, job.msg_id)))
 
 
+def _count_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", required=True)
+
+
+def count_greetings(args: argparse.Namespace, app: App) -> int:
+    """`reactor greetings --name N`: the app's own command, on the app's own database."""
+    [(count,)] = with_db(app.settings, lambda c: c.execute(
+        "SELECT count(*) FROM public.greetings WHERE name = %s", (args.name,)).fetchall())
+    print(f"{args.name}: {count}")
+    return 0
+
+
 def greeter(migrations: Path, url: str) -> App:
     settings = load_settings(EngineSettings, _env_file=None, DATABASE_URL=url,
                              FEED_PORT=0, METRICS_PORT=0, LOG_LEVEL="warning",
                              WORKER_INTERVAL_MS=60_000)
     return App(name="greeter", settings=settings, migrations=migrations,
-               queues=(Queue("greeting_queue", GreetingProcessor),))
+               queues=(Queue("greeting_queue", GreetingProcessor),),
+               commands=(Command("greetings", "how often a name was greeted",
+                                 _count_arguments, count_greetings),))
 
 
 def build(settings: EngineSettings | None = None) -> App:
@@ -64,7 +80,8 @@ async def test_a_queue_declared_only_here_is_migrated_and_drained(
         empty_database_url: str, tmp_path: Path) -> None:
     (tmp_path / "001_greetings.sql").write_text(MIGRATION)
     report = migrate(empty_database_url, tmp_path)
-    assert report.applied[:2] == ["engine_001_queue_registry", "001_greetings"]
+    assert report.applied[:3] == ["engine_001_queue_registry", "engine_002_prune_history",
+                                  "001_greetings"]
     app = greeter(tmp_path, empty_database_url)
 
     reactor = Reactor(app)
@@ -81,8 +98,31 @@ async def test_a_queue_declared_only_here_is_migrated_and_drained(
         (["greeting_queue"],)]
 
 
+def test_the_engine_prunes_an_apps_history_with_no_clinic_in_the_database(
+        empty_database_url: str, tmp_path: Path) -> None:
+    """reactor.prune_history (the engine's line) forgets old archive rows and failure
+    bookkeeping of any app's queues; the clinic's prune_reactor_history is built on it."""
+    (tmp_path / "001_greetings.sql").write_text(MIGRATION)
+    migrate(empty_database_url, tmp_path)
+    with psycopg.connect(empty_database_url, autocommit=True) as db:
+        for name in ("old", "new"):
+            db.execute("SELECT public.enqueue('greeting_queue', %s)",
+                       (json.dumps({"name": name}),))
+        db.execute("SELECT pgmq.archive('greeting_queue', ARRAY[1, 2]::bigint[])")
+        db.execute("UPDATE pgmq.a_greeting_queue SET archived_at = now() - interval '40 days'"
+                   " WHERE msg_id = 1")
+        db.execute("INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at, updated_at)"
+                   " VALUES ('greeting_queue', 1, now(), now() - interval '40 days')")
+        assert db.execute("SELECT reactor.prune_history()").fetchone() == (2,)
+        assert db.execute("SELECT message->>'name' FROM pgmq.a_greeting_queue").fetchall() \
+            == [("new",)]
+        assert db.execute("SELECT to_regprocedure('public.prune_reactor_history(interval)')"
+                          ).fetchone() == (None,)
+
+
 def test_the_cli_runs_another_app_by_name(empty_database_url: str, tmp_path: Path) -> None:
-    """`reactor migrate|enqueue|status --app module:factory` on the test's own app."""
+    """`reactor migrate|enqueue|status --app module:factory` on the test's own app, and
+    the command the app declares (the clinic's `email` and `dev` are not there)."""
     (tmp_path / "001_greetings.sql").write_text(MIGRATION)
     env = {**os.environ, "DATABASE_URL": empty_database_url,
            "GREETER_MIGRATIONS": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
@@ -106,6 +146,13 @@ def test_the_cli_runs_another_app_by_name(empty_database_url: str, tmp_path: Pat
     with psycopg.connect(empty_database_url) as conn:
         wait_until(lambda: conn.execute(
             "SELECT count(*) FROM pgmq.q_greeting_queue").fetchone() == (1,))
+        conn.execute("INSERT INTO public.greetings VALUES ('Boris', 1)")
+        conn.commit()
+    own = reactor("greetings", "--name", "Boris")
+    assert (own.returncode, own.stdout) == (0, "Boris: 1\n"), own.stderr
+    clinics = reactor("email", "stuck")
+    assert clinics.returncode == 2
+    assert "invalid choice: 'email'" in clinics.stderr
 
 
 @pytest.mark.parametrize("name", [

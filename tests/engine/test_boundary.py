@@ -73,5 +73,5 @@ def test_a_processor_path_that_names_no_processor_is_one_clear_line(
         processor: str, message: str) -> None:
     settings = EngineSettings(database_url="postgresql://u@h/db")
     with pytest.raises(ConfigError, match=message):
-        App(name="x", settings=settings, migrations=Path("."),
-            queues=(Queue("x_queue", processor),)).processors
+        _ = App(name="x", settings=settings, migrations=Path("."),
+                queues=(Queue("x_queue", processor),)).processors

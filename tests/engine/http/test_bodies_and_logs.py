@@ -222,4 +222,4 @@ def test_an_error_in_a_route_reaches_the_log() -> None:
     lines = [json.loads(line) for line in done.stderr.splitlines()]
     errors = [line for line in lines if "a bug in a route" in line.get("exception", "")]
     assert len(errors) == 1, done.stderr
-    assert errors[0]["event"] == "http route failed" and errors[0]["path"] == "/"
+    assert (errors[0]["event"], errors[0]["path"]) == ("http route failed", "/")

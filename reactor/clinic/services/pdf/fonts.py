@@ -14,7 +14,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 import struct
 import threading
 import unicodedata
@@ -39,6 +38,7 @@ from fpdf.output import (
 from fpdf.syntax import Name, PDFArray, PDFContentStream
 
 from reactor.clinic.settings import ConfigError
+from reactor.engine.files import sweep_temp_files, write_whole_sync
 
 __all__ = ["Fonts", "find_fonts", "prepare_fonts"]
 
@@ -99,6 +99,7 @@ def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
     from fontTools import subset
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(cache_dir)  # what a crash mid-write left
     prepared = []
     for source in (fonts.regular, fonts.bold):
         stat = source.stat()
@@ -113,11 +114,11 @@ def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
             subsetter = subset.Subsetter(options)
             subsetter.populate(unicodes=_UNICODES)
             subsetter.subset(font)
-            # Unique per writer: two processes (or threads) may prepare at once.
-            temp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            subset.save_font(font, str(temp), options)
+            prepared_font = io.BytesIO()
+            subset.save_font(font, prepared_font, options)
             font.close()
-            temp.replace(target)
+            # Whole or not at all (two processes may prepare at once: each its own temp).
+            write_whole_sync(target, prepared_font.getvalue())
         prepared.append(target)
     return Fonts(prepared[0], prepared[1])
 
