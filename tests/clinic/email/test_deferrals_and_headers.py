@@ -15,8 +15,16 @@ from typing import Any
 import pytest
 
 from reactor.clinic.email import EmailProcessor
+from reactor.clinic.services.mailer.smtp import (
+    SmtpDeferred,
+    SmtpRecipientRefused,
+    SmtpReplyError,
+    SmtpSessionRefused,
+    classify,
+)
+from reactor.clinic.settings import ConfigError
 from reactor.engine.db import Database
-from reactor.engine.errors import PermanentError
+from reactor.engine.errors import PermanentError, RetryableError
 from reactor.engine.queues import Message
 from tests.clinic.email.test_email import smtp_env
 from tests.conftest import SmtpServer
@@ -281,3 +289,33 @@ async def test_the_issues_content_type_injections_are_dead_lettered_through_the_
     assert server.mails() == []
     assert list(server.maildir.glob("*.eml")) == []
     assert server.sessions() == []
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (SmtpRecipientRefused("RCPT TO", 451, "4.7.1 Greylisted"), SmtpDeferred),
+    (SmtpReplyError("MAIL FROM", 450, "4.7.1 rate limited"), SmtpDeferred),
+    (SmtpReplyError("DATA", 452, "4.3.1 Insufficient system storage"), SmtpDeferred),
+    (SmtpRecipientRefused("RCPT TO", 550, "5.1.1 User unknown"), PermanentError),
+    (SmtpReplyError("DATA", 554, "5.7.1 rejected"), PermanentError),
+])
+def test_a_4xx_to_mail_rcpt_or_data_is_a_deferral_and_a_5xx_stays_permanent(
+        exc: Exception, kind: type[Exception]) -> None:
+    assert type(classify(exc)) is kind
+
+
+def test_a_4xx_to_the_session_is_an_outage_not_a_deferral() -> None:
+    verdict = classify(SmtpSessionRefused("the greeting", 421, "4.7.0 too many connections"))
+    assert not isinstance(verdict, SmtpDeferred)
+    assert isinstance(verdict, RetryableError)
+    assert verdict.outage
+
+
+def test_the_deferral_settings_are_checked_with_one_line(database_url: str) -> None:
+    with pytest.raises(ConfigError, match="SMTP_DEFER_BACKOFF_MAX_S=10 is below "
+                                          "SMTP_DEFER_BACKOFF_S=60"):
+        settings_for(database_url, SMTP_DEFER_BACKOFF_MAX_S=10)
+    with pytest.raises(ConfigError, match="SMTP_DEFER_MAX_S"):
+        settings_for(database_url, SMTP_DEFER_MAX_S=0)
+    defaults = settings_for(database_url)
+    assert (defaults.smtp_defer_max_s, defaults.smtp_defer_backoff_s,
+            defaults.smtp_defer_backoff_max_s) == (86_400, 60, 900)
