@@ -58,10 +58,11 @@ def finished(event: dict[str, Any]) -> bool:
 
 async def test_a_greylist_longer_than_the_retry_budget_ends_with_the_mail_delivered_once(
         database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
-    """The relay greylists one recipient for 12 s: six times the longest backoff, and
-    more deliveries than MAX_ATTEMPTS allows (the old count budget gave up after ~3 s).
-    The mail goes out once after the greylist lifts; other mails flow meanwhile."""
-    greylist_s = 12
+    """The relay greylists one recipient for 20 s: ten times the longest backoff, so
+    far more deliveries than MAX_ATTEMPTS allows (the old count budget gave up after
+    ~3 s, on the third). The mail goes out once after the greylist lifts; other mails
+    flow meanwhile."""
+    greylist_s = 20
     server = smtp_server(greylist={"grey@example.com": greylist_s})
     async with running_reactor(database_url, **smtp_env(server, "none"), **COUNT_BUDGET,
                                **QUICK_DEFERRALS, SMTP_DEFER_MAX_S=300) as reactor:
