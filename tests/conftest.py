@@ -23,20 +23,22 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from reactor.cli import DEFAULT_APP
 from reactor.clinic.schema import migrate
 from reactor.engine.logs import configure_logging
-from reactor.engine.pgcluster import PgCluster, PgClusterError, free_port
+from reactor.engine.pgcluster import PgCluster, free_port
+from reactor.testing import start_on_a_free_port
 from tests.harness import read_line
 from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 
-TEMPLATE_DB = "reactor_template"
 # Modules whose database tests run on plain Postgres and on the Supabase-like database.
 SUPABASE_TIER = frozenset({"test_schema", "test_triggers", "test_rpc", "test_cron_functions",
-                           "test_supabase_access", "test_hot_path"})
+                           "test_supabase_access"})
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -65,36 +67,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
 
 
-def start_on_a_free_port(cluster: PgCluster, tries: int = 5) -> PgCluster:
-    """Start a test cluster. Postgres cannot be handed a bound socket, so its port is
-    chosen first and bound by postgres later: if another process took it meanwhile,
-    choose again (the start failure says "Address already in use")."""
-    for attempt in range(tries):
-        try:
-            cluster.start()
-            return cluster
-        except PgClusterError as exc:
-            if "Address already in use" not in str(exc) or attempt == tries - 1:
-                raise
-            cluster.port = free_port()
-    raise AssertionError("unreachable")
+@pytest.fixture(scope="session")
+def pg_cluster(reactor_cluster: PgCluster) -> PgCluster:
+    """The session's cluster: reactor.testing's (the plugin the wheel ships), with
+    pg_cron preloaded (the clinic's migrations need it)."""
+    assert reactor_cluster.pg_cron, "pg_cron is not installed: apt-get install postgresql-15-cron"
+    return reactor_cluster
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-pg-")), free_port())
-    cluster.init()
-    start_on_a_free_port(cluster)
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
-
-
-@pytest.fixture(scope="session")
-def template_db(pg_cluster: PgCluster) -> str:
-    migrate(pg_cluster.create_database(TEMPLATE_DB))
-    return TEMPLATE_DB
+def template_db(reactor_templates: Any) -> str:
+    """The clinic's migrated template (reactor.testing makes one per app and session;
+    named here, not through reactor_app_path, which a test module may point elsewhere)."""
+    return str(reactor_templates.for_app(DEFAULT_APP))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-__all__ = ["PgCluster", "PgClusterError", "find_pg_bin", "free_port", "start_failure_reason"]
+__all__ = ["PgCluster", "PgClusterError", "check_pg_cron", "find_pg_bin", "free_port",
+           "start_failure_reason"]
 
 # pg_cron runs its jobs in exactly this database of the cluster.
 CRON_DATABASE = "postgres"
@@ -57,7 +58,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _check_pg_cron(bin_dir: Path) -> None:
+def check_pg_cron(bin_dir: Path) -> None:
+    """Raise PgClusterError (naming the package) unless pg_cron is installed for bin_dir."""
     libdir = subprocess.run(
         [str(bin_dir / "pg_config"), "--pkglibdir"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -153,7 +155,7 @@ class PgCluster:
         if self.initialized:
             return
         if self.pg_cron:
-            _check_pg_cron(self.bin_dir)
+            check_pg_cron(self.bin_dir)
         if self._as_postgres:
             try:
                 pwd.getpwnam(SERVER_USER)
