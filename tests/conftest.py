@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,11 @@ class SmtpServer:
     def meta(self) -> list[str]:
         return [p.read_text() for p in sorted(self.maildir.glob("*.meta"))]
 
+    def deferrals(self) -> list[str]:
+        """One line `deferred ADDR` per greylist deferral (--greylist, --greylist-data)."""
+        log = self.maildir / "deferrals.log"
+        return log.read_text().splitlines() if log.exists() else []
+
     def sessions(self) -> list[str]:
         """Session events: `ehlo NAME`, `quit`, `closed` (tests/smtp_server.py)."""
         log = self.maildir / "sessions.log"
@@ -231,13 +236,17 @@ class SmtpServer:
 def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
     """A factory: smtp_server(tls="starttls", user="u", password="p", reject=[...],
     defer=[...] (451 always), defer_once=[...] (451 the first time: greylisting),
-    pipelining=True (offers PIPELINING, RFC 2920))."""
+    pipelining=True (offers PIPELINING, RFC 2920), greylist={addr: seconds} (451 to RCPT
+    until that long after the address was first seen), greylist_data={addr: seconds}
+    (the same, 452 at the end of DATA))."""
     servers: list[SmtpServer] = []
 
     def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
              reject: Sequence[str] = (), defer: Sequence[str] = (),
              defer_once: Sequence[str] = (), start: bool = True, delay_ms: int = 0,
-             idle_timeout_s: float | None = None, pipelining: bool = False) -> SmtpServer:
+             idle_timeout_s: float | None = None, pipelining: bool = False,
+             greylist: Mapping[str, float] | None = None,
+             greylist_data: Mapping[str, float] | None = None) -> SmtpServer:
         # Bound now (port 0: the kernel's choice), listened on once started: until then
         # a client is refused, and no other process can take the port meanwhile.
         sock = socket.socket()
@@ -260,6 +269,10 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
             argv += ["--idle-timeout-s", str(idle_timeout_s)]
         if pipelining:
             argv += ["--pipelining"]
+        if greylist:
+            argv += ["--greylist", *(f"{a}={s}" for a, s in greylist.items())]
+        if greylist_data:
+            argv += ["--greylist-data", *(f"{a}={s}" for a, s in greylist_data.items())]
         server = SmtpServer(port, maildir, argv, sock)
         servers.append(server)
         return server.start() if start else server

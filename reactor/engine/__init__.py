@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from reactor.engine.app import App, AppFactory, Queue, load_app
 from reactor.engine.commands import CliError, Command, with_db
-from reactor.engine.errors import PermanentError, RetryableError, RetryLater
+from reactor.engine.errors import Deferred, PermanentError, RetryableError, RetryLater
 from reactor.engine.processor import Context, Job, MessageModel, Processor
 from reactor.engine.settings import ConfigError, EngineSettings, load_settings
 
 if TYPE_CHECKING:
     from reactor.engine.runtime import Reactor
 
-__all__ = ["App", "AppFactory", "CliError", "Command", "ConfigError", "Context",
+__all__ = ["App", "AppFactory", "CliError", "Command", "ConfigError", "Context", "Deferred",
            "EngineSettings", "Job", "MessageModel", "PermanentError", "Processor", "Queue",
            "Reactor", "RetryLater", "RetryableError", "load_app", "load_settings", "with_db"]
 

@@ -35,6 +35,11 @@ class Metrics:
                             ["queue"], registry=r)
         self.listener = Gauge("reactor_listener_connected",
                               "1 while the LISTEN connection is up", registry=r)
+        # Not an outcome of reactor_jobs_total: a deferred job is not finished, and sums
+        # over that counter's outcomes must keep counting each job once.
+        self.deferred = Counter("reactor_jobs_deferred", "Deliveries the other side deferred "
+                                "(e.g. a relay's 4xx: greylisting); each is tried again later",
+                                ["queue"], registry=r)
         self.wakeups = Counter("reactor_wakeups", "NOTIFY wake-ups received", ["queue"],
                                registry=r)
         clients = Gauge("reactor_feed_clients", "Websocket feed clients connected", registry=r)
@@ -70,6 +75,8 @@ class Metrics:
             self.listener.set(0)
         elif kind == "wakeup":
             self.wakeups.labels(queue).inc()
+        elif kind == "job.deferred":
+            self.deferred.labels(queue).inc()
         elif (app_event := self._app_events.get(kind)) is not None:
             app_event.inc()
 
