@@ -6,7 +6,14 @@ change; both are parsed once per file version (`_load`).
 
 Drawn through fpdf2's public API only: `add_font` for each document (from the
 subsets `fonts.prepare_fonts` made), fpdf2's own line breaking, subsetting and
-output.
+output. That costs more than the font sharing and embedding this module once did
+by hand through fpdf2's internals (issue 26): fpdf2 parses both fonts for every
+document, subsets and recompiles them with fontTools on output, and measures the
+whole line so far for each character it breaks. `python -m bench pdf`, before and
+after, back to back on one loaded 2-core machine: the standard report 34 -> 149 ms
+of CPU, the worst accepted one 1.36 -> 2.06 s (docs/benchmarks.md). Kept so: a
+report is rendered once per completed checkup, in a worker thread, and no one
+waits on it.
 
 The scale: more points mean more signs of difficulty, so a long red bar is a
 reason for attention, not good news. Every report with scores says so before
