@@ -128,8 +128,11 @@ def _encoded(name: str, text: str, address: str | None = None) -> _Written:
 
 
 def _plain(text: str) -> bool:
-    """Text the package writes as it is: ASCII that a reader cannot take for an encoded word."""
-    return text.isascii() and "=?" not in text
+    """Text the package folds at its spaces and writes as it is: ASCII that a reader
+    cannot take for an encoded word, with no word too long for a line (the package would
+    encode that one, with 3.11's faults)."""
+    return (text.isascii() and "=?" not in text
+            and all(len(word) <= MAX_LINE - len("Subject: ") for word in text.split(" ")))
 
 
 # -- attachments ---------------------------------------------------------------------------
