@@ -186,8 +186,9 @@ def _add_attachment(msg: EmailMessage, item: Attachment) -> None:
         disposition = f"{written.partition(': ')[2].rstrip()};\n filename={fallback}"
     else:  # a name the package wrote as it is (and so fits a line): nothing to add
         disposition = f'attachment;\n filename="{quote(item.filename)}"'
-    part.replace_header("Content-Type",
-                        _Written("Content-Type", f"{maintype}/{subtype};\n name={fallback}"))
+    # The type as the package read it: type/subtype, whatever else the caller's string held.
+    part.replace_header("Content-Type", _Written(
+        "Content-Type", f"{part.get_content_type()};\n name={fallback}"))
     part.replace_header("Content-Disposition", _Written("Content-Disposition", disposition))
 
 
@@ -223,6 +224,9 @@ def build_message(*, sender: str, sender_name: str | None, to: str, email: Rende
     for item in attachments:
         if any(unicodedata.category(c) == "Cc" for c in item.filename):
             raise PermanentError(f"attachment name {item.filename!r} contains control characters")
+        if any(unicodedata.category(c) == "Cc" for c in item.content_type):
+            raise PermanentError(f"attachment type {item.content_type!r} contains control "
+                                 "characters")
     if not all(address.isascii() for address in (to, sender, reply_to or "")):
         raise PermanentError("an address contains non-ASCII characters: "
                              "use the ASCII (punycode) form")
