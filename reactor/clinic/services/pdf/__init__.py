@@ -11,8 +11,7 @@ a level *of difficulty*, in every locale.
 
 The modules, by responsibility:
 - `layout`: what a report shows and how (`ReportData`, `Score`, `render_report`);
-- `fonts`: finding, preparing, sharing and embedding the fonts (`find_fonts`,
-  `prepare_fonts`).
+- `fonts`: finding and preparing the fonts (`find_fonts`, `prepare_fonts`).
 This module re-exports what the rest of the app imports from
 `reactor.clinic.services.pdf`.
 """
