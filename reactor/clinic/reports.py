@@ -32,6 +32,7 @@ from reactor.clinic.services.pdf import (
     Score,
     find_fonts,
     prepare_fonts,
+    private_cache_dir,
     render_report,
 )
 from reactor.clinic.settings import ReportSettings, Settings
@@ -130,7 +131,7 @@ class ReportProcessor(Processor[ReportMessage]):
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        cache = Path(tempfile.gettempdir()) / "reactor-fonts"
+        cache = private_cache_dir(Path(tempfile.gettempdir()))
         self.fonts = await in_worker_thread(prepare_fonts, self.source_fonts, cache)
         # What a crash mid-write left in REPORTS_DIR: at start, then every hour.
         async with swept(self.report.reports_dir):

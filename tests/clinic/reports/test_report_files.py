@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 from uuid import UUID
@@ -229,3 +230,17 @@ def test_a_font_cache_on_a_full_disk_fails_naming_it_and_leaves_no_temp_file(
         filler.unlink()
         prepared = prepare_fonts(dejavu, cache)
         assert sorted(cache.iterdir()) == sorted([prepared.regular, prepared.bold])
+
+
+def test_the_font_cache_is_this_users_alone(tmp_path: Path) -> None:
+    """Every report embeds the prepared fonts: a cache directory another user made first,
+    or one others may write, is not used (a shared /tmp outside systemd's PrivateTmp)."""
+    from reactor.clinic.services.pdf import private_cache_dir
+
+    mine = private_cache_dir(tmp_path)
+    assert mine == tmp_path / f"reactor-fonts-{os.getuid()}"
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    mine.chmod(0o777)  # as if someone else had made it for us
+    fresh = private_cache_dir(tmp_path)
+    assert fresh != mine
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR, S_IWGRP, S_IWOTH
 
 import structlog
 
 from reactor.clinic.settings import ConfigError
 from reactor.engine.files import sweep_temp_files, write_whole_sync
 
-__all__ = ["Fonts", "find_fonts", "log_missing_glyphs", "prepare_fonts", "present"]
+__all__ = ["Fonts", "find_fonts", "log_missing_glyphs", "prepare_fonts", "present",
+           "private_cache_dir"]
 
 log = structlog.get_logger("reactor.pdf")
 
@@ -72,6 +76,28 @@ _UNICODES = [
 
 # Bumped whenever prepare_fonts' options change, so an old cached subset is not reused.
 _PREPARED_VERSION = 2
+
+
+def private_cache_dir(base: Path) -> Path:
+    """A font cache only this user can write: `<base>/reactor-fonts-<uid>`, mode 0700.
+
+    Every report embeds the prepared fonts: a cache another local user could create
+    or write first (a shared /tmp outside systemd's PrivateTmp) would choose the font
+    in every family's report. One that is not ours alone is not used: a fresh private
+    directory is made instead.
+    """
+    cache = base / f"reactor-fonts-{os.getuid()}"
+    try:
+        cache.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(cache)
+        if (S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+                and not info.st_mode & (S_IWGRP | S_IWOTH)):
+            return cache
+    except OSError:
+        pass
+    log.warning("font cache directory is not ours alone: using a fresh one",
+                directory=str(cache))
+    return Path(tempfile.mkdtemp(prefix="reactor-fonts-", dir=base))
 
 
 def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
