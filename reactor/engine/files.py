@@ -169,9 +169,12 @@ async def write_whole(path: trio.Path | Path, data: bytes) -> None:
         view = memoryview(data)
         for start in range(0, len(view), CHUNK_BYTES):
             await trio.to_thread.run_sync(_write, fd, view[start:start + CHUNK_BYTES])
+        # A cancel that came during the last chunk ends the write here, while `fd` is still
+        # ours to close (below). From then on the commit is shielded: once started it
+        # finishes (fsync, rename), and a cancel can no longer strand an open descriptor
+        # (a deleted temp file keeps its blocks while open).
+        await trio.lowlevel.checkpoint_if_cancelled()
         opened, fd = fd, None  # _commit closes it, whatever happens
-        # Shielded: the thread is never abandoned, and a cancel landing before it starts
-        # would leave `opened` open (a deleted temp file keeps its blocks while open).
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_commit, opened, temp, path)
     except BaseException as exc:

@@ -177,9 +177,9 @@ def open_descriptors_on(directory: Path) -> list[str]:
 
 async def test_a_cancel_after_the_last_chunk_leaks_no_descriptor(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cancel (SIGTERM's grace, a job timeout) landing between the last chunk and the
-    commit: the write completes (the commit is shielded) and nothing stays open — a
-    deleted temp file held open would keep its blocks on a full disk."""
+    """A cancel (SIGTERM's grace, a job timeout) landing during the last chunk: the write
+    ends before its commit, the old file stays, and nothing stays open — a deleted temp
+    file held open would keep its blocks on a full disk."""
     real_write = files._write
     scope = trio.CancelScope()
 
@@ -187,14 +187,16 @@ async def test_a_cancel_after_the_last_chunk_leaks_no_descriptor(
         real_write(fd, data)
         trio.from_thread.run_sync(scope.cancel)
 
+    (tmp_path / "report.pdf").write_bytes(OLD)
     monkeypatch.setattr(files, "_write", write_then_cancel)
     for _ in range(3):
         scope = trio.CancelScope()
         with scope:
             await write_whole(tmp_path / "report.pdf", NEW)
+        assert scope.cancelled_caught
     assert open_descriptors_on(tmp_path) == []
     assert temp_files(tmp_path) == []
-    assert (tmp_path / "report.pdf").read_bytes() == NEW
+    assert (tmp_path / "report.pdf").read_bytes() == OLD
 
 
 @pytest.mark.parametrize("write", FORMS, ids=["async", "sync"])
