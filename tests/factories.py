@@ -57,12 +57,14 @@ def payment(conn: psycopg.Connection, user_id: UUID, appointment_id: UUID | None
 
 def ledger_entry(conn: psycopg.Connection, key: str, *, msg_id: int,
                  recipient: str = "a@example.com", template: str = "checkup_completed",
-                 status: str = "sending") -> None:
-    """A row of the email ledger, e.g. the 'sending' a worker killed mid-send leaves."""
+                 status: str = "sending", claimed_s_ago: float = 0) -> None:
+    """A row of the email ledger, e.g. the 'sending' a worker killed mid-send leaves
+    (`claimed_s_ago`: how long ago its delivery claimed it)."""
     conn.execute("""INSERT INTO public.email_ledger (idempotency_key, queue, msg_id, recipient,
-                                                     template, status)
-                    VALUES (%s, 'email_queue', %s, %s, %s, %s)""",
-                 (key, msg_id, recipient, template, status))
+                                                     template, status, updated_at)
+                    VALUES (%s, 'email_queue', %s, %s, %s, %s,
+                            now() - make_interval(secs => %s))""",
+                 (key, msg_id, recipient, template, status, claimed_s_ago))
 
 
 def queued(conn: psycopg.Connection, queue: str) -> list[dict[str, Any]]:

@@ -214,6 +214,13 @@ def read_line(stream: IO[Any], within_s: float = 30) -> str:
     return line.decode()
 
 
+def scalar(url: str, query: str) -> Any:
+    """The one value of a one-row, one-column query (sync tests)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query.encode()).fetchone()
+    return row[0] if row else None
+
+
 def log_lines(log: Path) -> list[dict[str, Any]]:
     """The JSON lines of a `reactor_process` log."""
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]

@@ -29,8 +29,9 @@ QUEUES = (
     Queue("analytics_queue", "reactor.clinic.analytics:AnalyticsProcessor",
           concurrency=8, timeout_s=30.0),
 )
-# Published by the payment processor: the provider's word differs from our row.
-EVENT_KINDS = ("payment.mismatch",)
+# Published by the clinic's processors: the provider's word differs from our row
+# (payments); a delivery-unknown dead letter resolved by a 'sent' written later (mail).
+EVENT_KINDS = ("payment.mismatch", "email.reconciled")
 
 
 def build(settings: Settings | None = None) -> App:

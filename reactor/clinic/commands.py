@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from reactor.clinic import queries
+from reactor.clinic.settings import MailSettings
 from reactor.engine.app import App
 from reactor.engine.commands import CliError, Command, with_db
 from reactor.engine.logs import mask_emails_in
@@ -22,16 +23,24 @@ def _email_arguments(mail: argparse.ArgumentParser) -> None:
                          help="it did arrive: never send it again")
     verdict.add_argument("--resend", dest="verdict", action="store_const", const="resend",
                          help="it did not arrive: the next delivery (a replay) sends it")
-    mail.add_argument("--older-than", type=int, default=300, metavar="SECONDS",
-                      help="stuck: only rows 'sending' for longer than this (default 300)")
+    mail.add_argument("--older-than", type=int, default=None, metavar="SECONDS",
+                      help="stuck: only rows 'sending' for longer than this (default: the "
+                           "longest a live worker takes to write a verdict, 10 + 4 × "
+                           "SMTP_TIMEOUT_S + 30)")
 
 
 def email(args: argparse.Namespace, app: App) -> int:
     """Resolve mails a killed worker left 'sending' (see docs/operations.md)."""
     settings = app.settings
     if args.action == "stuck":
+        from reactor.clinic.email import verdict_bound_s
+
+        older_than = args.older_than
+        if older_than is None:  # what a live worker may still resolve is not stuck
+            assert isinstance(settings, MailSettings), "the clinic's settings hold its mail's"
+            older_than = verdict_bound_s(settings)
         rows = with_db(settings, lambda c: c.execute(
-            queries.STUCK_EMAILS, {"older_than_s": args.older_than}).fetchall())
+            queries.STUCK_EMAILS, {"older_than_s": older_than}).fetchall())
         if not rows:
             print("no mail is stuck in 'sending'")
             return 0

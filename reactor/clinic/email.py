@@ -32,6 +32,7 @@ from pathlib import PurePosixPath
 from typing import Any, Final, Literal, LiteralString
 
 import psycopg
+import structlog
 import trio
 from pydantic import AwareDatetime, BaseModel, Field, field_validator, model_validator
 
@@ -50,17 +51,26 @@ from reactor.clinic.services.mailer import (
 from reactor.clinic.services.templates import EmailRenderer
 from reactor.clinic.settings import MailSettings, Settings
 from reactor.engine.db import Database, DatabaseUnavailable
-from reactor.engine.errors import Deferred, RetryableError
+from reactor.engine.errors import Deferred, RetryableError, RetryLater
 from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
 from reactor.engine.queues import Message
 from reactor.engine.retry import RetryPolicy
 
-__all__ = ["EmailMessage", "EmailProcessor"]
+__all__ = ["EmailMessage", "EmailProcessor", "verdict_bound_s"]
+
+log = structlog.get_logger("reactor.email")
 
 # The verdict of a send (sent / failed) is written to the ledger for up to this long.
 LEDGER_RETRY_S = 10.0
 # MAIL FROM, RCPT TO, DATA and the message: each may take SMTP_TIMEOUT_S.
 SMTP_COMMANDS_PER_MAIL = 4
+# Past a conversation's own bound, what a live holder of a 'sending' row still needs to
+# write its verdict: the group commit of 'sent' verdicts waits behind other writers.
+VERDICT_MARGIN_S = 30.0
+# How often a delivery that found another's 'sending' row looks again (at most).
+SENDING_RECHECK_S = 15
+# How often delivery-unknown dead letters are checked against the ledger.
+RECONCILE_EVERY_S = 60.0
 
 # The address syntax public.queue_email_task accepts (031), so both ends agree.
 ADDRESS_RE = re.compile(
@@ -222,9 +232,35 @@ class EmailProcessor(Processor[EmailMessage]):
         async with open_mailer(self.mail) as mailer:
             self.mailer = mailer
             try:
-                yield
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_reconciling)
+                    try:
+                        yield
+                    finally:
+                        nursery.cancel_scope.cancel()
             finally:
                 self.mailer = None
+
+    async def _keep_reconciling(self) -> None:
+        while True:
+            await trio.sleep(RECONCILE_EVERY_S)
+            await self.reconcile()
+
+    async def reconcile(self) -> int:
+        """Resolve delivery-unknown dead letters whose ledger row says 'sent' by now (a
+        frozen worker woke and wrote its verdict): each is archived out of the dead-letter
+        queue, with an `email.reconciled` event (and its log line). Returns how many.
+        A database that does not answer now is tried again at the next round."""
+        try:
+            rows = await self.db.run(lambda c: c.execute(queries.RECONCILE_UNKNOWN).fetchall())
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            log.debug("email reconcile skipped", error=str(exc))
+            return 0
+        for dlq_msg_id, key, sent_by in rows:
+            self.bus.publish("email.reconciled", self.queue, error=None,
+                             dlq_msg_id=int(dlq_msg_id), ledger_key=str(key),
+                             sent_by_msg_id=int(sent_by))
+        return len(rows)
 
     async def handle(self, job: Job[EmailMessage]) -> None:
         msg = job.message
@@ -250,15 +286,11 @@ class EmailProcessor(Processor[EmailMessage]):
         # Waiting for a pooled connection may be cut (job timeout, shutdown): nothing has
         # started, and the ledger is claimed only once the connection is ours.
         async with self.mailer.session() as session:
-            prior = await claim(self.db, key, job, msg)
-            if prior == "sent":
+            holder = await claim(self.db, key, job, msg)
+            if holder is not None and holder.status == "sent":
                 return  # redelivered after the mail went out: nothing to do
-            if prior == "sending":
-                raise PermanentError(
-                    f"delivery state unknown: a worker stopped while sending (ledger key "
-                    f"{key}); check the SMTP server's log, then run `reactor email resolve "
-                    f"{key} --sent` (it arrived) or `--resend` (it did not) and replay the "
-                    "dead letter")
+            if holder is not None:
+                raise self._sending_elsewhere(job, key, holder)
             # Shielded: shutdown must not cut a conversation whose outcome we then cannot
             # know. Bounded all the same: every SMTP command has SMTP_TIMEOUT_S, and the
             # verdict's write to the ledger gets LEDGER_RETRY_S.
@@ -281,6 +313,36 @@ class EmailProcessor(Processor[EmailMessage]):
             if conversation.cancelled_caught:
                 raise RetryableError(f"the SMTP conversation did not finish in time (ledger "
                                      f"key {key}): its outcome is unknown", outage=True)
+
+    @property
+    def verdict_bound_s(self) -> float:
+        return verdict_bound_s(self.mail)
+
+    def _sending_elsewhere(self, job: Job[EmailMessage], key: str,
+                           holder: Holder) -> RetryLater | PermanentError:
+        """Another delivery holds the key in 'sending': a question, not a verdict.
+
+        Its worker may be alive and about to write 'sent' (its verdicts are batched), or
+        frozen (SIGSTOP, a long pause, a VM migration) past its lease while this replica
+        took the message again. So the mail is looked at again later (put back on the
+        queue, no attempt counted, its ledger key kept) until the holder has surely had
+        the time to write a verdict (verdict_bound_s after its claim). A 'sent' row then
+        archives it quietly (the check above); only a row still 'sending' past the bound
+        is dead-lettered as delivery-unknown, saying who claimed it and when.
+        """
+        left = self.verdict_bound_s - holder.age_s
+        since = holder.claimed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if left > 0:
+            stamp = {} if job.message.idempotency_key else {"idempotency_key": key}
+            return RetryLater(f"ledger key {key} is being sent by message {holder.msg_id} "
+                              f"(claimed {since}): looking again before deciding",
+                              min(SENDING_RECHECK_S, max(1, math.ceil(left))), stamp=stamp)
+        return PermanentError(
+            f"delivery state unknown: message {holder.msg_id} claimed ledger key {key} at "
+            f"{since} and wrote no verdict within {self.verdict_bound_s:g}s (its worker "
+            f"stopped or froze while sending); check the SMTP server's log, then run "
+            f"`reactor email resolve {key} --sent` (it arrived) or `--resend` (it did not) "
+            "and replay the dead letter (a 'sent' written later resolves it by itself)")
 
     def _deferral(self, job: Job[EmailMessage], key: str,
                   exc: SmtpDeferred) -> Deferred | PermanentError:
@@ -407,9 +469,27 @@ def unkeyed_ledger_key(delivery: Message) -> str:
     return f"{delivery.queue}:{delivery.msg_id}:{micros}"
 
 
+def verdict_bound_s(mail: MailSettings) -> float:
+    """How long after its claim a live holder of a ledger key has surely written its
+    verdict: its conversation's bound (shielded; every command has SMTP_TIMEOUT_S), the
+    ledger write's retries, and a margin for the group commit. A row still 'sending'
+    after that is truly unknown (`reactor email stuck` shows those)."""
+    return LEDGER_RETRY_S + SMTP_COMMANDS_PER_MAIL * mail.smtp_timeout_s + VERDICT_MARGIN_S
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The delivery that holds a ledger key: its status, its claim, and how long ago."""
+
+    status: str
+    claimed_at: datetime
+    msg_id: int
+    age_s: float
+
+
 async def claim(db: Database, key: str, job: Job[EmailMessage],
-                msg: EmailMessage) -> str | None:
-    """Claim the ledger key; None if ours to send, else the holder's status.
+                msg: EmailMessage) -> Holder | None:
+    """Claim the ledger key; None if ours to send, else who holds it.
 
     One autocommit statement on a trio-native connection (`Database.fetch`): the
     claim costs one round trip to Postgres and no thread hop.
@@ -425,4 +505,7 @@ async def claim(db: Database, key: str, job: Job[EmailMessage],
     if not rows:
         raise RetryableError(f"ledger key {key} was claimed by another delivery at the "
                              "same moment; retrying to see its outcome")
-    return None if rows[0][0] is None else str(rows[0][0])
+    status, claimed_at, msg_id, age_s = rows[0]
+    if status is None:
+        return None
+    return Holder(str(status), claimed_at, int(msg_id), float(age_s))

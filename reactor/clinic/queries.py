@@ -32,10 +32,27 @@ WITH claimed AS (
      WHERE email_ledger.status = 'failed'
     RETURNING status
 )
-SELECT NULL::text FROM claimed
+SELECT NULL::text, NULL::timestamptz, NULL::bigint, NULL::double precision FROM claimed
 UNION ALL
-SELECT status FROM public.email_ledger
+SELECT status, updated_at, msg_id, extract(epoch FROM now() - updated_at)::double precision
+  FROM public.email_ledger
  WHERE idempotency_key = %(key)s AND NOT EXISTS (SELECT FROM claimed)
+"""
+# Delivery-unknown dead letters whose ledger row has since been written 'sent' (the
+# worker was frozen, not dead, and wrote its verdict when it woke): archived out of the
+# dead-letter queue. A concurrent replica's archive of the same letter returns false,
+# so each is reported once.
+RECONCILE_UNKNOWN: LiteralString = """
+WITH resolved AS (
+    SELECT d.msg_id, l.idempotency_key AS key, l.msg_id AS sent_by
+      FROM pgmq.q_email_queue_dlq d
+      JOIN public.email_ledger l
+        ON l.idempotency_key = d.message -> 'original' ->> 'idempotency_key'
+     WHERE l.status = 'sent' AND d.message ->> 'error' LIKE 'delivery state unknown%%'
+     ORDER BY d.msg_id
+     LIMIT 500
+)
+SELECT msg_id, key, sent_by FROM resolved WHERE pgmq.archive('email_queue_dlq', msg_id)
 """
 # The 'sent' verdicts of several mails in one statement (a group commit: whoever writes
 # takes every verdict waiting at that moment).

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+from psycopg.types.json import Jsonb
 
 from reactor.clinic.devstack import DevStack, dev_settings
 from reactor.clinic.email import EmailProcessor, unkeyed_ledger_key
@@ -40,7 +41,7 @@ from reactor.clinic.services.templates import (
 )
 from reactor.clinic.settings import ConfigError, load_settings
 from reactor.engine.db import Database
-from reactor.engine.errors import RetryableError
+from reactor.engine.errors import RetryableError, RetryLater
 from reactor.engine.pgcluster import free_port
 from reactor.engine.processor import PermanentError
 from reactor.engine.queues import Message
@@ -49,11 +50,13 @@ from tests.conftest import SmtpServer, TlsFiles
 from tests.harness import (
     eventually,
     in_db,
+    log_lines,
     of_type,
     processor_context,
     reactor_command,
     reactor_process,
     running_reactor,
+    scalar,
     send,
     settings_for,
     sql,
@@ -316,19 +319,86 @@ async def test_redelivery_after_a_crash_between_send_and_archive_sends_once(
 
 async def test_a_send_of_unknown_outcome_is_dead_lettered_not_repeated(
         database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    """Another delivery claimed the key an hour ago and never wrote a verdict: past any
+    live worker's bound, so delivery-unknown, naming who claimed it and when."""
     server = smtp_server()
     settings = settings_for(database_url, **smtp_env(server, "none"))
     body = {"to": "a@example.com", "template": "checkup_completed", "locale": "en",
             "variables": {"full_name": "A", "assessment_id": "1"}}
     redelivery = Message("email_queue", 7, 2, datetime.now(UTC), body)
-    await in_db(database_url, lambda c: f.ledger_entry(c, unkeyed_ledger_key(redelivery),
-                                                       msg_id=7))
+    key = unkeyed_ledger_key(redelivery)
+
+    await in_db(database_url, lambda c: f.ledger_entry(c, key, msg_id=7, claimed_s_ago=3600))
     async with Database(database_url).opened() as db:
         processor = EmailProcessor(processor_context("email_queue", db, settings))
         async with processor.running():
-            with pytest.raises(PermanentError, match="delivery state unknown"):
+            with pytest.raises(PermanentError, match="delivery state unknown") as unknown:
                 await processor.handle(processor.parse(redelivery))
+    assert f"message 7 claimed ledger key {key} at " in str(unknown.value)
+    assert f"wrote no verdict within {processor.verdict_bound_s:g}s" in str(unknown.value)
     assert server.mails() == []
+
+
+async def test_a_sending_row_of_a_live_worker_is_waited_for_then_archived_quietly(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A replica took a message whose first worker is paused mid-send (its lease ran out,
+    its 'sent' verdict not yet written): no dead letter, no second mail. The mail is put
+    back, no attempt counted, its ledger key kept; when the verdict is there, it is done."""
+    server = smtp_server()
+    settings = settings_for(database_url, **smtp_env(server, "none"))
+    body = {"to": "a@example.com", "template": "checkup_completed", "locale": "en",
+            "variables": {"full_name": "A", "assessment_id": "1"}}
+    redelivery = Message("email_queue", 8, 2, datetime.now(UTC), body)
+    key = unkeyed_ledger_key(redelivery)
+    await in_db(database_url, lambda c: f.ledger_entry(c, key, msg_id=8))
+    async with Database(database_url).opened() as db:
+        processor = EmailProcessor(processor_context("email_queue", db, settings))
+        async with processor.running():
+            with pytest.raises(RetryLater, match=f"ledger key {key} is being sent by "
+                                                 "message 8") as later:
+                await processor.handle(processor.parse(redelivery))
+            assert later.value.stamp == {"idempotency_key": key}
+            assert later.value.delay_s == 15
+            # The paused worker wakes and writes its verdict; the put-back mail comes.
+            await in_db(database_url, lambda c: c.execute(
+                "UPDATE public.email_ledger SET status = 'sent'"))
+            again = Message("email_queue", 9, 1, datetime.now(UTC),
+                            {**body, **later.value.stamp})
+            await processor.handle(processor.parse(again))
+    assert server.mails() == []
+
+
+async def test_a_delivery_unknown_letter_resolves_itself_once_the_ledger_says_sent(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    """Housekeeping: a frozen worker that woke after the bound wrote 'sent'; its mail's
+    delivery-unknown dead letter leaves the DLQ by itself (archived), with an event, and
+    an unrelated dead letter stays."""
+    server = smtp_server()
+    settings = settings_for(database_url, **smtp_env(server, "none"))
+
+    def letters(c: psycopg.Connection) -> None:
+        f.ledger_entry(c, "k-sent", msg_id=3, status="sent")
+        f.ledger_entry(c, "k-still", msg_id=4)
+        for key, error in (("k-sent", "delivery state unknown: message 3 claimed …"),
+                           ("k-still", "delivery state unknown: message 4 claimed …"),
+                           ("k-sent", "bad message: to: not an address")):
+            c.execute("SELECT pgmq.send('email_queue_dlq', %s)", (Jsonb({
+                "original": {"to": "a@example.com", "template": "checkup_completed",
+                             "idempotency_key": key},
+                "error": error, "attempts": 1, "source_msg_id": 3}),))
+
+    await in_db(database_url, letters)
+    async with Database(database_url).opened() as db:
+        processor = EmailProcessor(processor_context("email_queue", db, settings))
+        with processor.bus.subscribe() as sub:
+            assert await processor.reconcile() == 1
+            assert await processor.reconcile() == 0
+            [event] = await wait_for(sub, of_type("email.reconciled"))
+    assert (event["queue"], event["dlq_msg_id"], event["ledger_key"]) == (
+        "email_queue", 1, "k-sent")
+    assert await sql(database_url, "SELECT msg_id FROM pgmq.q_email_queue_dlq "
+                                   "ORDER BY msg_id") == [(2,), (3,)]
+    assert await sql(database_url, "SELECT msg_id FROM pgmq.a_email_queue_dlq") == [(1,)]
 
 
 def _reactor_cli(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -377,7 +447,8 @@ async def test_a_mail_stuck_in_sending_is_resolved_by_the_operator_then_replayed
     key = body.get("idempotency_key") or unkeyed_ledger_key(
         Message("email_queue", msg_id, 1, enqueued_at, body))
     await in_db(database_url, lambda c: f.ledger_entry(c, key, msg_id=msg_id,
-                                                       recipient="anna@example.com"))
+                                                       recipient="anna@example.com",
+                                                       claimed_s_ago=3600))
     async with running_reactor(database_url, **smtp_env(server, "none")) as reactor:
         with reactor.bus.subscribe() as sub:
             [letter] = await wait_for(sub, of_type("job.dead_lettered", msg_id))
@@ -992,3 +1063,53 @@ def test_any_subject_and_display_name_round_trip_within_the_limits() -> None:
         mail = email.message_from_bytes(out.raw, policy=email.policy.default)
         assert mail["Subject"] == subject
         assert mail["From"].addresses[0].addr_spec == "noreply@family.example"
+
+
+@pytest.mark.process
+def test_a_replica_frozen_past_its_leases_causes_no_dead_letter_and_no_second_mail(
+        database_url: str, tmp_path: Path) -> None:
+    """Two `reactor run`s on one database; one is frozen (SIGSTOP: a long GC pause, a VM
+    migration) past the visibility timeout while the other goes on, then thawed. The
+    other found mails 'sending' under the frozen one's claim: it waited instead of
+    dead-lettering them, and the frozen one's 'sent' verdicts, written when it woke,
+    settled them. 0 dead letters, every mail exactly once."""
+    total = 300
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT public.enqueue('email_queue', jsonb_build_object("
+                     "'to', 'u' || i || '@example.com', 'template', 'checkup_completed', "
+                     "'locale', 'en', 'idempotency_key', 'freeze-' || i, 'variables', "
+                     "jsonb_build_object('full_name', 'A', 'assessment_id', i::text))) "
+                     "FROM generate_series(1, %s) AS i", (total,))
+    env = {"VISIBILITY_TIMEOUT_S": "2", "WORKER_INTERVAL_MS": "300", "SMTP_TIMEOUT_S": "2",
+           "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox")}
+    frozen_log, other_log = tmp_path / "frozen.log", tmp_path / "other.log"
+
+    def sent() -> int:
+        return int(scalar(database_url, "SELECT count(*) FROM public.email_ledger "
+                                        "WHERE status = 'sent'"))
+
+    with reactor_process(database_url, frozen_log, **env) as frozen:
+        wait_until(lambda: sent() >= 20, what="the first replica to be sending")
+        frozen.send_signal(signal.SIGSTOP)
+        with reactor_process(database_url, other_log, **env) as other:
+            try:
+                # The other replica takes over what the frozen one had leased: it finds
+                # their ledger rows 'sending' and puts them back to look again.
+                wait_until(lambda: any(("is being sent by message" in str(e.get("error"))
+                                        or "delivery state unknown" in str(e.get("error")))
+                                       for e in log_lines(other_log)),
+                           within_s=60, what="the other replica to meet a frozen claim")
+            finally:
+                frozen.send_signal(signal.SIGCONT)
+            wait_until(lambda: scalar(database_url, "SELECT count(*) FROM pgmq.q_email_queue")
+                       == 0, within_s=120, what="both replicas to drain the queue")
+            other.send_signal(signal.SIGTERM)
+            assert other.wait(timeout=30) == 0
+        frozen.send_signal(signal.SIGTERM)
+        assert frozen.wait(timeout=30) == 0
+    assert scalar(database_url, "SELECT count(*) FROM pgmq.q_email_queue_dlq") == 0
+    assert sent() == total
+    recipients = [email.message_from_bytes(p.read_bytes(), policy=email.policy.default)["To"]
+                  for p in (tmp_path / "outbox").glob("*.eml")]
+    assert len(recipients) == total
+    assert len(set(recipients)) == total  # none twice
