@@ -1073,7 +1073,7 @@ def test_a_replica_frozen_past_its_leases_causes_no_dead_letter_and_no_second_ma
     other found mails 'sending' under the frozen one's claim: it waited instead of
     dead-lettering them, and the frozen one's 'sent' verdicts, written when it woke,
     settled them. 0 dead letters, every mail exactly once."""
-    total = 300
+    total = 1000  # enough that the first replica is mid-burst when it is frozen
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("SELECT public.enqueue('email_queue', jsonb_build_object("
                      "'to', 'u' || i || '@example.com', 'template', 'checkup_completed', "
