@@ -147,7 +147,7 @@ class Reactor:
                           feed_port=lambda: self.feed_port,
                           listener_connected=lambda: self.listener.connected,
                           health=self.health, access=self.access,
-                          extra_routes=routes)
+                          extra_routes=routes, bus=self.bus)
 
     async def _check_database(self) -> None:
         """Wait for a database that is still starting (reported, with backoff); stop at
