@@ -299,6 +299,31 @@ SELECT id, at, action, queue, dlq_ids, msg_ids, new_msg_ids, filter, client, not
  ORDER BY id DESC LIMIT %(limit)s
 """
 
+# == wait times (owner: waits.py) ==========================================================
+# Add one minute's bucket counts of one queue to what is there (replicas share the row).
+RECORD_WAITS: LiteralString = """
+INSERT INTO reactor.queue_waits AS w (queue, minute, counts)
+VALUES (%(queue)s, to_timestamp(%(minute)s), %(counts)s::int[])
+ON CONFLICT (queue, minute) DO UPDATE SET counts = (
+    SELECT array_agg(coalesce(a, 0) + coalesce(b, 0) ORDER BY i)
+      FROM unnest(w.counts, EXCLUDED.counts) WITH ORDINALITY AS t(a, b, i))
+"""
+PRUNE_WAITS: LiteralString = (
+    "DELETE FROM reactor.queue_waits WHERE minute < now() - interval '1 day'"
+)
+# Every queue's bucket counts over the window, one row per queue and minute.
+RECENT_WAITS: LiteralString = """
+SELECT queue, counts FROM reactor.queue_waits
+ WHERE minute > now() - make_interval(secs => %(window_s)s)
+"""
+# The age of the oldest message that is visible (waiting to be taken, not in flight or
+# waiting for its retry): the queue's backlog as families feel it. By msg_id, so a long
+# queue is not scanned: the first visible one is near the start.
+OLDEST_VISIBLE_AGE = _sql.SQL("""
+SELECT extract(epoch FROM clock_timestamp() - enqueued_at)::float8 FROM pgmq.{table}
+ WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT 1
+""")
+
 # -- status (reactor status, dashboard) -------------------------------------------------
 # The work queues the app's migrations registered.
 # A registered queue whose pgmq tables were dropped by hand is left out (the drainer

@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from reactor.engine import dead_letters, queries, status
+from reactor.engine import dead_letters, queries, status, waits
 from reactor.engine.auth import SESSION_TTL_S, Access, Refusal, origin_host, token_ok
 from reactor.engine.db import Database, DatabaseUnavailable
 from reactor.engine.events import EventBus
@@ -375,6 +375,9 @@ def create_app(ctx: WebContext) -> Starlette:
                 "cron": None if cron is None else [j.as_dict() for j in cron],
                 "failures": status.recent_failures(conn),
                 "dead_letters": status.recent_dead_letters(conn),
+                # p50/p95 enqueue-to-start per queue over the last hour (reactor.queue_waits)
+                "waits": waits.recent_percentiles(conn),
+                "waits_window_s": waits.WINDOW_S,
             }
         try:
             return _json(await ctx.db.run(read))

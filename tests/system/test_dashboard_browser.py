@@ -119,6 +119,13 @@ def test_the_dashboard_tells_what_happened_before_a_restart(
         expect(page.get_by_test_id("dead-email_queue")).to_have_text("1 dead-lettered")
         expect(page.get_by_test_id("chart-analytics_queue")).to_have_attribute("data-total", "3")
         expect(page.get_by_test_id("chart-email_queue")).to_have_attribute("data-total", "1")
+        # Wait times (enqueue to start) of the first reactor's jobs, from the database:
+        # every first delivery counts, the dead-lettered ones too.
+        wait = page.get_by_test_id("wait-analytics_queue")
+        expect(wait).to_contain_text("p50")
+        expect(wait).to_contain_text("4 started")
+        expect(wait).not_to_have_attribute("data-p95", "")
+        expect(page.get_by_test_id("wait-email_queue")).to_contain_text("2 started")
         failure = page.locator(f'#failures tr[data-queue="analytics_queue"][data-msg-id="{bad}"]')
         expect(failure).to_contain_text("event: Field required")
         expect(failure).to_contain_text(f"msg #{bad} → dlq #")
