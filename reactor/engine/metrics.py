@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from reactor.engine.events import Event
+from reactor.engine.health import Health
 from reactor.engine.waits import WAIT_BUCKETS_S
 
 __all__ = ["Metrics"]
@@ -19,7 +20,7 @@ class Metrics:
     """The reactor's metrics, in a registry of its own (several reactors may share a process)."""
 
     def __init__(self, feed_clients: Callable[[], int] = lambda: 0,
-                 app_event_kinds: tuple[str, ...] = ()) -> None:
+                 app_event_kinds: tuple[str, ...] = (), health: Health | None = None) -> None:
         """app_event_kinds: the kinds the app declared (App.event_kinds), counted in
         reactor_app_events_total and exported at 0 from the start, so an alert rule on
         one exists before the first such event."""
@@ -50,6 +51,15 @@ class Metrics:
                               "1 while the LISTEN connection is up", registry=r)
         self.wakeups = Counter("reactor_wakeups", "NOTIFY wake-ups received", ["queue"],
                                registry=r)
+        # From the fault registry (reactor.engine.health), read at each scrape: an alert on
+        # "degraded for 5 minutes" needs a series, not a log line.
+        faults = health or Health()
+        healthy = Gauge("reactor_healthy", "1 while no fault makes /healthz answer 503",
+                        registry=r)
+        healthy.set_function(lambda: 1.0 if faults.healthy else 0.0)
+        degraded = Gauge("reactor_degraded", "1 while any fault is in force (a pooler too)",
+                         registry=r)
+        degraded.set_function(lambda: 1.0 if faults.faults else 0.0)
         clients = Gauge("reactor_feed_clients", "Websocket feed clients connected", registry=r)
         clients.set_function(lambda: float(feed_clients()))
         app_events = Counter("reactor_app_events", "Events the app's processors published, "
@@ -64,6 +74,10 @@ class Metrics:
         """Export the per-queue series at 0 from the start, for the queues this reactor
         drains: an alert rule on one has a series before the first job."""
         for queue in queues:
+            for outcome in _OUTCOMES.values():
+                key = (queue, outcome)
+                if key not in self._children:
+                    self._children[key] = self.jobs.labels(queue, outcome)
             self._histogram(self._waits, self.wait, queue)
             self._histogram(self._settles, self.settle, queue)
             self.oldest_visible.labels(queue).set(0)

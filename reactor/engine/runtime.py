@@ -94,7 +94,8 @@ class Reactor:
         self.token = settings.feed_token.get_secret_value() if settings.feed_token else None
         check_feed_exposure(settings.feed_host, self.token)
         self.access = Access.from_settings(settings)
-        self.metrics = Metrics(lambda: self.bus.subscriber_count, app.event_kinds)
+        self.metrics = Metrics(lambda: self.bus.subscriber_count, app.event_kinds,
+                               health=self.health)
         self.bus.sinks.append(self.metrics.observe)
         self.metrics.watch_queues(sorted(self.drainers))
         self.waits = WaitRecorder()
