@@ -11,6 +11,7 @@ import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
+from reactor.engine.watch import format_event
 from tests.harness import of_type, running_reactor, sql, wait_for
 
 
@@ -191,3 +192,10 @@ async def test_with_a_token_an_action_needs_it_and_records_the_proxied_client(
     [row] = audit(db)
     assert row[6] == "203.0.113.9 via 127.0.0.1"
     assert await sql(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue_dlq") == [(1,)]
+
+
+def test_reactor_watch_shows_who_acted_on_which_dead_letters() -> None:
+    line = format_event({"ts": 0, "type": "dlq.discarded", "queue": "email_queue",
+                         "msg_id": 8, "dlq_ids": [1], "client": "127.0.0.1",
+                         "note": "family called"}, color=False)
+    assert line.endswith("dlq.discarded       msg #8  dlq #1 by 127.0.0.1: family called")
