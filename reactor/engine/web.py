@@ -514,6 +514,9 @@ def create_app(ctx: WebContext) -> Starlette:
                                    "nothing was done"}, 503)
         if ctx.bus is not None:
             dead_letters.publish(ctx.bus, result)
+        if not result.dlq_ids and result.skipped:
+            return _json({**result.as_dict(), "error": f"not replayed: {result.skipped[0][1]}"},
+                         409)
         if not result.dlq_ids:
             return _json({**result.as_dict(), "error": "no dead letter matched (replayed or "
                           "discarded meanwhile?)"}, 404)

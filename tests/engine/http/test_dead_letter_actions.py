@@ -98,6 +98,18 @@ async def test_the_panel_inspects_masked_and_replays_and_discards_with_an_audit_
                                 json={"queue": "analytics_queue", "dlq_id": other,
                                       "note": "twice"})
         assert again.status_code == 404
+        # A dead letter whose body was not JSON cannot be replayed: it stays, and says why.
+        await sql(database_url, "SELECT pgmq.send('analytics_queue_dlq', %s)", (Jsonb({
+            "original": None, "original_text": "{not json", "error": "not valid JSON",
+            "source_msg_id": 43}),))
+        [(raw,)] = await sql(database_url, "SELECT max(msg_id) FROM pgmq.q_analytics_queue_dlq")
+        stuck = await http.post("/api/dead-letters/replay", headers=own(reactor.http_port),
+                                json={"queue": "analytics_queue", "dlq_id": raw})
+        assert stuck.status_code == 409
+        assert "not a JSON object" in stuck.json()["error"]
+        shown = (await http.get(f"/api/dead-letters/analytics_queue/{raw}")).json()
+        assert (shown["replayable"], shown["original_text"]) == (False, "{not json")
+        await sql(database_url, "SELECT pgmq.delete('analytics_queue_dlq', %s::bigint)", (raw,))
         history = (await http.get("/api/dead-letters")).json()["actions"]
         assert [a["action"] for a in history] == ["discard", "replay"]
 
