@@ -336,7 +336,11 @@ def build_parser(app: App) -> argparse.ArgumentParser:
             raise CliError(f"app {app.name}: its command {command.name!r} is one of the "
                            "engine's: name it otherwise", 2)
         own = sub.add_parser(command.name, help=command.help)
-        command.arguments(own)
+        try:
+            command.arguments(own)
+        except argparse.ArgumentError as exc:
+            raise CliError(f"app {app.name}: its command {command.name!r} cannot be added: "
+                           f"{exc}", 2) from None
         own.set_defaults(func=command.run)
         if not command.takes_app:
             without_app.add(command.name)
@@ -344,16 +348,24 @@ def build_parser(app: App) -> argparse.ArgumentParser:
     # and database.
     for name, parser_of in sub.choices.items():
         if name not in without_app:
-            parser_of.add_argument("--app", default=DEFAULT_APP, metavar="MODULE:FACTORY",
-                                   help=f"the app (default {DEFAULT_APP})")
+            try:
+                parser_of.add_argument("--app", default=DEFAULT_APP, metavar="MODULE:FACTORY",
+                                       help=f"the app (default {DEFAULT_APP})")
+            except argparse.ArgumentError:
+                raise CliError(f"app {app.name}: its command {name!r} defines --app, which "
+                               "the engine adds itself (Command(takes_app=False) if it must "
+                               "not take one)", 2) from None
     return parser
 
 
 def _app_path(argv: Sequence[str]) -> str:
     """--app's value, read before the parser is built (the app adds commands to it)."""
-    early = argparse.ArgumentParser(add_help=False)
+    early = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     early.add_argument("--app", default=DEFAULT_APP)
-    return str(early.parse_known_args(list(argv))[0].app)
+    try:
+        return str(early.parse_known_args(list(argv))[0].app)
+    except argparse.ArgumentError:
+        return DEFAULT_APP  # `--app` with no value: the real parser says so, in its words
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -20,23 +20,25 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from reactor.cli import DEFAULT_APP
 from reactor.clinic.schema import migrate
 from reactor.engine.logs import configure_logging
-from reactor.engine.pgcluster import PgCluster, PgClusterError, free_port
+from reactor.engine.pgcluster import PgCluster, free_port
+from reactor.testing import start_on_a_free_port
 from tests.harness import read_line
 from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 
-TEMPLATE_DB = "reactor_template"
 # Modules whose database tests run on plain Postgres and on the Supabase-like database.
 SUPABASE_TIER = frozenset({"test_schema", "test_triggers", "test_rpc", "test_cron_functions",
-                           "test_supabase_access", "test_hot_path"})
+                           "test_supabase_access"})
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -50,7 +52,10 @@ TIERS = ("unit", "db", "process", "browser", "container")
 # Fixtures that start Postgres: a test that uses one (directly or through another
 # fixture) is in the `db` tier unless it is marked process/browser/container.
 DB_FIXTURES = frozenset({"pg_cluster", "template_db", "supabase_cluster", "database_url",
-                         "empty_database_url", "private_cluster", "db"})
+                         "empty_database_url", "private_cluster", "db",
+                         # reactor.testing's (the plugin; examples/webhooks uses only these)
+                         "reactor_cluster", "reactor_database", "reactor_app",
+                         "running_reactor"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -65,36 +70,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
 
 
-def start_on_a_free_port(cluster: PgCluster, tries: int = 5) -> PgCluster:
-    """Start a test cluster. Postgres cannot be handed a bound socket, so its port is
-    chosen first and bound by postgres later: if another process took it meanwhile,
-    choose again (the start failure says "Address already in use")."""
-    for attempt in range(tries):
-        try:
-            cluster.start()
-            return cluster
-        except PgClusterError as exc:
-            if "Address already in use" not in str(exc) or attempt == tries - 1:
-                raise
-            cluster.port = free_port()
-    raise AssertionError("unreachable")
+@pytest.fixture(scope="session")
+def pg_cluster(reactor_cluster: PgCluster) -> PgCluster:
+    """The session's cluster: reactor.testing's (the plugin the wheel ships), with
+    pg_cron preloaded (the clinic's migrations need it)."""
+    assert reactor_cluster.pg_cron, "pg_cron is not installed: apt-get install postgresql-15-cron"
+    return reactor_cluster
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-pg-")), free_port())
-    cluster.init()
-    start_on_a_free_port(cluster)
-    try:
-        yield cluster
-    finally:
-        cluster.remove()
-
-
-@pytest.fixture(scope="session")
-def template_db(pg_cluster: PgCluster) -> str:
-    migrate(pg_cluster.create_database(TEMPLATE_DB))
-    return TEMPLATE_DB
+def template_db(reactor_templates: Any) -> str:
+    """The clinic's migrated template (reactor.testing makes one per app and session;
+    named here, not through reactor_app_path, which a test module may point elsewhere)."""
+    return str(reactor_templates.for_app(DEFAULT_APP))
 
 
 @pytest.fixture(scope="session")
@@ -233,6 +221,11 @@ class SmtpServer:
     def meta(self) -> list[str]:
         return [p.read_text() for p in sorted(self.maildir.glob("*.meta"))]
 
+    def deferrals(self) -> list[str]:
+        """One line `deferred ADDR` per greylist deferral (--greylist, --greylist-data)."""
+        log = self.maildir / "deferrals.log"
+        return log.read_text().splitlines() if log.exists() else []
+
     def sessions(self) -> list[str]:
         """Session events: `ehlo NAME`, `quit`, `closed` (tests/smtp_server.py)."""
         log = self.maildir / "sessions.log"
@@ -243,13 +236,17 @@ class SmtpServer:
 def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., SmtpServer]]:
     """A factory: smtp_server(tls="starttls", user="u", password="p", reject=[...],
     defer=[...] (451 always), defer_once=[...] (451 the first time: greylisting),
-    pipelining=True (offers PIPELINING, RFC 2920))."""
+    pipelining=True (offers PIPELINING, RFC 2920), greylist={addr: seconds} (451 to RCPT
+    until that long after the address was first seen), greylist_data={addr: seconds}
+    (the same, 452 at the end of DATA))."""
     servers: list[SmtpServer] = []
 
     def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
              reject: Sequence[str] = (), defer: Sequence[str] = (),
              defer_once: Sequence[str] = (), start: bool = True, delay_ms: int = 0,
-             idle_timeout_s: float | None = None, pipelining: bool = False) -> SmtpServer:
+             idle_timeout_s: float | None = None, pipelining: bool = False,
+             greylist: Mapping[str, float] | None = None,
+             greylist_data: Mapping[str, float] | None = None) -> SmtpServer:
         # Bound now (port 0: the kernel's choice), listened on once started: until then
         # a client is refused, and no other process can take the port meanwhile.
         sock = socket.socket()
@@ -272,6 +269,10 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
             argv += ["--idle-timeout-s", str(idle_timeout_s)]
         if pipelining:
             argv += ["--pipelining"]
+        if greylist:
+            argv += ["--greylist", *(f"{a}={s}" for a, s in greylist.items())]
+        if greylist_data:
+            argv += ["--greylist-data", *(f"{a}={s}" for a, s in greylist_data.items())]
         server = SmtpServer(port, maildir, argv, sock)
         servers.append(server)
         return server.start() if start else server

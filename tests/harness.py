@@ -1,5 +1,9 @@
 """Running a reactor inside a test, and the scripted processor the tests drive.
 
+The waits and the queue/SQL helpers are reactor.testing's (the pytest plugin the
+wheel ships, which the project's own tests use): re-exported here under the names
+the tests have always used (`send` is `enqueue`, `wait_for` is `wait_for_event`).
+
 The one way to start `reactor run` in a test: in-process `running_reactor` (async
 tests), or the `reactor_process` subprocess (signals, exit codes, log lines). The one
 way to wait: `eventually` (async) / `wait_until` (sync tests) poll a condition with a
@@ -8,7 +12,6 @@ generous budget; `wait_for` waits on events; `read_line` is a pipe read with a t
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import select
@@ -22,22 +25,35 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import trio
-from psycopg.types.json import Jsonb
+from psycopg import sql as pgsql
 
 from reactor.clinic.app import build
 from reactor.clinic.settings import Settings, load_settings
 from reactor.engine import queries
 from reactor.engine.db import Database
-from reactor.engine.events import Event, EventBus, Subscription
+from reactor.engine.events import EventBus
 from reactor.engine.health import Health
 from reactor.engine.migrate import _ensure_pgmq as ensure_pgmq
 from reactor.engine.migrate import load_migrations
 from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
 from reactor.engine.runtime import Reactor
+from reactor.testing import enqueue, wait_for_event
+from reactor.testing import eventually as eventually
+from reactor.testing import of_type as of_type
+from reactor.testing import sql as sql
+from reactor.testing import wait_until as wait_until
+
+wait_for = wait_for_event
+
+
+async def send(url: str, queue: str, body: Any, *, notify: bool = True) -> int:
+    """Enqueue like the app does (public.enqueue), or with pgmq.send alone (no NOTIFY)."""
+    return await enqueue(url, queue, body, notify=notify)
 
 # The checkout the tests run from (its docs/, deploy/, test-artifacts/).
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -136,15 +152,6 @@ async def running_reactor(url: str, processors: Mapping[str, type[Processor[Any]
             reactor.stop()
 
 
-async def sql(url: str, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
-    """Run one statement in a worker thread (so the reactor keeps running)."""
-    def run() -> list[tuple[Any, ...]]:
-        with psycopg.connect(url, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    return await trio.to_thread.run_sync(run)
-
-
 async def in_db(url: str, fn: Callable[[psycopg.Connection], T]) -> T:
     """`fn(conn)` on an autocommit connection, in a worker thread (e.g. tests/factories
     from an async test, so the reactor keeps running)."""
@@ -154,42 +161,20 @@ async def in_db(url: str, fn: Callable[[psycopg.Connection], T]) -> T:
     return await trio.to_thread.run_sync(run)
 
 
-async def send(url: str, queue: str, body: Any, *, notify: bool = True) -> int:
-    """Enqueue like the app does (public.enqueue), or with pgmq.send alone (no NOTIFY)."""
-    query = ("SELECT public.enqueue(%s, %s)" if notify else "SELECT pgmq.send(%s, %s)")
-    [(msg_id,)] = await sql(url, query, (queue, Jsonb(body)))
-    return int(msg_id)
+def database_name(url: str) -> str:
+    """The database a URL names."""
+    return urlsplit(url).path.lstrip("/")
 
 
-async def wait_for(sub: Subscription, predicate: Callable[[Event], bool], count: int = 1,
-                   within_s: float = 30.0) -> list[Event]:
-    """Collect `count` events matching `predicate`; fail after `within_s`."""
-    found: list[Event] = []
-    with trio.fail_after(within_s):
-        async for event in sub.receive:
-            if predicate(event):
-                found.append(event)
-                if len(found) >= count:
-                    return found
-    raise AssertionError(f"subscription ended: {sub.dropped}")
+# What a test's own connections add to a URL to stay writable and UTF-8 whatever defaults
+# `alter_database` gave the database's new sessions.
+PLAIN = "?options=-c%20default_transaction_read_only%3Doff&client_encoding=UTF8"
 
 
-def of_type(type_: str, msg_id: int | None = None) -> Callable[[Event], bool]:
-    return lambda e: e["type"] == type_ and (msg_id is None or e["msg_id"] == msg_id)
-
-
-async def eventually(condition: Callable[[], Any], within_s: float = 30,
-                     every_s: float = 0.02) -> Any:
-    """Poll `condition` (state of another process or of the reactor; a coroutine function
-    is awaited) until it is truthy."""
-    async def check() -> Any:
-        result = condition()
-        return await result if inspect.isawaitable(result) else result
-
-    with trio.fail_after(within_s):
-        while not (result := await check()):  # noqa: ASYNC110 - polling outside state
-            await trio.sleep(every_s)
-    return result
+async def alter_database(url: str, setting: str) -> None:
+    """ALTER DATABASE <the database of url> <setting>: new sessions get it."""
+    await sql(url + PLAIN, pgsql.SQL("ALTER DATABASE {} " + setting).format(
+        pgsql.Identifier(database_name(url))))
 
 
 @contextmanager
@@ -207,17 +192,6 @@ def listener_held_down(reactor: Reactor) -> Iterator[None]:
             yield
         finally:
             reactor.listener.url = url
-
-
-def wait_until(condition: Callable[[], Any], within_s: float = 30, what: str = "",
-               every_s: float = 0.05) -> Any:
-    """Poll `condition` until it is truthy (sync tests); fail naming `what` after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what or condition}")
-        time.sleep(every_s)
-    return result
 
 
 def read_line(stream: IO[Any], within_s: float = 30) -> str:

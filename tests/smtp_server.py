@@ -6,8 +6,14 @@ apart from the reactor's under test, and the test sees only the wire.
     python -m tests.smtp_server (--port P | --fd N) --maildir DIR
         [--tls starttls|ssl --cert C --key K]
         [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...]
-        [--defer-once ADDR ...] [--delay-ms MS]
+        [--defer-once ADDR ...] [--greylist ADDR=S ...] [--greylist-data ADDR=S ...]
+        [--delay-ms MS]
         [--idle-timeout-s S] [--pipelining]
+
+`--greylist ADDR=S` answers RCPT TO:<ADDR> with 451 4.7.1 until S seconds after the
+first time it saw ADDR (a greylist with a delay, as postgrey's); `--greylist-data
+ADDR=S` does the same at the end of DATA (452 4.3.1), after the message was sent.
+Every such deferral is one line `deferred ADDR` in DIR/deferrals.log.
 
 `--pipelining` adds PIPELINING (RFC 2920) to the EHLO reply; aiosmtpd reads
 commands one at a time from its stream, so it answers pipelined ones in order.
@@ -32,6 +38,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +48,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 class Handler:
     def __init__(self, maildir: Path, reject: set[str], defer: set[str],
                  delay_s: float = 0.0, defer_once: set[str] | None = None,
-                 pipelining: bool = False) -> None:
+                 pipelining: bool = False, greylist: dict[str, float] | None = None,
+                 greylist_data: dict[str, float] | None = None) -> None:
         self.pipelining = pipelining
+        self.greylist = dict(greylist or {})  # address → seconds it stays greylisted
+        self.greylist_data = dict(greylist_data or {})
+        self.first_seen: dict[tuple[str, str], float] = {}
         self.maildir = maildir
         self.reject = reject
         self.defer = defer
@@ -62,6 +73,17 @@ class Handler:
             return [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
+    def greylisted(self, stage: str, address: str, delays: dict[str, float]) -> bool:
+        """Still within the greylist delay of `address` (the clock starts when first seen)."""
+        if address not in delays:
+            return False
+        first = self.first_seen.setdefault((stage, address), time.monotonic())
+        if time.monotonic() - first >= delays[address]:
+            return False
+        with (self.maildir / "deferrals.log").open("a") as out:
+            out.write(f"deferred {address}\n")
+        return True
+
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
         self.session_event("quit")
         return "221 Bye"
@@ -73,12 +95,17 @@ class Handler:
         if address in self.defer or address in self.defer_once:
             self.defer_once.discard(address)
             return f"451 4.7.1 <{address}>: Greylisted, try again later"
+        if self.greylisted("rcpt", address, self.greylist):
+            return f"451 4.7.1 <{address}>: Recipient address rejected: Greylisted, see " \
+                   "http://postgrey.schweikert.ch/help/example.html"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if any(self.greylisted("data", a, self.greylist_data) for a in envelope.rcpt_tos):
+            return "452 4.3.1 Insufficient system storage, try again later"
         n = next(self.counter)
         temp = self.maildir / f".{n:04d}.tmp"
         temp.write_bytes(envelope.original_content or envelope.content)
@@ -89,6 +116,12 @@ class Handler:
             f"helo={session.host_name}\n")
         os.replace(temp, self.maildir / f"{n:04d}.eml")
         return "250 OK: queued"
+
+
+def _delays(items: list[str]) -> dict[str, float]:
+    """ADDR=SECONDS pairs."""
+    return {address: float(seconds)
+            for address, _, seconds in (item.rpartition("=") for item in items)}
 
 
 def main() -> None:
@@ -105,6 +138,8 @@ def main() -> None:
     parser.add_argument("--reject", nargs="*", default=[])
     parser.add_argument("--defer", nargs="*", default=[])
     parser.add_argument("--defer-once", nargs="*", default=[])
+    parser.add_argument("--greylist", nargs="*", default=[])
+    parser.add_argument("--greylist-data", nargs="*", default=[])
     parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--idle-timeout-s", type=float, default=300.0)
     parser.add_argument("--pipelining", action="store_true")
@@ -131,7 +166,8 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     handler = Handler(args.maildir, set(args.reject), set(args.defer), args.delay_ms / 1000,
-                      set(args.defer_once), args.pipelining)
+                      set(args.defer_once), args.pipelining,
+                      _delays(args.greylist), _delays(args.greylist_data))
 
     class RecordingSMTP(SMTP):
         def connection_lost(self, error: Exception | None) -> None:

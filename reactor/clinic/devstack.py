@@ -28,6 +28,7 @@ from reactor.clinic import queries
 from reactor.clinic.app import build
 from reactor.clinic.schema import migrate
 from reactor.clinic.settings import Settings, load_settings
+from reactor.engine.files import write_whole_sync
 from reactor.engine.logs import configure_logging
 from reactor.engine.pgcluster import CRON_DATABASE, SERVER_USER, PgCluster, free_port
 from reactor.engine.runtime import Reactor
@@ -67,8 +68,7 @@ class DevStack:
             port = int(port_file.read_text())
         else:
             port = free_port()
-            self.home.mkdir(parents=True, exist_ok=True)
-            port_file.write_text(str(port))
+            write_whole_sync(port_file, str(port).encode())
         return PgCluster(base, port, durable=True)
 
 

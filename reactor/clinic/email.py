@@ -9,19 +9,31 @@ to check, never sent blind. The send and its record are shielded from
 shutdown's cancellation, so only a crash, or a relay that took the whole
 message and then did not answer (it may have accepted it), leaves 'sending'
 behind; the latter is dead-lettered at once.
+
+A relay's 4xx to the mail (greylisting, a rate limit, a full mailbox) is a
+deferral, waited out on a time budget like an MTA's queue lifetime
+(`_deferral`, SMTP_DEFER_MAX_S), not on MAX_ATTEMPTS. Every message field
+that reaches a header is checked at the door (the models below), since message
+bodies are untrusted: a bad one is dead-lettered naming the field, and the
+MIME writer never sees it.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, LiteralString
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import PurePosixPath
+from typing import Any, Final, Literal, LiteralString
 
 import psycopg
 import trio
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, Field, field_validator, model_validator
 
 from reactor.clinic import queries
 from reactor.clinic.resources import TEMPLATES_DIR
@@ -29,6 +41,8 @@ from reactor.clinic.services.mailer import (
     Attachment,
     DeliveryUnknown,
     Mailer,
+    OutgoingMail,
+    SmtpDeferred,
     build_message,
     check_mail_settings,
     open_mailer,
@@ -36,9 +50,10 @@ from reactor.clinic.services.mailer import (
 from reactor.clinic.services.templates import EmailRenderer
 from reactor.clinic.settings import MailSettings, Settings
 from reactor.engine.db import Database, DatabaseUnavailable
-from reactor.engine.errors import RetryableError
+from reactor.engine.errors import Deferred, RetryableError
 from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
 from reactor.engine.queues import Message
+from reactor.engine.retry import RetryPolicy
 
 __all__ = ["EmailMessage", "EmailProcessor"]
 
@@ -53,12 +68,89 @@ ADDRESS_RE = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
 
 
+# What the project attaches (the report PDF; text and pictures at most): a content type
+# is one of these, exactly, never a string from the message written into a header.
+ATTACHMENT_TYPES: Final = frozenset({"application/pdf", "text/plain", "text/csv",
+                                     "image/png", "image/jpeg"})
+# A file name goes into two header parameters (name=, filename=): no control or format
+# character (CR, LF, NUL, bidi overrides), nothing that ends or splits a parameter.
+_NAME_FORBIDDEN: Final = frozenset('"\\/;:*?<>|')
+MAX_FILENAME = 120
+
+
+def header_safe(value: str, *, allow_tab: bool = False) -> str | None:
+    """Why `value` cannot go into a mail header (a control character: CR, LF, NUL, ...;
+    a Unicode line or paragraph separator), else None."""
+    for char in value:
+        if char == "\t" and allow_tab:
+            continue
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            return f"must not contain control characters (found {char!r})"
+    return None
+
+
+def _check_filename(value: str) -> str:
+    problem = header_safe(value)
+    if problem is None and any(unicodedata.category(c) == "Cf" for c in value):
+        problem = "must not contain invisible format characters (bidi overrides...)"
+    if problem is None and _NAME_FORBIDDEN.intersection(value):
+        problem = "must not contain any of \" \\ / ; : * ? < > |"
+    if problem is None and (not value.strip(" .") or len(value) > MAX_FILENAME):
+        problem = f"must be a file name of 1 to {MAX_FILENAME} characters"
+    if problem:
+        raise ValueError(f"{problem}: it goes into the attachment's headers")
+    return value
+
+
 class AttachmentRef(BaseModel):
-    """A file under REPORTS_DIR to attach (the report processor adds the PDF)."""
+    """A file under REPORTS_DIR to attach (the report processor adds the PDF).
+
+    Every field that reaches the attachment's headers is checked here, at the door:
+    `content_type` is one of ATTACHMENT_TYPES (no parameters), and the name (the
+    `filename`, else the last part of `path`) is a plain file name.
+    """
 
     path: str
     filename: str | None = None
     content_type: str = "application/pdf"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        problem = header_safe(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("filename")
+    @classmethod
+    def _filename(cls, value: str | None) -> str | None:
+        return None if value is None else _check_filename(value)
+
+    @field_validator("content_type")
+    @classmethod
+    def _content_type(cls, value: str) -> str:
+        if value.lower() not in ATTACHMENT_TYPES:
+            shown = value if len(value) <= 60 else value[:60] + "..."
+            raise ValueError(f"{shown!r} is not one of {', '.join(sorted(ATTACHMENT_TYPES))} "
+                             "(a type/subtype, no parameters)")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _name_from_path(self) -> AttachmentRef:
+        """Without `filename`, the path's last part names the attachment: the same rule."""
+        if self.filename is None:
+            try:
+                _check_filename(PurePosixPath(self.path).name)
+            except ValueError as exc:
+                raise ValueError(f"path: its last part names the attachment and {exc}") \
+                    from None
+        return self
+
+    @property
+    def name(self) -> str:
+        """The name the mail gives the attachment."""
+        return self.filename or PurePosixPath(self.path).name
 
 
 class EmailMessage(MessageModel):
@@ -70,6 +162,10 @@ class EmailMessage(MessageModel):
     locale: Literal["ru", "en"] | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
     attachments: list[AttachmentRef] = Field(default_factory=list)
+    # Stamped by the reactor on a mail a relay deferred (4xx), when it puts the mail back
+    # on the queue; a producer leaves them out. See EmailProcessor._deferral.
+    deferred_since: AwareDatetime | None = None
+    deferrals: int = Field(0, ge=0)
 
     @field_validator("to")
     @classmethod
@@ -83,6 +179,9 @@ class EmailMessage(MessageModel):
     def _one_line(cls, value: str | None) -> str | None:
         if value is not None and ("\r" in value or "\n" in value):
             raise ValueError("must not contain CR or LF")
+        problem = None if value is None else header_safe(value, allow_tab=True)
+        if problem:
+            raise ValueError(f"{problem}: it is the Subject header")
         return value
 
 
@@ -112,6 +211,8 @@ class EmailProcessor(Processor[EmailMessage]):
                                       app_base_url=settings.app_base_url,
                                       reply_to=settings.smtp_reply_to)
         self.mailer: Mailer | None = None
+        self._defer_policy = RetryPolicy(base_s=settings.smtp_defer_backoff_s,
+                                         max_s=settings.smtp_defer_backoff_max_s)
         # Group commit of 'sent' verdicts (see _record_sent).
         self._unwritten: list[_SentVerdict] = []
         self._verdict_writer = trio.Lock()
@@ -132,10 +233,19 @@ class EmailProcessor(Processor[EmailMessage]):
         rendered = self.renderer.render(msg.template, locale, msg.variables, msg.subject)
         attachments = [await self._attachment(ref) for ref in msg.attachments]
         sender = self.mail.smtp_from or "noreply@localhost"
-        email = build_message(sender=sender, sender_name=self.mail.smtp_from_name,
-                              to=msg.to, email=rendered, attachments=attachments,
-                              reply_to=self.mail.smtp_reply_to)
+        # The email package spends milliseconds on a mail: not on the reactor's thread.
+        email = await trio.to_thread.run_sync(partial(
+            build_message, sender=sender, sender_name=self.mail.smtp_from_name, to=msg.to,
+            email=rendered, attachments=attachments, reply_to=self.mail.smtp_reply_to))
 
+        try:
+            await self._send(job, key, email)
+        except SmtpDeferred as exc:
+            raise self._deferral(job, key, exc) from None
+
+    async def _send(self, job: Job[EmailMessage], key: str, email: OutgoingMail) -> None:
+        """Claim the ledger key, hold the SMTP conversation, record its verdict."""
+        msg = job.message
         assert self.mailer is not None, "EmailProcessor used outside running()"
         # Waiting for a pooled connection may be cut (job timeout, shutdown): nothing has
         # started, and the ledger is claimed only once the connection is ours.
@@ -171,6 +281,32 @@ class EmailProcessor(Processor[EmailMessage]):
             if conversation.cancelled_caught:
                 raise RetryableError(f"the SMTP conversation did not finish in time (ledger "
                                      f"key {key}): its outcome is unknown", outage=True)
+
+    def _deferral(self, job: Job[EmailMessage], key: str,
+                  exc: SmtpDeferred) -> Deferred | PermanentError:
+        """A relay's 4xx: wait it out on the time budget, as an MTA keeps a deferred mail.
+
+        The mail goes back on the queue (Deferred) with when its deferrals began and how
+        many there were, stamped into its body: that survives restarts and replicas and
+        costs no attempt of MAX_ATTEMPTS. Tried again after SMTP_DEFER_BACKOFF_S,
+        doubling up to SMTP_DEFER_BACKOFF_MAX_S (the last wait shortened to end at the
+        budget); dead-lettered with the last reply once SMTP_DEFER_MAX_S has passed.
+        """
+        msg = job.message
+        now = datetime.now(UTC)
+        since = min(msg.deferred_since or now, now)  # never trust a stamp in the future
+        waited = (now - since).total_seconds()
+        tries = msg.deferrals + 1
+        budget = self.mail.smtp_defer_max_s
+        if waited >= budget:
+            return PermanentError(f"{exc} (deferred for {_duration(waited)}, {tries} tries: "
+                                  f"gave up after SMTP_DEFER_MAX_S={budget})")
+        delay = min(self._defer_policy.delay_s(tries), max(1, math.ceil(budget - waited)))
+        stamp: dict[str, Any] = {"deferred_since": since.isoformat(), "deferrals": tries}
+        if not msg.idempotency_key:
+            stamp["idempotency_key"] = key  # the requeued mail is the same mail to the ledger
+        return Deferred(f"{exc} (deferred for {_duration(waited)}, try {tries}; next in "
+                        f"{delay}s)", delay, stamp=stamp)
 
     async def _record(self, query: LiteralString, params: dict[str, Any]) -> None:
         """Write the verdict of a send; retried, so a database blip right after a send
@@ -225,9 +361,13 @@ class EmailProcessor(Processor[EmailMessage]):
         """A mail queued without a key keeps the one it was tried under: replaying it
         is then the same mail for the ledger (never a second, blind send)."""
         body = delivery.body
+        stamp: dict[str, Any] = {}
         if isinstance(body, dict) and not body.get("idempotency_key"):
-            return {"idempotency_key": unkeyed_ledger_key(delivery)}
-        return {}
+            stamp["idempotency_key"] = unkeyed_ledger_key(delivery)
+        if isinstance(body, dict) and body.get("deferred_since") is not None:
+            # A replay is a fresh try: a new deferral budget (the reason keeps the old one).
+            stamp |= {"deferred_since": None, "deferrals": 0}
+        return stamp
 
     async def _profile_locale(self, address: str) -> str | None:
         row = await self.db.run(
@@ -243,7 +383,17 @@ class EmailProcessor(Processor[EmailMessage]):
             content = await trio.Path(path).read_bytes()
         except FileNotFoundError:
             raise PermanentError(f"attachment {ref.path!r} does not exist") from None
-        return Attachment(ref.filename or path.name, content, ref.content_type)
+        return Attachment(ref.name, content, ref.content_type)
+
+
+def _duration(seconds: float) -> str:
+    """`45s`, `12m 5s`, `3h 20m`: how long a mail has been deferred, for its reason."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60}s"
+    return f"{whole // 3600}h {whole % 3600 // 60}m"
 
 
 def unkeyed_ledger_key(delivery: Message) -> str:

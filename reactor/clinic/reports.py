@@ -3,8 +3,9 @@ REPORTS_DIR (and in Supabase Storage when configured), recorded in
 public.reports, and mailed to the family as `report_ready` with the PDF.
 
 Processing a message twice yields one row, one file and one mail: the file is
-replaced atomically, the row is upserted, and the mail is queued only when
-the row is new, with an idempotency key for the email ledger besides.
+replaced atomically and durably before the row is written (engine.files), the
+row is upserted, and the mail is queued only when the row is new, with an
+idempotency key for the email ledger besides.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import httpx
 import psycopg
-import trio
 
 from reactor.clinic import queries
 from reactor.clinic.resources import TEMPLATES_DIR
@@ -32,12 +32,14 @@ from reactor.clinic.services.pdf import (
     Score,
     find_fonts,
     prepare_fonts,
+    private_cache_dir,
     render_report,
 )
 from reactor.clinic.settings import ReportSettings, Settings
 from reactor.engine import queues
 from reactor.engine.db import in_worker_thread
 from reactor.engine.errors import PermanentError, RetryableError
+from reactor.engine.files import WriteFailed, swept, write_whole
 from reactor.engine.processor import Context, Job, MessageModel, Processor
 
 __all__ = ["ReportMessage", "ReportProcessor", "report_data"]
@@ -129,9 +131,11 @@ class ReportProcessor(Processor[ReportMessage]):
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        cache = Path(tempfile.gettempdir()) / "reactor-fonts"
+        cache = private_cache_dir(Path(tempfile.gettempdir()))
         self.fonts = await in_worker_thread(prepare_fonts, self.source_fonts, cache)
-        yield
+        # What a crash mid-write left in REPORTS_DIR: at start, then every hour.
+        async with swept(self.report.reports_dir):
+            yield
 
     async def handle(self, job: Job[ReportMessage]) -> None:
         msg = job.message
@@ -184,16 +188,13 @@ class ReportProcessor(Processor[ReportMessage]):
         await self.db.run(record)
 
     async def _store(self, relative: str, pdf: bytes) -> None:
-        """Write atomically: a reader sees the old file or the new one, never half."""
-        final = trio.Path(self.report.reports_dir) / relative
-        # A temp name of its own: two deliveries of one report may render at once.
-        temp = final.with_name(f".{final.name}.{uuid4().hex}.tmp")
+        """Write whole and durably (engine.files): a reader sees the old file or the new
+        one, never half, and the row recorded after this never outlives the file."""
         try:
-            await final.parent.mkdir(parents=True, exist_ok=True)
-            await temp.write_bytes(pdf)
-            await temp.replace(final)
-        except OSError as exc:
-            raise RetryableError(f"cannot write to REPORTS_DIR: {exc}", outage=True) from None
+            await write_whole(self.report.reports_dir / relative, pdf)
+        except WriteFailed as exc:
+            raise RetryableError(f"cannot write to REPORTS_DIR ({exc.directory}): "
+                                 f"{exc.reason}", outage=True) from None
 
     async def _upload(self, relative: str, pdf: bytes) -> None:
         """Upsert the PDF into the Storage bucket REPORTS_BUCKET (Storage REST API)."""

@@ -89,6 +89,21 @@ class MailSettings(BrandSettings):
     smtp_pool_idle_s: float = Field(30.0, alias="SMTP_POOL_IDLE_S", gt=0)
     smtp_helo_name: str | None = Field(None, alias="SMTP_HELO_NAME")
     smtp_reply_to: str | None = Field(None, alias="SMTP_REPLY_TO")
+    # A relay's 4xx to MAIL, RCPT or DATA (greylisting, a rate limit, a full mailbox) is
+    # waited out on a time budget, like an MTA's queue lifetime, not on MAX_ATTEMPTS:
+    # tried again after SMTP_DEFER_BACKOFF_S, doubling up to SMTP_DEFER_BACKOFF_MAX_S,
+    # until SMTP_DEFER_MAX_S after the first deferral.
+    smtp_defer_max_s: int = Field(86_400, alias="SMTP_DEFER_MAX_S", ge=1)
+    smtp_defer_backoff_s: int = Field(60, alias="SMTP_DEFER_BACKOFF_S", ge=1)
+    smtp_defer_backoff_max_s: int = Field(900, alias="SMTP_DEFER_BACKOFF_MAX_S", ge=1)
+
+    @model_validator(mode="after")
+    def _check_defer_backoff(self) -> MailSettings:
+        if self.smtp_defer_backoff_max_s < self.smtp_defer_backoff_s:
+            raise ValueError(f"SMTP_DEFER_BACKOFF_MAX_S={self.smtp_defer_backoff_max_s} is below "
+                             f"SMTP_DEFER_BACKOFF_S={self.smtp_defer_backoff_s}: set it to at "
+                             "least that (the default is 900)")
+        return self
 
     @property
     def smtp_security_effective(self) -> Literal["starttls", "ssl", "none"]:

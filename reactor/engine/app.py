@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactor.engine.processor import Processor
 from reactor.engine.queues import QUEUE_NAME
-from reactor.engine.settings import ConfigError, EngineSettings
+from reactor.engine.settings import ConfigError, EngineSettings, load_settings
 
 if TYPE_CHECKING:
     from reactor.engine.commands import Command
@@ -68,7 +68,8 @@ class App:
 
     Args:
         name: the app's name, for messages.
-        settings: its settings, or a function that loads them: loaded on first use, so
+        settings: its settings, their class (read from the environment) or a function
+            that loads them; a class or a function is called on first use, so
             `reactor --help` and commands that need no database (`reactor dev`) work
             with no environment set.
         queues: every queue it drains, each declared once.
@@ -79,7 +80,7 @@ class App:
     """
 
     def __init__(self, *, name: str,
-                 settings: EngineSettings | Callable[[], EngineSettings],
+                 settings: EngineSettings | type[EngineSettings] | Callable[[], EngineSettings],
                  queues: tuple[Queue, ...], migrations: Path,
                  event_kinds: tuple[str, ...] = (), pg_cron: bool = False,
                  commands: tuple[Command, ...] = ()) -> None:
@@ -99,8 +100,11 @@ class App:
         Raises:
             ConfigError: a setting is missing or wrong (one line naming the fix).
         """
-        return self._settings if isinstance(self._settings, EngineSettings) \
-            else self._settings()
+        if isinstance(self._settings, EngineSettings):
+            return self._settings
+        if isinstance(self._settings, type):
+            return load_settings(self._settings)
+        return self._settings()
 
     def _check(self) -> None:
         names = [q.name for q in self.queues]

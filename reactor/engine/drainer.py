@@ -6,8 +6,9 @@ Reads and the bookkeeping of finished jobs are batched and share trips to a
 worker thread, so a burst of notifications costs a few reads, not one read
 per notification. Failures follow the policy of DESIGN.md: permanent → dead
 letter now; "not yet" (RetryLater) → the same body again later as a new
-message; anything else → retry with backoff through pgmq.set_vt, dead letter
-after MAX_ATTEMPTS deliveries.
+message; "not now" from the other side (Deferred) → the same, announced as
+`job.deferred`, not as a failure; anything else → retry with backoff through
+pgmq.set_vt, dead letter after MAX_ATTEMPTS deliveries.
 
 Two rules keep it standing:
 - A job's outcome is *settled* exactly once, synchronously, by whoever sees it
@@ -40,7 +41,13 @@ from reactor.engine import queues
 from reactor.engine.db import Database, DatabaseUnavailable, describe_db_error
 from reactor.engine.events import EventBus
 from reactor.engine.health import Health
-from reactor.engine.processor import PermanentError, Processor, RetryableError, RetryLater
+from reactor.engine.processor import (
+    Deferred,
+    PermanentError,
+    Processor,
+    RetryableError,
+    RetryLater,
+)
 from reactor.engine.queues import Message, Outcome
 from reactor.engine.retry import RetryPolicy
 
@@ -394,9 +401,18 @@ class Drainer:
                              settle_ms=_since(letter.started, trio.current_time()))
         while self._requeues:
             again = self._requeues[0]
-            await self._db(partial(queues.requeue, msg=again.message, delay_s=again.delay_s))
+            new_id = await self._db(partial(queues.requeue, msg=again.message,
+                                            delay_s=again.delay_s, stamp=again.stamp,
+                                            deferred=again.deferred))
             self._requeues.pop(0)
-            self._publish_retry(again)
+            if again.deferred:
+                self.bus.publish("job.deferred", self.queue, again.message.msg_id,
+                                 again.message.attempt, again.duration_ms, again.error,
+                                 retry_in_s=again.delay_s, requeued_as=new_id,
+                                 wait_ms=again.wait_ms,
+                                 settle_ms=_since(again.started, trio.current_time()))
+            else:
+                self._publish_retry(again)
         if self._stopping:
             read = 0  # what was just released (set visible) must not be read back in
         done, self._done = self._done, []
@@ -482,7 +498,8 @@ class Drainer:
         except PermanentError as exc:
             self._settle_dead(job, str(exc))
         except RetryLater as exc:
-            self._settle_requeue(job, str(exc), exc.delay_s or 1)
+            self._settle_requeue(job, str(exc), exc.delay_s or 1, exc.stamp,
+                                 deferred=isinstance(exc, Deferred))
         except RetryableError as exc:
             self._settle_failure(job, describe_error(exc), exc.delay_s, outage=exc.outage)
         except DatabaseUnavailable as exc:
@@ -517,17 +534,19 @@ class Drainer:
             return
         delay = delay_s if delay_s is not None else policy.delay_s(message.attempt)
         self._outcomes.append(Outcome(message, delay, clean_error(error), _ms(job),
-                                      job.wait_ms, _started(job)))
+                                      wait_ms=job.wait_ms, started=_started(job)))
 
-    def _settle_requeue(self, job: _Job, reason: str, delay_s: int) -> None:
+    def _settle_requeue(self, job: _Job, reason: str, delay_s: int,
+                        stamp: dict[str, Any] | None = None, *, deferred: bool = False) -> None:
         if self._settle(job):
             self._requeues.append(Outcome(job.message, delay_s, clean_error(reason), _ms(job),
-                                          job.wait_ms, _started(job)))
+                                          stamp, deferred, wait_ms=job.wait_ms,
+                                          started=_started(job)))
 
     def _settle_dead(self, job: _Job, error: str) -> None:
         if self._settle(job):
             self._letters.append(Outcome(job.message, 0, clean_error(error), _ms(job),
-                                         job.wait_ms, _started(job)))
+                                         wait_ms=job.wait_ms, started=_started(job)))
 
     def _publish_retry(self, o: Outcome) -> None:
         self.bus.publish("job.retrying", self.queue, o.message.msg_id, o.message.attempt,

@@ -30,7 +30,7 @@ __all__ = ["EVENT_TYPES", "NOT_REPLAYED", "Event", "EventBus", "Subscription"]
 EVENT_TYPES: Final = (
     "reactor.started", "reactor.stopping", "listener.connected", "listener.lost", "wakeup",
     "job.started", "job.succeeded", "job.retrying", "job.dead_lettered", "queue.depth",
-    "health.degraded", "health.recovered",
+    "health.degraded", "health.recovered", "job.deferred",
     # A person acted on dead letters (the dashboard or `reactor dlq`: reactor.engine.dead_letters).
     "dlq.replayed", "dlq.discarded", "dlq.purged",
 )
@@ -41,6 +41,8 @@ EVENT_TYPES: Final = (
 _LOG_LEVEL = {
     "job.started": "debug", "job.succeeded": "debug", "wakeup": "debug", "queue.depth": "debug",
     "job.retrying": "warning", "job.dead_lettered": "error", "listener.lost": "warning",
+    # The other side said "not now" (a relay's 4xx): expected, not a failure.
+    "job.deferred": "info",
     # health.* are logged by reactor.engine.health itself, once per change.
     "health.degraded": "debug", "health.recovered": "debug",
 }

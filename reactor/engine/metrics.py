@@ -49,6 +49,11 @@ class Metrics:
                             ["queue"], registry=r)
         self.listener = Gauge("reactor_listener_connected",
                               "1 while the LISTEN connection is up", registry=r)
+        # Not an outcome of reactor_jobs_total: a deferred job is not finished, and sums
+        # over that counter's outcomes must keep counting each job once.
+        self.deferred = Counter("reactor_jobs_deferred", "Deliveries the other side deferred "
+                                "(e.g. a relay's 4xx: greylisting); each is tried again later",
+                                ["queue"], registry=r)
         self.wakeups = Counter("reactor_wakeups", "NOTIFY wake-ups received", ["queue"],
                                registry=r)
         # From the fault registry (reactor.engine.health), read at each scrape: an alert on
@@ -78,6 +83,7 @@ class Metrics:
                 key = (queue, outcome)
                 if key not in self._children:
                     self._children[key] = self.jobs.labels(queue, outcome)
+            self.deferred.labels(queue)
             self._histogram(self._waits, self.wait, queue)
             self._histogram(self._settles, self.settle, queue)
             self.oldest_visible.labels(queue).set(0)
@@ -105,12 +111,7 @@ class Metrics:
                 if histogram is None:
                     histogram = self._durations[queue] = self.duration.labels(queue)
                 histogram.observe(event["duration_ms"] / 1000)
-            wait_ms = event.get("wait_ms")
-            if wait_ms is not None:
-                self._histogram(self._waits, self.wait, queue).observe(wait_ms / 1000)
-            settle_ms = event.get("settle_ms")
-            if settle_ms is not None:
-                self._histogram(self._settles, self.settle, queue).observe(settle_ms / 1000)
+            self._timings(event, queue)
         elif kind == "queue.depth":
             self.depth.labels(queue).set(event.get("depth") or 0)
             self.oldest.labels(queue).set(event.get("oldest_age_s") or 0)
@@ -122,8 +123,20 @@ class Metrics:
             self.listener.set(0)
         elif kind == "wakeup":
             self.wakeups.labels(queue).inc()
+        elif kind == "job.deferred":
+            self.deferred.labels(queue).inc()
+            self._timings(event, queue)
         elif (app_event := self._app_events.get(kind)) is not None:
             app_event.inc()
+
+    def _timings(self, event: Event, queue: str) -> None:
+        """Enqueue to start (first deliveries) and start to settled, of a settled delivery."""
+        wait_ms = event.get("wait_ms")
+        if wait_ms is not None:
+            self._histogram(self._waits, self.wait, queue).observe(wait_ms / 1000)
+        settle_ms = event.get("settle_ms")
+        if settle_ms is not None:
+            self._histogram(self._settles, self.settle, queue).observe(settle_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

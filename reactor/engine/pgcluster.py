@@ -19,7 +19,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-__all__ = ["PgCluster", "PgClusterError", "find_pg_bin", "free_port", "start_failure_reason"]
+__all__ = ["PgCluster", "PgClusterError", "check_pg_cron", "find_pg_bin", "free_port",
+           "start_failure_reason"]
 
 # pg_cron runs its jobs in exactly this database of the cluster.
 CRON_DATABASE = "postgres"
@@ -57,7 +58,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _check_pg_cron(bin_dir: Path) -> None:
+def check_pg_cron(bin_dir: Path) -> None:
+    """Raise PgClusterError (naming the package) unless pg_cron is installed for bin_dir."""
     libdir = subprocess.run(
         [str(bin_dir / "pg_config"), "--pkglibdir"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -74,7 +76,8 @@ _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \S+ \[\d+\] ")
 _CAUSES = ("Address already in use", "could not bind", "Permission denied", "No space left")
 # Lines that hold a cause's words but never say why a start failed: the server user
 # cannot enter the caller's working directory (a checkout under /root, a 0700 mktemp).
-_NOISE = ("could not change directory to",)
+# Written bare, before logging starts; a FATAL about the data directory keeps its prefix.
+_NOISE = re.compile(r'^could not change directory to ".*": Permission denied$')
 
 
 def start_failure_reason(output: str) -> str:
@@ -85,7 +88,7 @@ def start_failure_reason(output: str) -> str:
     lower-level line just before it (a port in use is a LOG line).
     """
     lines = [" ".join(_LOG_PREFIX.sub("", line).split()) for line in output.splitlines()]
-    lines = [line for line in lines if line and not any(noise in line for noise in _NOISE)]
+    lines = [line for line in lines if line and not _NOISE.match(line)]
     if not lines:
         return "no reason given in the log"
 
@@ -153,7 +156,7 @@ class PgCluster:
         if self.initialized:
             return
         if self.pg_cron:
-            _check_pg_cron(self.bin_dir)
+            check_pg_cron(self.bin_dir)
         if self._as_postgres:
             try:
                 pwd.getpwnam(SERVER_USER)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from reactor.engine.errors import PermanentError, RetryableError, RetryLater
+from reactor.engine.errors import Deferred, PermanentError, RetryableError, RetryLater
 
 if TYPE_CHECKING:
     from reactor.engine.db import Database
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from reactor.engine.queues import Message
     from reactor.engine.settings import EngineSettings
 
-__all__ = ["Context", "Job", "MessageModel", "PermanentError", "Processor", "RetryLater",
+__all__ = ["Context", "Deferred", "Job", "MessageModel", "PermanentError", "Processor",
+           "RetryLater",
            "RetryableError"]
 
 

@@ -247,8 +247,15 @@ SELECT letter.dlq_msg_id, pgmq.archive(%(queue)s, letter.msg_id), (SELECT count(
 # "Not yet" (a payment still pending at the provider): the same body goes back on the
 # queue as a new message after the delay, and the original is archived, in one
 # statement. pgmq's read_ct starts again, so polling never looks like a crash loop.
+# `stamp` (an object, usually empty) is merged into the body: see errors.RetryLater.
 REQUEUE = _sql.SQL("""
-SELECT pgmq.send(%(queue)s, q.message, %(delay)s), pgmq.archive(%(queue)s, q.msg_id)
+SELECT pgmq.send(%(queue)s, q.message || %(stamp)s, %(delay)s), pgmq.archive(%(queue)s, q.msg_id)
+  FROM pgmq.{table} q WHERE q.msg_id = %(msg_id)s
+""")
+# A deferral (errors.Deferred): the same, but the original is deleted, not archived: it
+# is not done, and the archive is what `reactor status` and the dashboard count as done.
+DEFER = _sql.SQL("""
+SELECT pgmq.send(%(queue)s, q.message || %(stamp)s, %(delay)s), pgmq.delete(%(queue)s, q.msg_id)
   FROM pgmq.{table} q WHERE q.msg_id = %(msg_id)s
 """)
 # Dead letters, read without taking them (pgmq.read would bump read_ct and vt).

@@ -234,6 +234,10 @@ class Outcome:
     delay_s: int
     error: str | None  # None: released at shutdown, not a failure
     duration_ms: float = 0.0  # how long the failed delivery ran (for its event)
+    # A requeue only (RetryLater): keys merged into the new message's body, and whether
+    # it is a deferral (Deferred: the original is deleted, not archived).
+    stamp: dict[str, Any] | None = None
+    deferred: bool = False
     wait_ms: float | None = None  # a first delivery's enqueue-to-start (for its event)
     started: float | None = None  # trio.current_time() at its start (start-to-settle)
 
@@ -270,10 +274,16 @@ def dead_letter(conn: psycopg.Connection, msg: Message, error: str,
     return None if row is None else int(row[0])
 
 
-def requeue(conn: psycopg.Connection, msg: Message, delay_s: int) -> int | None:
-    """Put the same body back as a new message after `delay_s`; archive this one."""
-    row = conn.execute(queries.REQUEUE.format(table=_table(msg.queue)),
-                       {"queue": msg.queue, "msg_id": msg.msg_id, "delay": delay_s}).fetchone()
+def requeue(conn: psycopg.Connection, msg: Message, delay_s: int,
+            stamp: dict[str, Any] | None = None, *, deferred: bool = False) -> int | None:
+    """Put the same body (with `stamp` merged in) back as a new message after `delay_s`;
+    archive this one, or delete it when `deferred` (it is not done: the new one goes on
+    with it, and is archived once it succeeds). Returns the new message's id, or None
+    when this one was no longer queued."""
+    query = queries.DEFER if deferred else queries.REQUEUE
+    row = conn.execute(query.format(table=_table(msg.queue)),
+                       {"queue": msg.queue, "msg_id": msg.msg_id, "delay": delay_s,
+                        "stamp": Jsonb(stamp or {})}).fetchone()
     return None if row is None else int(row[0])
 
 

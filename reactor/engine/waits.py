@@ -33,7 +33,7 @@ WAITS_EVERY_S: Final = 5.0
 WINDOW_S: Final = 3600          # the dashboard's percentiles: over the last hour
 # Counts a database that does not answer keeps from being written are kept this long.
 KEEP_UNWRITTEN_S: Final = 3600
-_OUTCOMES = frozenset({"job.succeeded", "job.retrying", "job.dead_lettered"})
+_OUTCOMES = frozenset({"job.succeeded", "job.retrying", "job.dead_lettered", "job.deferred"})
 
 
 class WaitRecorder:

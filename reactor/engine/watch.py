@@ -26,6 +26,7 @@ __all__ = ["feed_url", "format_event", "watch"]
 
 _COLORS = {
     "job.succeeded": "32", "job.retrying": "33", "job.dead_lettered": "31;1",
+    "job.deferred": "34",
     "listener.lost": "31", "listener.connected": "36", "reactor.started": "36",
     "reactor.stopping": "36", "job.started": "2", "wakeup": "2", "queue.depth": "2",
     "feed.dropped": "31;1", "health.degraded": "31", "health.recovered": "32",
@@ -57,6 +58,8 @@ def format_event(event: dict[str, Any], *, color: bool, queue_width: int = QUEUE
         fields.append(f"{event['duration_ms']:.1f} ms")
     if event.get("type") == "queue.depth":
         fields.append(f"depth {event.get('depth')} oldest {event.get('oldest_age_s') or 0}s")
+    if event.get("type") == "job.deferred" and event.get("requeued_as") is not None:
+        fields.append(f"-> msg #{event['requeued_as']} in {event.get('retry_in_s')}s")
     if str(event.get("type", "")).startswith("dlq."):  # a person acted on dead letters
         ids = ", ".join(f"dlq #{i}" for i in event.get("dlq_ids") or [])
         note = f": {event['note']}" if event.get("note") else ""

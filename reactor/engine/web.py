@@ -137,11 +137,12 @@ async def read_body(request: Request, limit: int, *,
 class LogRouteErrors:
     """ASGI middleware: a route that raised is logged *before* its 500 is sent.
 
-    Starlette's ServerErrorMiddleware sends the 500 and then re-raises for the server
-    to log ("Error in ASGI Framework"); but the client has its answer by then, and a
-    shutdown (or a cancelled request) that lands in between loses the line. Here the
-    traceback is written first, then the 500 goes out (if nothing was sent yet), and
-    nothing is re-raised, so the error is logged exactly once, by us.
+    Starlette's ServerErrorMiddleware sends the 500 (or the app's own handler's answer)
+    and then re-raises for the server to log ("Error in ASGI Framework"); the client has
+    its answer by then, and a shutdown (or a cancelled request) in between lost the line.
+    Here, inside that middleware, the traceback is written first and the exception goes
+    on (so an app's own error handler still answers); the server's second line for the
+    same exception is dropped (_LoggedAlready), so it is logged exactly once.
     """
 
     def __init__(self, app: Any) -> None:
@@ -151,21 +152,24 @@ class LogRouteErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def watch(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, watch)
-        except Exception:
+            await self.app(scope, receive, send)
+        except Exception as exc:
             log.exception("http route failed", path=scope.get("path"),
                           method=scope.get("method"))
-            if not started:
-                await JSONResponse({"error": "internal error (see the reactor's log)"},
-                                   status_code=500)(scope, receive, send)
+            exc.__dict__[_LOGGED] = True
+            raise
+
+
+_LOGGED = "reactor_logged"
+
+
+class _LoggedAlready(logging.Filter):
+    """Drops the server's record of an exception LogRouteErrors has logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and exc.__dict__.get(_LOGGED))
 
 
 class DrainUnreadBody:
@@ -548,8 +552,9 @@ async def serve_http(app: Starlette, host: str, port: int, *,
     keep-alive timer, which runs until a request is complete) is closed.
     """
     middleware: set[Any] = {m.cls for m in app.user_middleware}
-    if LogRouteErrors not in middleware:
-        # Inside Starlette's ServerErrorMiddleware, which would send the 500 first.
+    if LogRouteErrors not in middleware and app.middleware_stack is None:
+        # Inside Starlette's ServerErrorMiddleware, which would send the 500 first (an app
+        # that has served already keeps its stack: Starlette allows no change then).
         app.add_middleware(LogRouteErrors)
     config = Config()
     config.bind = [f"{host}:{port}"]
@@ -557,6 +562,8 @@ async def serve_http(app: Starlette, host: str, port: int, *,
     # Hypercorn's own errors (a route that raised: "Error in ASGI Framework") go to the
     # log like every library's (reactor.engine.logs); with None it has no error log at all.
     config.errorlog = logging.getLogger("hypercorn.error")
+    if not any(isinstance(f, _LoggedAlready) for f in config.errorlog.filters):
+        config.errorlog.addFilter(_LoggedAlready())
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 5.0
 

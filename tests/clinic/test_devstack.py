@@ -201,3 +201,8 @@ def test_the_reason_skips_postgres_noise_about_the_working_directory() -> None:
            "2026-12-04 16:00:00.001 UTC [1] HINT:  Is another postmaster running?\n")
     assert start_failure_reason(log) == ('FATAL: lock file "postmaster.pid" already exists '
                                          "(HINT: Is another postmaster running?)")
+    # The same words as the reason itself (the data directory) are kept.
+    assert start_failure_reason(
+        'FATAL:  could not change directory to "/srv/pg/data": Permission denied\n'
+        "pg_ctl: could not start server\n") == (
+        'FATAL: could not change directory to "/srv/pg/data": Permission denied')

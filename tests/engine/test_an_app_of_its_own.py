@@ -23,12 +23,12 @@ from reactor.engine.migrate import migrate
 from reactor.engine.processor import Job, MessageModel, Processor
 from reactor.engine.runtime import Reactor, SchemaNotReady
 from reactor.engine.settings import ConfigError, EngineSettings, load_settings
-from tests.harness import eventually, sql, wait_until
+from reactor.testing import enqueue, eventually, of_type, sql, wait_for_event, wait_until
+from tests.harness import CHECKOUT
 
-MIGRATION = """
-CREATE TABLE public.greetings (name text PRIMARY KEY, greeted_by bigint NOT NULL);
-SELECT reactor.register_queue('greeting_queue');
-"""
+# The greeter's own migration line (its one queue registered there).
+GREETER_MIGRATIONS = Path(__file__).parent / "greeter_migrations"
+MIGRATION = (GREETER_MIGRATIONS / "001_greetings.sql").read_text()
 
 
 class Greeting(MessageModel):
@@ -71,13 +71,35 @@ def greeter(migrations: Path, url: str) -> App:
 
 
 def build(settings: EngineSettings | None = None) -> App:
-    """The factory `reactor --app` loads (from the environment, like any app's)."""
-    return greeter(Path(os.environ["GREETER_MIGRATIONS"]),
-                   settings.database_url if settings else os.environ["DATABASE_URL"])
+    """The factory `reactor --app` and reactor.testing load: its settings from the
+    environment, on first use, like any app's."""
+    return App(name="greeter", settings=settings or EngineSettings, migrations=GREETER_MIGRATIONS,
+               queues=(Queue("greeting_queue", GreetingProcessor),),
+               commands=(Command("greetings", "how often a name was greeted",
+                                 _count_arguments, count_greetings),))
+
+
+@pytest.fixture(scope="session")
+def reactor_app_path() -> str:
+    """reactor.testing's fixtures in this module are about the greeter."""
+    return "tests.engine.test_an_app_of_its_own:build"
+
+
+async def test_the_pytest_plugin_migrates_runs_and_waits_for_an_apps_jobs(
+        running_reactor: Reactor, reactor_database: str) -> None:
+    """reactor.testing (the plugin the wheel ships): a database migrated for the app, the
+    app running in the test's nursery, enqueue and wait for the job's event."""
+    with running_reactor.bus.subscribe() as sub:
+        msg_id = await enqueue(reactor_database, "greeting_queue", {"name": "Vera"})
+        [event] = await wait_for_event(sub, of_type("job.succeeded", msg_id))
+    assert event["queue"] == "greeting_queue"
+    assert await sql(reactor_database, "SELECT name, greeted_by FROM public.greetings") == [
+        ("Vera", msg_id)]
 
 
 async def test_a_queue_declared_only_here_is_migrated_and_drained(
         empty_database_url: str, tmp_path: Path) -> None:
+    GreetingProcessor.seen.clear()  # other tests here run the greeter too
     (tmp_path / "001_greetings.sql").write_text(MIGRATION)
     report = migrate(empty_database_url, tmp_path)
     assert report.applied[:5] == ["engine_001_queue_registry", "engine_002_prune_history",
@@ -100,23 +122,27 @@ async def test_a_queue_declared_only_here_is_migrated_and_drained(
 
 
 def test_the_engine_prunes_an_apps_history_with_no_clinic_in_the_database(
-        empty_database_url: str, tmp_path: Path) -> None:
+        reactor_database: str) -> None:
     """reactor.prune_history (the engine's line) forgets old archive rows and failure
     bookkeeping of any app's queues; the clinic's prune_reactor_history is built on it."""
-    (tmp_path / "001_greetings.sql").write_text(MIGRATION)
-    migrate(empty_database_url, tmp_path)
-    with psycopg.connect(empty_database_url, autocommit=True) as db:
+    with psycopg.connect(reactor_database, autocommit=True) as db:
         for name in ("old", "new"):
             db.execute("SELECT public.enqueue('greeting_queue', %s)",
                        (json.dumps({"name": name}),))
         db.execute("SELECT pgmq.archive('greeting_queue', ARRAY[1, 2]::bigint[])")
         db.execute("UPDATE pgmq.a_greeting_queue SET archived_at = now() - interval '40 days'"
                    " WHERE msg_id = 1")
+        db.execute("SELECT pgmq.create('someone_elses_queue')")  # not the engine's to prune
+        db.execute("SELECT pgmq.send('someone_elses_queue', '{}')")
+        db.execute("SELECT pgmq.archive('someone_elses_queue', 1::bigint)")
+        db.execute("UPDATE pgmq.a_someone_elses_queue SET archived_at = now() - interval "
+                   "'40 days'")
         db.execute("INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at, updated_at)"
                    " VALUES ('greeting_queue', 1, now(), now() - interval '40 days')")
         assert db.execute("SELECT reactor.prune_history()").fetchone() == (2,)
         assert db.execute("SELECT message->>'name' FROM pgmq.a_greeting_queue").fetchall() \
             == [("new",)]
+        assert db.execute("SELECT count(*) FROM pgmq.a_someone_elses_queue").fetchone() == (1,)
         assert db.execute("SELECT to_regprocedure('public.prune_reactor_history(interval)')"
                           ).fetchone() == (None,)
 
@@ -124,9 +150,7 @@ def test_the_engine_prunes_an_apps_history_with_no_clinic_in_the_database(
 def test_the_cli_runs_another_app_by_name(empty_database_url: str, tmp_path: Path) -> None:
     """`reactor migrate|enqueue|status --app module:factory` on the test's own app, and
     the command the app declares (the clinic's `email` and `dev` are not there)."""
-    (tmp_path / "001_greetings.sql").write_text(MIGRATION)
-    env = {**os.environ, "DATABASE_URL": empty_database_url,
-           "GREETER_MIGRATIONS": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
+    env = {**os.environ, "DATABASE_URL": empty_database_url, "PYTHONPATH": str(CHECKOUT)}
     app = "tests.engine.test_an_app_of_its_own:build"
 
     def reactor(*args: str) -> subprocess.CompletedProcess[str]:

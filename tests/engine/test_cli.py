@@ -1,4 +1,5 @@
-"""`reactor enqueue` and `reactor dlq list|replay|purge` against a real database."""
+"""`reactor enqueue`, `reactor status` and `reactor dlq list|replay|purge` against a real
+database."""
 
 from __future__ import annotations
 
@@ -11,13 +12,20 @@ import pytest
 import trio
 
 from tests import factories as f
-from tests.harness import of_type, reactor_command, running_reactor, send, wait_for
+from tests.harness import (
+    of_type,
+    reactor_command,
+    running_reactor,
+    scripted_processor,
+    send,
+    wait_for,
+)
 
 # Every test here runs the `reactor` command line as a child process.
 pytestmark = pytest.mark.process
 
 
-def cli(url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def cli(url: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return reactor_command(*args, cwd=cwd, DATABASE_URL=url)
 
 
@@ -149,3 +157,62 @@ def test_status_shows_queues_without_a_running_reactor(database_url: str, db: ps
     assert "pg_cron is not installed in this database" in result.stdout
     data = json.loads(cli(database_url, "status", "--json", cwd=tmp_path).stdout)
     assert {q["queue"]: q["depth"] for q in data["queues"]}["analytics_queue"] == 1
+
+
+async def test_status_separates_done_dead_lettered_and_retrying(database_url: str) -> None:
+    scripted = scripted_processor()
+    async with running_reactor(database_url, {"analytics_queue": scripted},
+                               RETRY_BASE_S=600) as reactor:
+        with reactor.bus.subscribe() as sub:
+            for body in ({}, {}, {"permanent": True}, {"fail_times": 100}):
+                await send(database_url, "analytics_queue", body)
+            outcomes = await wait_for(  # in whatever order they are recorded
+                sub, lambda e: e["type"] in ("job.succeeded", "job.dead_lettered",
+                                             "job.retrying"), count=4)
+    assert sorted(e["type"] for e in outcomes) == [
+        "job.dead_lettered", "job.retrying", "job.succeeded", "job.succeeded"]
+    result = await trio.to_thread.run_sync(lambda: cli(database_url, "status"))
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[:9] == ["queue", "depth", "retrying", "oldest", "done", "1h", "dead",
+                                  "1h", "done"]
+    line = next(r for r in rows if r.startswith("analytics_queue"))
+    depth, retrying, _oldest, done_1h, dead_1h, done_24h, dead_24h, dlq = line.split()[1:9]
+    assert (depth, retrying, done_1h, dead_1h, done_24h, dead_24h, dlq) == (
+        "1", "1", "2", "1", "2", "1", "1")
+    as_json = await trio.to_thread.run_sync(lambda: cli(database_url, "status",
+                                                                "--json"))
+    analytics = next(q for q in json.loads(as_json.stdout)["queues"]
+                     if q["queue"] == "analytics_queue")
+    assert (analytics["done_1h"], analytics["dead_lettered_1h"], analytics["retrying"]) == (
+        2, 1, 1)
+
+
+async def test_dlq_list_shows_both_ids_and_replay_takes_the_message_id(
+        database_url: str) -> None:
+    async with running_reactor(database_url) as reactor:
+        with reactor.bus.subscribe() as sub:
+            for _ in range(2):
+                await send(database_url, "analytics_queue", {"event": "ok"})
+            bad = await send(database_url, "analytics_queue", {"no_event": True})
+            await wait_for(sub, of_type("job.dead_lettered", bad))
+    listed = await trio.to_thread.run_sync(lambda: cli(database_url, "dlq", "list",
+                                                               "analytics_queue"))
+    header, row, hint = listed.stdout.splitlines()
+    assert header.split()[:4] == ["dlq", "id", "msg", "id"]
+    dlq_id, msg_id = row.split()[:2]
+    assert int(msg_id) == bad
+    assert int(dlq_id) != bad  # two different ids, each in its own labelled column
+    assert "event: Field required" in row
+    assert "--msg-id" in hint
+    unknown = await trio.to_thread.run_sync(lambda: cli(
+        database_url, "dlq", "replay", "analytics_queue", "--msg-id", "999999"))
+    assert unknown.returncode == 1
+    assert "no replayable dead letter of message 999999" in unknown.stderr
+    replayed = await trio.to_thread.run_sync(lambda: cli(
+        database_url, "dlq", "replay", "analytics_queue", "--msg-id", str(bad)))
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"replayed dlq #{dlq_id} (msg #{bad}) onto analytics_queue as msg #" in replayed.stdout
+    after = await trio.to_thread.run_sync(lambda: cli(database_url, "dlq", "list",
+                                                              "analytics_queue"))
+    assert after.stdout.strip() == "no dead letters in analytics_queue"

@@ -16,7 +16,7 @@ import pytest
 from reactor.clinic.resources import MIGRATIONS_DIR
 from reactor.clinic.schema import MigrationError, migrate, migration_plan
 from reactor.engine.pgcluster import PgCluster, free_port
-from tests.conftest import start_on_a_free_port
+from reactor.testing import start_on_a_free_port
 
 SCHEMA_FINGERPRINT = """
 SELECT (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace),

@@ -1,14 +1,13 @@
-"""The listener and drainers survive a killed connection and a Postgres restart."""
+"""The listener and drainers survive a killed connection and a Postgres restart (what the
+listener's own connection reads is in test_listener.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
 
-import pytest
 import trio
 
-from reactor.engine.db import DatabaseUnavailable, ListenConnection
 from reactor.engine.pgcluster import PgCluster
 from tests.harness import (
     eventually,
@@ -20,39 +19,6 @@ from tests.harness import (
     sql,
     wait_for,
 )
-
-
-async def test_the_listen_connection_reads_every_notification_and_notices_its_end(
-        database_url: str) -> None:
-    """What the listener reads straight from libpq: every payload of a transaction, in order,
-    (Postgres folds only duplicates), non-ASCII intact; several transactions' worth read
-    at once; and a connection killed on the server is DatabaseUnavailable, not silence."""
-    listen = await ListenConnection.open(database_url)
-    try:
-        await sql(database_url, "SELECT pg_notify('reactor_wakeup', p) "
-                                "FROM unnest(ARRAY['a', 'ä🙂', 'a', 'b']) AS p")
-        with trio.fail_after(10):
-            assert await listen.wait() == ["a", "ä🙂", "b"]
-        for payload in ("c", "d"):
-            await sql(database_url, "SELECT pg_notify('reactor_wakeup', %s)", (payload,))
-        await trio.sleep(0.2)
-        with trio.fail_after(10):
-            got = await listen.wait()
-            while len(got) < 2:
-                got += await listen.wait()
-        assert got == ["c", "d"]
-        assert listen.pending() == []  # nothing more, and no waiting for it
-        await sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE application_name = 'reactor listener'")
-        with trio.fail_after(10), pytest.raises(DatabaseUnavailable):
-            await _wait_until_it_fails(listen)
-    finally:
-        listen.close()
-
-
-async def _wait_until_it_fails(listen: ListenConnection) -> None:
-    while True:
-        await listen.wait()
 
 
 async def test_terminated_listener_reconnects_and_drains(database_url: str) -> None:

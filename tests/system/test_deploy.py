@@ -256,7 +256,7 @@ def test_compose_prometheus_profile_scrapes_the_reactor_with_the_alert_rules(
                            cwd=DEPLOY / "prometheus", capture_output=True, text=True,
                            timeout=60, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "7 rules found" in check.stdout
+    assert "8 rules found" in check.stdout
     readme = (HOME / "docs" / "operations.md").read_text()
     assert "--profile prometheus up -d" in readme
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import resource
 import signal
 import socket
 import tempfile
-import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psycopg
@@ -23,8 +19,8 @@ from starlette.routing import Route
 from reactor.engine.pgcluster import PgCluster, free_port
 from reactor.engine.startup import refusal, url_problem
 from reactor.engine.web import serve_http
+from reactor.testing import start_on_a_free_port
 from tests import factories as f
-from tests.conftest import start_on_a_free_port
 from tests.harness import log_lines, ports, reactor_command, reactor_process, wait_until
 
 
@@ -121,102 +117,6 @@ def test_job_log_lines_carry_the_fields_and_no_address(database_url: str, tmp_pa
     [dead] = [e for e in lines if e.get("event") == "job.dead_lettered"]
     assert dead["level"] == "error"
     assert "user_id" in str(dead["error"])
-
-
-def cut_every_connection_and_enqueue(url: str, event: str) -> None:
-    """Terminate every other client connection to the test database (the reactor's
-    pool, trio-native and listener connections), then enqueue an analytics `event`."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                     "AND backend_type = 'client backend'")
-        conn.execute("SELECT public.enqueue('analytics_queue', jsonb_build_object('event', "
-                     "%s::text))", (event,))
-
-
-class _Flood:
-    """Holds up to `size` idle TCP connections to a port, opening new ones as the
-    server closes old ones (a slow-loris: the HTTP server closes a connection that
-    sends no request within 5 s), in a thread of its own."""
-
-    def __init__(self, port: int, size: int) -> None:
-        self.port, self.size, self.held_most = port, size, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._hold, daemon=True)
-
-    def __enter__(self) -> _Flood:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _hold(self) -> None:
-        held: list[socket.socket] = []
-        try:
-            while not self._stop.is_set():
-                while len(held) < self.size and not self._stop.is_set():
-                    try:
-                        sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
-                    except OSError:
-                        break  # the server's backlog is full: try again below
-                    sock.setblocking(False)  # the check below must not wait
-                    held.append(sock)
-                self.held_most = max(self.held_most, len(held))
-                for sock in list(held):  # drop what the server closed
-                    try:
-                        closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-                    except BlockingIOError:
-                        closed = False
-                    except OSError:
-                        closed = True
-                    if closed:
-                        sock.close()
-                        held.remove(sock)
-                self._stop.wait(0.2)
-        finally:
-            for sock in held:
-                sock.close()
-
-
-@contextmanager
-def _soft_open_files_limit(soft: int) -> Iterator[None]:
-    """This process's soft limit of open files lowered while a child is started."""
-    before = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, before)
-
-
-@pytest.mark.process
-def test_a_connection_flood_on_the_http_port_does_not_cut_the_reactor_off_its_database(
-        database_url: str, tmp_path: Path) -> None:
-    """Payment webhooks put the HTTP port on the internet, and systemd starts a service
-    with a soft limit of 1,024 open files. `reactor run` raises its soft limit to the
-    hard one: with 400 connections held open against the HTTP port (more than the soft
-    limit it was started with, 256), the reactor still reconnects to Postgres after
-    losing every connection, and handles the next message."""
-    log = tmp_path / "reactor.log"
-    with ExitStack() as stack:
-        with _soft_open_files_limit(256):  # what the child starts with (it inherits it)
-            proc = stack.enter_context(reactor_process(database_url, log))
-        http = ports(proc, log).http
-        with _Flood(http, 400) as flood:
-            wait_until(lambda: flood.held_most >= 400, what="400 connections held")
-            # Accepted by the reactor (not only queued by the kernel): over the 256 it
-            # started with.
-            wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) > 300,
-                       what="the reactor holding over 300 open files")
-            # Every connection of the reactor's is cut: it must open new ones, now.
-            cut_every_connection_and_enqueue(database_url, "during_flood")
-            wait_until(lambda: scalar(database_url, "SELECT count(*) FROM "
-                                      "public.analytics_events WHERE event = 'during_flood'"),
-                       within_s=60, what="the message sent during the flood")
-            assert proc.poll() is None
-        assert "Too many open files" not in log.read_text()
 
 
 @pytest.mark.process

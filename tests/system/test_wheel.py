@@ -215,3 +215,65 @@ def test_the_installed_wheel_migrates_runs_reports_mails_and_serves_the_dashboar
     errors = [e for e in log_lines(log) if e.get("level") in ("error", "critical")]
     assert errors == []
 
+
+
+WORKER = '''
+from pathlib import Path
+
+from reactor.engine import App, EngineSettings, Job, MessageModel, Processor, Queue
+
+
+class Greeting(MessageModel):
+    name: str
+
+
+class GreetingProcessor(Processor[Greeting]):
+    model = Greeting
+
+    async def handle(self, job: Job[Greeting]) -> None:
+        await self.db.run(lambda c: c.execute(
+            "INSERT INTO public.greetings (name, greeted_by) VALUES (%s, %s) "
+            "ON CONFLICT (name) DO NOTHING", (job.message.name, job.msg_id)))
+
+
+def build(settings: EngineSettings | None = None) -> App:
+    return App(name="greeter", settings=settings or EngineSettings,
+               queues=(Queue("greeting_queue", GreetingProcessor),),
+               migrations=Path(__file__).parent / "migrations")
+'''
+
+WORKER_TEST = '''
+from reactor.testing import enqueue, of_type, sql, wait_for_event
+
+
+async def test_a_greeting_is_recorded_once(running_reactor, reactor_database):
+    with running_reactor.bus.subscribe() as sub:
+        msg_id = await enqueue(reactor_database, "greeting_queue", {"name": "Anna"})
+        await wait_for_event(sub, of_type("job.succeeded", msg_id))
+    assert await sql(reactor_database, "SELECT name FROM public.greetings") == [("Anna",)]
+'''
+
+
+def test_the_wheels_pytest_plugin_tests_a_worker_outside_the_repository(
+        installed: Installed, tmp_path: Path) -> None:
+    """docs/engine.md, "Testing your worker": a project of its own (a worker, its
+    migration, one test), in a folder with nothing of this checkout, tested with the
+    fixtures the installed wheel registers for pytest (reactor.testing)."""
+    project = tmp_path / "greeter"
+    (project / "greeter" / "migrations").mkdir(parents=True)
+    (project / "greeter" / "__init__.py").write_text("")
+    (project / "greeter" / "worker.py").write_text(WORKER)
+    (project / "greeter" / "migrations" / "001_greetings.sql").write_text(
+        "CREATE TABLE public.greetings (name text PRIMARY KEY, greeted_by bigint NOT NULL);\n"
+        "SELECT reactor.register_queue('greeting_queue');\n")
+    (project / "tests").mkdir()
+    (project / "tests" / "test_worker.py").write_text(WORKER_TEST)
+    (project / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\ntrio_mode = true\nreactor_app = "greeter.worker:build"\n'
+        'pythonpath = ["."]\n')
+    plugin = run([str(installed.bin / "python"), "-c", "import reactor.testing as t; "
+                  "print(t.__file__)"], cwd=project, env=clean_env()).stdout.strip()
+    assert Path(plugin).resolve().is_relative_to(installed.venv.resolve()), plugin
+    result = run([str(installed.bin / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                  "-p", "no:xdist", "tests"], cwd=project, env=clean_env(), timeout_s=240)
+    assert "1 passed" in result.stdout, result.stdout

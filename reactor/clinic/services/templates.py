@@ -18,6 +18,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import jinja2
+import jinja2.meta
 from babel import Locale
 from babel.dates import format_datetime, get_timezone_location
 from babel.numbers import format_currency, get_currency_symbol
@@ -40,6 +41,9 @@ REQUIRED_VARIABLES: Final[dict[str, tuple[str, ...]]] = {
     "payment_confirmation": ("full_name", "amount", "currency", "appointment_id", "scheduled_at"),
     "payment_failed": ("full_name", "amount", "currency", "appointment_id"),
 }
+
+# An ISO 4217 code: Babel writes an unknown one into the text as it is, subject included.
+_CURRENCY: Final = re.compile(r"[A-Za-z]{3}")
 
 _DATETIME_FORMAT = {"ru": "d MMMM y, HH:mm", "en": "MMMM d, y, h:mm a"}
 _TIME_FORMAT = {"ru": "HH:mm", "en": "h:mm a"}
@@ -80,6 +84,7 @@ class EmailRenderer:
         # Where replies go (SMTP_REPLY_TO): the footer invites replies only when there is one.
         self.reply_to = reply_to
         self.app_url = app_base_url.rstrip("/") if app_base_url else None
+        self._subject_names: dict[tuple[str, str], frozenset[str]] = {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(templates_dir / "email"),
             autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",),
@@ -116,6 +121,8 @@ class EmailRenderer:
             raise PermanentError(
                 f"template {template!r} needs variable(s) {', '.join(missing)}")
         env = self.env
+        if subject is None:
+            self._check_subject_variables(template, locale, variables)
         context = {**variables, "locale": locale, "app_name": self.app_name,
                    "app_url": self.app_url, "reply_to": self.reply_to}
         try:
@@ -134,6 +141,32 @@ class EmailRenderer:
             raise PermanentError(f"template {template!r}: {exc.message}") from None
         return RenderedEmail(subject, text, html)
 
+    def _check_subject_variables(self, template: str, locale: str,
+                                 variables: dict[str, Any]) -> None:
+        """A variable the subject template uses reaches the Subject header: a control
+        character in it (CR, LF, NUL, ...) is refused with the variable's name, not
+        folded away, since such a value is a bad message, not a name."""
+        for name in sorted(self._subject_variables(template, locale)):
+            value = variables.get(name)
+            if isinstance(value, str) and any(
+                    unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+                raise PermanentError(f"variables.{name}: must not contain control characters "
+                                     "(CR, LF, NUL...): it goes into the Subject header")
+
+    def _subject_variables(self, template: str, locale: str) -> frozenset[str]:
+        """The variables a subject template reads (parsed once per template and locale)."""
+        key = (template, locale)
+        names = self._subject_names.get(key)
+        if names is None:
+            name = f"{locale}/{template}.subject.j2"
+            try:
+                source, _, _ = self.env.loader.get_source(self.env, name)  # type: ignore[union-attr]
+            except jinja2.TemplateNotFound:
+                raise PermanentError(f"template file missing: {name}") from None
+            names = frozenset(jinja2.meta.find_undeclared_variables(self.env.parse(source)))
+            self._subject_names[key] = names
+        return names
+
     def _datetime(self, value: Any, locale: str) -> str:
         when = _as_datetime(value)
         text = format_datetime(when, _DATETIME_FORMAT[locale], tzinfo=self.tz,
@@ -147,6 +180,10 @@ class EmailRenderer:
         except InvalidOperation:
             raise PermanentError(f"not an amount: {value!r}") from None
         code = str(currency or "RUB")
+        if not _CURRENCY.fullmatch(code):
+            shown = code if len(code) <= 20 else code[:20] + "..."
+            raise PermanentError(f"variables.currency: {shown!r} is not a currency code "
+                                 "(three letters, e.g. RUB)")
         text = format_currency(amount, code, locale=locale)
         # CLDR's currencySpacing, which Babel does not apply: a currency sign made of
         # letters (RUB, CHF) is set off from the digits by a no-break space, as ICU

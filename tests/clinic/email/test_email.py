@@ -180,18 +180,23 @@ async def test_rejected_recipient_is_dead_lettered_with_the_reply(
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
-async def test_greylisting_4xx_is_retried_and_the_mail_then_goes_out_once(
+async def test_greylisting_4xx_is_deferred_and_the_mail_then_goes_out_once(
         database_url: str, smtp_server: Callable[..., SmtpServer], pipelining: bool) -> None:
+    """A 4xx is a deferral (issue 33): the mail goes back on the queue as a new message
+    (`requeued_as`), announced as job.deferred, never job.retrying."""
     server = smtp_server(defer_once=["grey@example.com"], pipelining=pipelining)
-    async with running_reactor(database_url, **smtp_env(server, "none")) as reactor:
+    async with running_reactor(database_url, **smtp_env(server, "none"),
+                               SMTP_DEFER_BACKOFF_S=1) as reactor:
         with reactor.bus.subscribe() as sub:
             msg_id = await send(database_url, "email_queue", {
                 "to": "grey@example.com", "template": "checkup_completed", "locale": "ru",
                 "variables": {"full_name": "A", "assessment_id": "1"}})
-            [event] = await wait_for(sub, of_type("job.retrying", msg_id))
-            [done] = await wait_for(sub, of_type("job.succeeded", msg_id), within_s=30)
+            [event] = await wait_for(sub, of_type("job.deferred", msg_id))
+            [done] = await wait_for(sub, of_type("job.succeeded", event["requeued_as"]),
+                                    within_s=30)
     assert "451 4.7.1" in event["error"]
-    assert done["attempt"] == 2
+    assert event["retry_in_s"] == 1
+    assert done["attempt"] == 1
     [mail] = server.mails()
     assert mail["To"] == "grey@example.com"
     assert await sql(database_url, "SELECT status, message_id FROM public.email_ledger") == [

@@ -5,8 +5,9 @@ aiosmtplib is asyncio; it runs on an asyncio loop in a thread of its own
 sees `Mailer.session` / `Mailer.send`. (Through trio-asyncio it cost ~1.2 ms
 of CPU a mail; on its own loop ~0.6.)
 Every SMTP failure is classified here into the failure policy's two kinds:
-connection trouble, timeouts and 4xx replies are retried; a 5xx rejection of
-a mail is permanent and carries the server's reply.
+connection trouble and timeouts are retried; a 4xx verdict on a mail is a
+deferral (`SmtpDeferred`, waited out on a time budget); a 5xx rejection of a
+mail is permanent and carries the server's reply.
 
 The modules, by responsibility:
 - `mime`: the message, written out (`build_message`, `OutgoingMail`, `Attachment`);
@@ -34,12 +35,13 @@ from reactor.clinic.services.mailer.protocol import MailSession as MailSession
 from reactor.clinic.services.mailer.smtp import (
     DeliveryUnknown,
     SmtpConnection,
+    SmtpDeferred,
     check_mail_settings,
     classify,
     helo_name,
 )
 
 __all__ = ["Attachment", "DeliveryUnknown", "FileMailer", "Mailer", "OutgoingMail",
-           "SmtpConnection", "SmtpMailer",
+           "SmtpConnection", "SmtpDeferred", "SmtpMailer",
            "ascii_filename", "build_message", "check_mail_settings", "classify", "helo_name",
            "open_mailer"]

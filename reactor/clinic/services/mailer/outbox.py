@@ -11,17 +11,17 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import trio
-
 from reactor.clinic.services.mailer.mime import OutgoingMail
 from reactor.clinic.services.mailer.protocol import MailSession
 from reactor.engine.errors import RetryableError
+from reactor.engine.files import WriteFailed, swept, write_whole
 
-__all__ = ["FileMailer"]
+__all__ = ["FileMailer", "open_file_mailer"]
 
 
 class FileMailer:
-    """Writes each mail as an .eml file, atomically (temp file, then rename)."""
+    """Writes each mail as an .eml file, whole and durably (engine.files): the ledger
+    says 'sent' only once the file would survive a power loss."""
 
     def __init__(self, outbox: Path) -> None:
         self.outbox = outbox
@@ -34,15 +34,21 @@ class FileMailer:
         message_id = mail.message_id
         name = message_id.strip("<>").replace("/", "_").replace("@", "_at_")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        final = trio.Path(self.outbox / f"{stamp}-{name}.eml")
-        temp = trio.Path(self.outbox / f".{name}.tmp")
         try:
-            await trio.Path(self.outbox).mkdir(parents=True, exist_ok=True)
-            await temp.write_bytes(mail.raw)
-            await temp.rename(final)
-        except OSError as exc:
-            raise RetryableError(f"cannot write to EMAIL_OUTBOX_DIR: {exc}") from None
+            await write_whole(self.outbox / f"{stamp}-{name}.eml", mail.raw)
+        except WriteFailed as exc:
+            # A full or read-only disk is not the mail's fault: an outage, like SMTP down.
+            raise RetryableError(f"cannot write to EMAIL_OUTBOX_DIR ({exc.directory}): "
+                                 f"{exc.reason}", outage=True) from None
         return message_id
 
     async def aclose(self) -> None:
         return None
+
+
+@contextlib.asynccontextmanager
+async def open_file_mailer(outbox: Path) -> AsyncIterator[FileMailer]:
+    """The file mailer, with EMAIL_OUTBOX_DIR swept of what a crash mid-write left (at
+    start, then every hour)."""
+    async with swept(outbox):
+        yield FileMailer(outbox)

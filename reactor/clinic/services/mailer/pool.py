@@ -18,7 +18,7 @@ import trio
 
 from reactor.clinic.services.asyncio_thread import AsyncioThread
 from reactor.clinic.services.mailer.mime import OutgoingMail
-from reactor.clinic.services.mailer.outbox import FileMailer
+from reactor.clinic.services.mailer.outbox import open_file_mailer
 from reactor.clinic.services.mailer.protocol import Mailer, MailSession
 from reactor.clinic.services.mailer.smtp import (
     ConnectionGone,
@@ -243,7 +243,8 @@ class _SmtpSession:
 async def open_mailer(settings: MailSettings) -> AsyncIterator[Mailer]:
     """The mailer EMAIL_PROVIDER asks for, for the duration of the block."""
     if settings.email_provider == "file":
-        yield FileMailer(settings.email_outbox_dir)
+        async with open_file_mailer(settings.email_outbox_dir) as outbox:
+            yield outbox
         return
     mailer = SmtpMailer(settings)
     async with trio.open_nursery() as nursery:

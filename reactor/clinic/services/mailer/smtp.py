@@ -4,8 +4,9 @@ aiosmtplib is asyncio; it runs on an asyncio loop in a thread of its own
 (reactor.clinic.services.asyncio_thread), confined to this module and the pool
 (reactor.clinic.services.mailer.pool): `SmtpConnection` hands every call to that
 thread, and aiosmtplib's exceptions come back as this module's.
-Every SMTP failure is classified here (`classify`) into the failure policy's two
-kinds: connection trouble, timeouts and 4xx replies are retried; a 5xx rejection
+Every SMTP failure is classified here (`classify`) into the failure policy's
+kinds: connection trouble and timeouts are retried as outages; a 4xx verdict on a
+mail is a deferral (`SmtpDeferred`, waited out on a time budget); a 5xx rejection
 of a mail is permanent and carries the server's reply. The EHLO name and the
 other mail settings are checked at start-up (`helo_name`, `check_mail_settings`),
 so a setting that every session would fail on stops the start instead.
@@ -28,7 +29,7 @@ from reactor.clinic.services.asyncio_thread import AsyncioThread
 from reactor.clinic.settings import ConfigError, MailSettings
 from reactor.engine.errors import PermanentError, RetryableError
 
-__all__ = ["ConnectionGone", "DeliveryUnknown", "SmtpAuthFailed", "SmtpConnection",
+__all__ = ["ConnectionGone", "DeliveryUnknown", "SmtpAuthFailed", "SmtpConnection", "SmtpDeferred",
            "SmtpRecipientRefused", "SmtpReplyError", "SmtpSessionRefused", "SmtpUnsupported",
            "check_mail_settings", "classify", "helo_name"]
 
@@ -72,11 +73,22 @@ class SmtpUnsupported(Exception):
     """The server lacks what the settings ask for (STARTTLS, AUTH); the text names the fix."""
 
 
+class SmtpDeferred(RetryableError):
+    """A 4xx verdict on the mail itself (to MAIL, RCPT or DATA): greylisting, a rate
+    limit, a full mailbox. Nothing was accepted; the email processor waits it out on
+    its time budget (SMTP_DEFER_MAX_S), as an MTA would, not on MAX_ATTEMPTS."""
+
+    def __init__(self, message: str, reply: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
 def classify(exc: BaseException) -> PermanentError | RetryableError:
     """Map an SMTP (or socket, TLS) failure onto the failure policy.
 
     Only the server's verdict on a mail (MAIL, RCPT, DATA, the message) can be
-    permanent; trouble with the session itself is an outage, waited out.
+    permanent (5xx) or a deferral (4xx: SmtpDeferred); trouble with the session
+    itself is an outage, waited out.
     """
     if isinstance(exc, SmtpReplyError) and exc.code < 0:
         # aiosmtplib's code for a reply it could not read (not SMTP, or endless): a
@@ -89,14 +101,15 @@ def classify(exc: BaseException) -> PermanentError | RetryableError:
     if isinstance(exc, SmtpRecipientRefused):
         if exc.code >= 500:
             return PermanentError(f"recipient refused: {exc.reply}")
-        return RetryableError(f"recipient deferred: {exc.reply}")
+        return SmtpDeferred(f"recipient deferred: {exc.reply}", exc.reply)
     if isinstance(exc, SmtpSessionRefused):
         return RetryableError(f"SMTP server refused the session at {exc.command}: {exc.reply}",
                               outage=True)
     if isinstance(exc, SmtpReplyError):
         if exc.code >= 500:
             return PermanentError(f"SMTP server rejected the mail: {exc.reply}")
-        return RetryableError(f"SMTP server deferred the mail: {exc.reply}")
+        return SmtpDeferred(f"SMTP server deferred the mail at {exc.command}: {exc.reply}",
+                            exc.reply)
     if isinstance(exc, SmtpUnsupported):
         return RetryableError(f"SMTP server {exc}", outage=True)
     tls = exc if isinstance(exc, ssl.SSLError | ssl.CertificateError) else exc.__cause__

@@ -11,8 +11,7 @@ a level *of difficulty*, in every locale.
 
 The modules, by responsibility:
 - `layout`: what a report shows and how (`ReportData`, `Score`, `render_report`);
-- `fonts`: finding, preparing, sharing and embedding the fonts (`find_fonts`,
-  `prepare_fonts`).
+- `fonts`: finding and preparing the fonts (`find_fonts`, `prepare_fonts`).
 This module re-exports what the rest of the app imports from
 `reactor.clinic.services.pdf`.
 """
@@ -20,7 +19,8 @@ This module re-exports what the rest of the app imports from
 from __future__ import annotations
 
 from reactor.clinic.services.pdf.fonts import _UNICODES as _UNICODES
-from reactor.clinic.services.pdf.fonts import Fonts, find_fonts, prepare_fonts
+from reactor.clinic.services.pdf.fonts import Fonts, find_fonts, prepare_fonts, private_cache_dir
 from reactor.clinic.services.pdf.layout import Band, ReportData, Score, render_report
 
-__all__ = ["Band", "Fonts", "ReportData", "Score", "find_fonts", "prepare_fonts", "render_report"]
+__all__ = ["Band", "Fonts", "ReportData", "Score", "find_fonts", "prepare_fonts",
+           "private_cache_dir", "render_report"]

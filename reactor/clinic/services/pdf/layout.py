@@ -4,6 +4,17 @@ Wording comes from `templates/report/<locale>.toml` and colours and sizes
 from `templates/report/style.toml`, so a wording change needs no code
 change; both are parsed once per file version (`_load`).
 
+Drawn through fpdf2's public API only: `add_font` for each document (from the
+subsets `fonts.prepare_fonts` made), fpdf2's own line breaking, subsetting and
+output. That costs more than the font sharing and embedding this module once did
+by hand through fpdf2's internals (issue 26): fpdf2 parses both fonts for every
+document, subsets and recompiles them with fontTools on output, and measures the
+whole line so far for each character it breaks. `python -m bench pdf`, before and
+after, back to back on one loaded 2-core machine: the standard report 34 -> 149 ms
+of CPU, the worst accepted one 1.36 -> 2.06 s (docs/benchmarks.md). Kept so: a
+report is rendered once per completed checkup, in a worker thread, and no one
+waits on it.
+
 The scale: more points mean more signs of difficulty, so a long red bar is a
 reason for attention, not good news. Every report with scores says so before
 the bars (a legend of the scale and of the colours), and the band words name
@@ -12,6 +23,7 @@ a level *of difficulty*, in every locale.
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,15 +36,7 @@ from babel.dates import format_date
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
 
-from reactor.clinic.services.pdf.fonts import (
-    _LOCK,
-    Fonts,
-    _add_font,
-    _file_key,
-    _FileKey,
-    _Producer,
-    _remember,
-)
+from reactor.clinic.services.pdf.fonts import Fonts, log_missing_glyphs, present
 
 __all__ = ["Band", "ReportData", "Score", "render_report"]
 
@@ -60,7 +64,26 @@ class ReportData:
     recommendations: list[str] = field(default_factory=list)
 
 
-# The wording and style, by file version (the lock and the LRU are fonts.py's).
+_LOCK = threading.Lock()          # guards _wording (not the renders)
+_CACHE_SIZE = 8                   # wording files kept; LRU beyond that
+_FileKey = tuple[str, int, int, int, int]
+
+
+def _file_key(path: Path) -> _FileKey:
+    """A file as its content goes: replaced or edited, it is a new key. The inode and
+    ctime see a replacement that kept size and mtime (cp -p, rsync -t, tar): ctime
+    cannot be set back."""
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+# The wording and style, by file version.
 _wording: OrderedDict[tuple[_FileKey, _FileKey],
                       tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
 
@@ -140,8 +163,9 @@ def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir:
     pdf.footer_text = words["page"]
     pdf.muted = colors["muted"]
     pdf.small = sizes["small"]
-    _add_font(pdf, "DejaVu", "", fonts.regular)
-    _add_font(pdf, "DejaVu", "B", fonts.bold)
+    fonts = present(fonts)
+    pdf.add_font("DejaVu", "", fonts.regular)
+    pdf.add_font("DejaVu", "B", fonts.bold)
     pdf.set_title(f"{words['title']}: {data.child_name or data.assessment_id}")
     pdf.set_author(app_name)
     pdf.set_creator(app_name)
@@ -234,4 +258,7 @@ def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir:
     pdf.set_fill_color(244, 245, 247)
     pdf.multi_cell(width, 4.8, words["disclaimer"], fill=True, padding=3,
                    new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    return bytes(pdf.output(output_producer_class=_Producer))
+    out = bytes(pdf.output())
+    for font in pdf.fonts.values():
+        log_missing_glyphs(font.name, getattr(font, "missing_glyphs", []))
+    return out

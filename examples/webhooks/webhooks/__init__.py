@@ -1,0 +1,1 @@
+"""Reliable outgoing webhooks: a second app on reactor's engine (README.md)."""
