@@ -30,11 +30,14 @@ test-container: install
 	WITH_CONTAINER=1 scripts/install-system-deps
 	$(BIN)/pytest -m container tests/system/test_container.py
 
+## promtool comes with Debian's prometheus package (make system-deps).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/hadolint deploy/Dockerfile
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts.test.yml
 
 ## The whole system on this machine with demo data: mails, a PDF, live events.
 demo: install system-deps

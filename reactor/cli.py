@@ -17,7 +17,7 @@ import psycopg
 import structlog
 import trio
 
-from reactor.engine import queues
+from reactor.engine import dead_letters, queues
 from reactor.engine.app import App, load_app
 from reactor.engine.commands import CliError, with_db
 from reactor.engine.db import describe_db_error
@@ -97,69 +97,126 @@ def cmd_enqueue(args: argparse.Namespace, app: App) -> int:
     return 0
 
 
+def _cli_client() -> str:
+    """Who ran a `reactor dlq` action, for the audit row: `cli user@host`."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = "?"
+    return f"cli {user}@{socket.gethostname()}"
+
+
+def _selection(args: argparse.Namespace, queue: str) -> dead_letters.Selection:
+    if args.id is not None and args.msg_id is not None:
+        raise CliError("give --id (dead-letter id) or --msg-id (original message id), "
+                       "not both")
+    return dead_letters.Selection(queue, dlq_ids=None if args.id is None else (args.id,),
+                                  msg_id=args.msg_id, reason=args.reason)
+
+
+def _which(args: argparse.Namespace, queue: str) -> str:
+    if args.id is not None:
+        return f"with dlq id {args.id}"
+    if args.msg_id is not None:
+        return f"of message {args.msg_id}"
+    return f"whose reason contains {args.reason!r}" if args.reason else f"in {queue}_dlq"
+
+
 def cmd_dlq(args: argparse.Namespace, app: App) -> int:
     """Dead letters. Two ids, never confused: `msg` is the original message's id (what
-    events, logs and the dashboard show), `dlq` the dead letter's own id in <queue>_dlq."""
+    events, logs and the dashboard show), `dlq` the dead letter's own id in <queue>_dlq.
+    Every action goes through reactor.engine.dead_letters, as the dashboard's do."""
     settings = app.settings
     queue = _queue(app, args.queue)
     if args.action == "list":
-        letters = with_db(settings, lambda c: queues.peek(c, queues.dlq_name(queue),
-                                                           limit=args.limit))
+        selection = _selection(args, queue)
+        letters = with_db(settings, lambda c: dead_letters.select(c, selection, args.limit))
         if args.json:
-            for m in letters:
-                body = m.body if isinstance(m.body, dict) else {"body": m.body}
-                print(json.dumps({**body, "dlq_msg_id": m.msg_id,
-                                  "msg_id": body.get("source_msg_id"),
-                                  "enqueued_at": m.enqueued_at.isoformat(),
-                                  "error": None if body.get("error") is None
-                                  else mask_emails_in(str(body["error"]))},
+            for d in letters:
+                print(json.dumps({**d.detail(), "dlq_msg_id": d.dlq_id,
+                                  "source_msg_id": d.msg_id, "enqueued_at": d.at.isoformat()},
                                  ensure_ascii=False, default=str))
             return 0
         if not letters:
-            print(f"no dead letters in {queue}")
+            print(f"no dead letters in {queue}" + ("" if selection.everything else
+                                                   " " + _which(args, queue)))
             return 0
         print(f"{'dlq id':>8}  {'msg id':>8}  {'dead-lettered at':<19}  {'tries':>5}  reason")
-        for m in letters:
-            body = m.body if isinstance(m.body, dict) else {}
-            source = body.get("source_msg_id")
-            print(f"{m.msg_id:>8}  {source if source is not None else '-':>8}  "
-                  f"{m.enqueued_at:%Y-%m-%d %H:%M:%S}  {body.get('attempts') or '-':>5}  "
-                  f"{mask_emails_in(str(body.get('error')))}")
-        print(f"replay one: reactor dlq replay {queue} --id DLQ_ID (or --msg-id MSG_ID)")
+        for d in letters:
+            print(f"{d.dlq_id:>8}  {d.msg_id if d.msg_id is not None else '-':>8}  "
+                  f"{d.at:%Y-%m-%d %H:%M:%S}  {d.attempts or '-':>5}  "
+                  f"{mask_emails_in(str(d.error))}")
+        print(f"inspect one: reactor dlq inspect {queue} --id DLQ_ID; replay one: "
+              f"reactor dlq replay {queue} --id DLQ_ID (or --msg-id MSG_ID)")
         return 0
-    if args.action == "replay":
-        if args.id is not None and args.msg_id is not None:
-            raise CliError("give --id (dead-letter id) or --msg-id (original message id), "
-                           "not both")
-
-        def replay(conn: psycopg.Connection) -> list[tuple[int, int | None, int]]:
-            letters = queues.peek(conn, queues.dlq_name(queue), args.id, limit=1_000_000)
-            if args.msg_id is not None:
-                letters = [m for m in letters if isinstance(m.body, dict)
-                           and m.body.get("source_msg_id") == args.msg_id]
-            done = []
-            for letter in letters:
-                source = letter.body.get("source_msg_id") if isinstance(letter.body, dict) \
-                    else None
-                for new_id in queues.replay_dead_letters(conn, queue, letter.msg_id):
-                    done.append((letter.msg_id, source, new_id))
-            return done
-
-        done = with_db(settings, replay)
-        if not done and (args.id is not None or args.msg_id is not None):
-            which = f"with dlq id {args.id}" if args.id is not None else \
-                f"of message {args.msg_id}"
-            raise CliError(f"no replayable dead letter {which} in {queue}_dlq "
+    if args.action == "inspect":
+        if args.id is None and args.msg_id is None:
+            raise CliError("inspect one dead letter: give --id DLQ_ID or --msg-id MSG_ID")
+        selection = _selection(args, queue)
+        letters = with_db(settings, lambda c: dead_letters.select(c, selection, 1))
+        if not letters:
+            raise CliError(f"no dead letter {_which(args, queue)} in {queue}_dlq "
                            f"(see `reactor dlq list {queue}`)")
-        for dlq_id, source, new_id in done:
+        print(json.dumps(letters[0].detail(), ensure_ascii=False, indent=2, default=str))
+        return 0
+    if args.action == "history":
+        rows = with_db(settings, lambda c: dead_letters.history(c, queue, args.limit))
+        if args.json:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False))
+            return 0
+        if not rows:
+            print(f"no actions on the dead letters of {queue} yet")
+        for row in rows:
+            ids = ", ".join(f"dlq #{i}" for i in row["dlq_ids"])
+            print(f"{row['at'][:19]}  {row['action']:<7}  {ids}  by {row['client']}"
+                  + (f"  note: {row['note']}" if row["note"] else ""))
+        return 0
+    client = _cli_client()
+    if args.action == "replay":
+        selection = _selection(args, queue)
+        result = with_db(settings, lambda c: dead_letters.replay(c, selection, client=client,
+                                                                   note=args.note))
+        if not result.dlq_ids and not selection.everything:
+            raise CliError(f"no replayable dead letter {_which(args, queue)} in {queue}_dlq "
+                           f"(see `reactor dlq list {queue}`)")
+        for dlq_id, source, new_id in zip(result.dlq_ids, result.msg_ids,
+                                          result.new_msg_ids or [], strict=True):
             print(f"replayed dlq #{dlq_id} (msg #{source if source is not None else '?'}) "
                   f"onto {queue} as msg #{new_id}")
-        print(f"replayed {len(done)} message(s) onto {queue}")
+        for dlq_id, why in result.skipped:
+            print(f"left dlq #{dlq_id}: {why}")
+        print(f"replayed {len(result.dlq_ids)} message(s) onto {queue}")
+        if result.more:
+            print(f"more dead letters match: run it again (at most "
+                  f"{dead_letters.MAX_PER_ACTION} a time)")
+        return 0
+    if args.action == "discard":
+        selection = _selection(args, queue)
+        if selection.everything and not args.all:
+            raise CliError("discard which? give --id, --msg-id or --reason, or --all for "
+                           f"every dead letter of {queue}")
+        if not args.note:
+            raise CliError("a discard needs --note: say why these messages will never be "
+                           "sent (it goes into the audit trail)")
+        result = with_db(settings, lambda c: dead_letters.discard(c, selection, client=client,
+                                                                    note=args.note))
+        if not result.dlq_ids:
+            raise CliError(f"no dead letter {_which(args, queue)} in {queue}_dlq "
+                           f"(see `reactor dlq list {queue}`)")
+        for dlq_id, source in zip(result.dlq_ids, result.msg_ids, strict=True):
+            print(f"discarded dlq #{dlq_id} (msg #{source if source is not None else '?'})")
+        print(f"discarded {len(result.dlq_ids)} dead letter(s) of {queue} "
+              f"(audit #{result.audit_id})")
         return 0
     if not args.yes:
         raise CliError(f"purge deletes every dead letter of {queue}: add --yes to confirm")
-    count = with_db(settings, lambda c: queues.purge_dead_letters(c, queue))
-    print(f"purged {count} dead letter(s) of {queue}")
+    result = with_db(settings, lambda c: dead_letters.purge(c, queue, client=client,
+                                                              note=args.note))
+    print(f"purged {len(result.dlq_ids)} dead letter(s) of {queue}")
     return 0
 
 
@@ -251,16 +308,25 @@ def build_parser(app: App) -> argparse.ArgumentParser:
                        help="print every queue.depth tick (default: only when a depth changes)")
     watch.set_defaults(func=cmd_watch)
 
-    dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
-    dlq.add_argument("action", choices=["list", "replay", "purge"])
+    dlq = sub.add_parser(
+        "dlq", help="dead letters: list, inspect, replay, discard, purge, history",
+        description="Dead letters of a queue. Every action (replay, discard, purge) is "
+                    "recorded in reactor.dead_letter_actions, as the dashboard's are.")
+    dlq.add_argument("action", choices=["list", "inspect", "replay", "discard", "purge",
+                                        "history"])
     dlq.add_argument("queue", help="one of the app's queues (e.g. email_queue)")
     dlq.add_argument("--id", type=int, metavar="DLQ_ID",
-                     help="replay only the dead letter with this id (the 'dlq id' column)")
+                     help="only the dead letter with this id (the 'dlq id' column)")
     dlq.add_argument("--msg-id", type=int, metavar="MSG_ID",
-                     help="replay the dead letter of this original message id (the 'msg id' "
+                     help="only the dead letter of this original message id (the 'msg id' "
                           "column, as in events and logs)")
+    dlq.add_argument("--reason", metavar="TEXT",
+                     help="only dead letters whose reason contains TEXT (case-insensitive)")
+    dlq.add_argument("--note", help="why (recorded with the action; discard needs one)")
+    dlq.add_argument("--all", action="store_true",
+                     help="discard every dead letter of the queue (with --note)")
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many")
-    dlq.add_argument("--json", action="store_true", help="list as JSON lines")
+    dlq.add_argument("--json", action="store_true", help="list (or history) as JSON lines")
     dlq.add_argument("--yes", action="store_true", help="confirm purge")
     dlq.set_defaults(func=cmd_dlq)
 

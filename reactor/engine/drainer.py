@@ -27,10 +27,11 @@ Two rules keep it standing:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 import structlog
@@ -103,6 +104,9 @@ class _Job:
     message: Message
     read_at: float
     started: float | None = None
+    # A first delivery: how long it waited from enqueue to start (the number families
+    # feel); None for a retry, whose wait includes its backoff.
+    wait_ms: float | None = None
     deadline: float = math.inf
     worker: trio.CancelScope | None = None
     timed_out: bool = False
@@ -134,9 +138,9 @@ class Drainer:
         # Read and not yet settled, by msg_id.
         self._jobs: dict[int, _Job] = {}
         # Settled, waiting to be written: archive / retry or release / dead-letter / requeue.
-        # Succeeded, to be archived: (msg_id, attempt, duration_ms); each one's
-        # job.succeeded is published once its archive committed.
-        self._done: list[tuple[int, int, float]] = []
+        # Succeeded, to be archived; each one's job.succeeded is published once its
+        # archive committed.
+        self._done: list[_Finished] = []
         self._outcomes: list[Outcome] = []
         self._letters: list[Outcome] = []
         self._requeues: list[Outcome] = []
@@ -393,7 +397,8 @@ class Drainer:
             self._letters.pop(0)
             self.bus.publish("job.dead_lettered", self.queue, letter.message.msg_id,
                              letter.message.attempt, letter.duration_ms, letter.error,
-                             dlq_msg_id=dlq_msg_id)
+                             dlq_msg_id=dlq_msg_id, wait_ms=letter.wait_ms,
+                             settle_ms=_since(letter.started, trio.current_time()))
         while self._requeues:
             again = self._requeues[0]
             new_id = await self._db(partial(queues.requeue, msg=again.message,
@@ -403,13 +408,15 @@ class Drainer:
             if again.deferred:
                 self.bus.publish("job.deferred", self.queue, again.message.msg_id,
                                  again.message.attempt, again.duration_ms, again.error,
-                                 retry_in_s=again.delay_s, requeued_as=new_id)
+                                 retry_in_s=again.delay_s, requeued_as=new_id,
+                                 wait_ms=again.wait_ms,
+                                 settle_ms=_since(again.started, trio.current_time()))
             else:
                 self._publish_retry(again)
         if self._stopping:
             read = 0  # what was just released (set visible) must not be read back in
         done, self._done = self._done, []
-        ids = [msg_id for msg_id, _, _ in done]
+        ids = [f.msg_id for f in done]
         try:
             if read:
                 vt = self.cfg.visibility_timeout_s
@@ -439,9 +446,11 @@ class Drainer:
             self._done[:0] = done  # archived next time (archive is idempotent)
             raise
 
-    def _publish_succeeded(self, succeeded: list[tuple[int, int, float]]) -> None:
-        for msg_id, attempt, duration_ms in succeeded:
-            self.bus.publish("job.succeeded", self.queue, msg_id, attempt, duration_ms)
+    def _publish_succeeded(self, succeeded: list[_Finished]) -> None:
+        now = trio.current_time()
+        for f in succeeded:
+            self.bus.publish("job.succeeded", self.queue, f.msg_id, f.attempt, f.duration_ms,
+                             wait_ms=f.wait_ms, settle_ms=_since(f.started, now))
 
     async def _flush_final(self) -> None:
         """On the way out: record what settled, release what never started."""
@@ -456,6 +465,10 @@ class Drainer:
     async def _process(self, job: _Job) -> None:
         message = job.message
         job.started = trio.current_time()
+        if message.attempt == 1:
+            # Two clocks (the database's enqueue time, ours now): never below zero.
+            job.wait_ms = round(max(0.0, time.time() - message.enqueued_at.timestamp())
+                                * 1000, 3)
         job.deadline = job.started + self.processor.timeout_s
         if self.bus.wanted("job.started"):  # nobody counts it: skipped when unseen
             self.bus.publish("job.started", self.queue, message.msg_id, message.attempt)
@@ -495,7 +508,8 @@ class Drainer:
             self._settle_failure(job, describe_error(exc))
         else:
             if self._settle(job):
-                self._done.append((message.msg_id, message.attempt, _ms(job)))
+                self._done.append(_Finished(message.msg_id, message.attempt, _ms(job),
+                                            job.wait_ms, _started(job)))
 
     # -- settling: synchronous, exactly once per delivery ---------------------------------
     def _settle(self, job: _Job) -> bool:
@@ -519,21 +533,25 @@ class Drainer:
         if not self._settle(job):
             return
         delay = delay_s if delay_s is not None else policy.delay_s(message.attempt)
-        self._outcomes.append(Outcome(message, delay, clean_error(error), _ms(job)))
+        self._outcomes.append(Outcome(message, delay, clean_error(error), _ms(job),
+                                      wait_ms=job.wait_ms, started=_started(job)))
 
     def _settle_requeue(self, job: _Job, reason: str, delay_s: int,
                         stamp: dict[str, Any] | None = None, *, deferred: bool = False) -> None:
         if self._settle(job):
             self._requeues.append(Outcome(job.message, delay_s, clean_error(reason), _ms(job),
-                                          stamp, deferred))
+                                          stamp, deferred, wait_ms=job.wait_ms,
+                                          started=_started(job)))
 
     def _settle_dead(self, job: _Job, error: str) -> None:
         if self._settle(job):
-            self._letters.append(Outcome(job.message, 0, clean_error(error), _ms(job)))
+            self._letters.append(Outcome(job.message, 0, clean_error(error), _ms(job),
+                                         wait_ms=job.wait_ms, started=_started(job)))
 
     def _publish_retry(self, o: Outcome) -> None:
         self.bus.publish("job.retrying", self.queue, o.message.msg_id, o.message.attempt,
-                         o.duration_ms, o.error, retry_in_s=o.delay_s)
+                         o.duration_ms, o.error, retry_in_s=o.delay_s, wait_ms=o.wait_ms,
+                         settle_ms=_since(o.started, trio.current_time()))
 
     def _settle_release(self, job: _Job) -> None:
         """Shutting down: the message is visible again at once; not a failure."""
@@ -567,6 +585,25 @@ class Drainer:
                 except DatabaseUnavailable as exc:
                     self._degraded = True
                     self.health.report(self._source, exc.reason, str(exc))
+
+
+class _Finished(NamedTuple):
+    """A job that succeeded, waiting for its archive: what its job.succeeded reports."""
+
+    msg_id: int
+    attempt: int
+    duration_ms: float
+    wait_ms: float | None
+    started: float  # trio.current_time() when its handler started
+
+
+def _started(job: _Job) -> float:
+    return job.started if job.started is not None else job.read_at
+
+
+def _since(started: float | None, now: float) -> float | None:
+    """Start to settle: from the handler's start until the outcome was in the database."""
+    return None if started is None else round((now - started) * 1000, 3)
 
 
 def _ms(job: _Job) -> float:

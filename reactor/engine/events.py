@@ -31,6 +31,8 @@ EVENT_TYPES: Final = (
     "reactor.started", "reactor.stopping", "listener.connected", "listener.lost", "wakeup",
     "job.started", "job.succeeded", "job.retrying", "job.dead_lettered", "queue.depth",
     "health.degraded", "health.recovered", "job.deferred",
+    # A person acted on dead letters (the dashboard or `reactor dlq`: reactor.engine.dead_letters).
+    "dlq.replayed", "dlq.discarded", "dlq.purged",
 )
 
 # Outcomes and lifecycle go to the log at info; the per-job chatter does not.

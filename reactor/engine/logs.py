@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "level_enabled", "mask_email", "mask_emails_in"]
+__all__ = ["configure_logging", "level_enabled", "mask_email", "mask_emails_in", "masked"]
 
 _EMAIL_RE = re.compile(r"([A-Za-z0-9._%+\-'!#$&*/=?^`{|}~])[A-Za-z0-9._%+\-'!#$&*/=?^`{|}~]*@"
                        r"([A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)+)")
@@ -34,6 +34,18 @@ def mask_emails_in(text: str) -> str:
     if "@" not in text:
         return text
     return _EMAIL_RE.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
+
+
+def masked(value: Any) -> Any:
+    """Every string inside a JSON value with its email addresses masked: what the feed, the
+    dashboard's API and `reactor dlq inspect` show of a message."""
+    if isinstance(value, str):
+        return mask_emails_in(value)
+    if isinstance(value, dict):
+        return {k: masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(v) for v in value]
+    return value
 
 
 def _mask_processor(

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from reactor.engine.events import Event
+from reactor.engine.health import Health
+from reactor.engine.waits import WAIT_BUCKETS_S
 
 __all__ = ["Metrics"]
 
@@ -18,7 +20,7 @@ class Metrics:
     """The reactor's metrics, in a registry of its own (several reactors may share a process)."""
 
     def __init__(self, feed_clients: Callable[[], int] = lambda: 0,
-                 app_event_kinds: tuple[str, ...] = ()) -> None:
+                 app_event_kinds: tuple[str, ...] = (), health: Health | None = None) -> None:
         """app_event_kinds: the kinds the app declared (App.event_kinds), counted in
         reactor_app_events_total and exported at 0 from the start, so an alert rule on
         one exists before the first such event."""
@@ -29,6 +31,18 @@ class Metrics:
         self.duration = Histogram(
             "reactor_job_duration_seconds", "Handler run time", ["queue"], registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        # What families feel: enqueue to start (first deliveries), and start to settled
+        # (the outcome in the database: archived, retry recorded, dead-lettered).
+        self.wait = Histogram("reactor_job_wait_seconds",
+                              "Enqueue to start of a message's first delivery", ["queue"],
+                              registry=r, buckets=WAIT_BUCKETS_S)
+        self.settle = Histogram(
+            "reactor_job_settle_seconds", "Start of a delivery to its outcome in the database",
+            ["queue"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.oldest_visible = Gauge(
+            "reactor_queue_oldest_visible_age_seconds",
+            "Age of the oldest message no worker holds (0: none waiting)", ["queue"], registry=r)
         self.depth = Gauge("reactor_queue_depth", "Messages waiting or in flight", ["queue"],
                            registry=r)
         self.oldest = Gauge("reactor_queue_oldest_age_seconds", "Age of the oldest message",
@@ -42,6 +56,15 @@ class Metrics:
                                 ["queue"], registry=r)
         self.wakeups = Counter("reactor_wakeups", "NOTIFY wake-ups received", ["queue"],
                                registry=r)
+        # From the fault registry (reactor.engine.health), read at each scrape: an alert on
+        # "degraded for 5 minutes" needs a series, not a log line.
+        faults = health or Health()
+        healthy = Gauge("reactor_healthy", "1 while no fault makes /healthz answer 503",
+                        registry=r)
+        healthy.set_function(lambda: 1.0 if faults.healthy else 0.0)
+        degraded = Gauge("reactor_degraded", "1 while any fault is in force (a pooler too)",
+                         registry=r)
+        degraded.set_function(lambda: 1.0 if faults.faults else 0.0)
         clients = Gauge("reactor_feed_clients", "Websocket feed clients connected", registry=r)
         clients.set_function(lambda: float(feed_clients()))
         app_events = Counter("reactor_app_events", "Events the app's processors published, "
@@ -49,6 +72,28 @@ class Metrics:
         self._app_events = {kind: app_events.labels(kind) for kind in app_event_kinds}
         self._children: dict[tuple[str, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}  # labels() looks up under a lock: cache
+        self._waits: dict[str, Histogram] = {}
+        self._settles: dict[str, Histogram] = {}
+
+    def watch_queues(self, queues: list[str]) -> None:
+        """Export the per-queue series at 0 from the start, for the queues this reactor
+        drains: an alert rule on one has a series before the first job."""
+        for queue in queues:
+            for outcome in _OUTCOMES.values():
+                key = (queue, outcome)
+                if key not in self._children:
+                    self._children[key] = self.jobs.labels(queue, outcome)
+            self.deferred.labels(queue)
+            self._histogram(self._waits, self.wait, queue)
+            self._histogram(self._settles, self.settle, queue)
+            self.oldest_visible.labels(queue).set(0)
+
+    @staticmethod
+    def _histogram(cache: dict[str, Histogram], family: Histogram, queue: str) -> Histogram:
+        child = cache.get(queue)
+        if child is None:
+            child = cache[queue] = family.labels(queue)
+        return child
 
     def observe(self, event: Event) -> None:
         """The bus sink."""
@@ -66,9 +111,12 @@ class Metrics:
                 if histogram is None:
                     histogram = self._durations[queue] = self.duration.labels(queue)
                 histogram.observe(event["duration_ms"] / 1000)
+            self._timings(event, queue)
         elif kind == "queue.depth":
             self.depth.labels(queue).set(event.get("depth") or 0)
             self.oldest.labels(queue).set(event.get("oldest_age_s") or 0)
+            if "oldest_visible_age_s" in event:
+                self.oldest_visible.labels(queue).set(event["oldest_visible_age_s"] or 0)
         elif kind == "listener.connected":
             self.listener.set(1)
         elif kind == "listener.lost":
@@ -77,8 +125,18 @@ class Metrics:
             self.wakeups.labels(queue).inc()
         elif kind == "job.deferred":
             self.deferred.labels(queue).inc()
+            self._timings(event, queue)
         elif (app_event := self._app_events.get(kind)) is not None:
             app_event.inc()
+
+    def _timings(self, event: Event, queue: str) -> None:
+        """Enqueue to start (first deliveries) and start to settled, of a settled delivery."""
+        wait_ms = event.get("wait_ms")
+        if wait_ms is not None:
+            self._histogram(self._waits, self.wait, queue).observe(wait_ms / 1000)
+        settle_ms = event.get("settle_ms")
+        if settle_ms is not None:
+            self._histogram(self._settles, self.settle, queue).observe(settle_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

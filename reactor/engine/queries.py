@@ -264,6 +264,73 @@ PEEK: _sql.SQL = _sql.SQL(
     " WHERE (%(msg_id)s::bigint IS NULL OR msg_id = %(msg_id)s) ORDER BY msg_id LIMIT %(limit)s"
 )
 
+# == dead letters handled by people (owner: dead_letters.py; the dashboard and `reactor
+# dlq` share it) ===========================================================================
+# The dead letters of one `<queue>_dlq` that a filter selects, oldest first: by dead-letter
+# ids, by original message id (`source_msg_id`), and/or by a piece of the reason
+# (case-insensitive, matched as plain text: strpos, never a pattern).
+SELECT_DEAD_LETTERS = _sql.SQL("""
+SELECT msg_id, enqueued_at, message, message::text
+  FROM pgmq.{table}
+ WHERE (%(dlq_ids)s::bigint[] IS NULL OR msg_id = ANY (%(dlq_ids)s::bigint[]))
+   AND (%(msg_id)s::bigint IS NULL
+        OR (jsonb_typeof(message -> 'source_msg_id') = 'number'
+            AND (message ->> 'source_msg_id')::bigint = %(msg_id)s))
+   AND (%(reason)s::text IS NULL
+        OR strpos(lower(coalesce(message ->> 'error', '')), lower(%(reason)s)) > 0)
+ ORDER BY msg_id
+ LIMIT %(limit)s
+""")
+# How many dead letters that filter selects in all (the panel says "20 of 345").
+COUNT_DEAD_LETTERS = _sql.SQL("""
+SELECT count(*) FROM pgmq.{table}
+ WHERE (%(reason)s::text IS NULL
+        OR strpos(lower(coalesce(message ->> 'error', '')), lower(%(reason)s)) > 0)
+""")
+# Take one dead letter out of `<queue>_dlq` into its archive; false when it is no longer
+# there (another replay or discard took it first: the row lock makes the second wait,
+# then find nothing).
+ARCHIVE_ONE: LiteralString = "SELECT pgmq.archive(%(queue)s, %(msg_id)s::bigint)"
+DELETE_ONE: LiteralString = "SELECT pgmq.delete(%(queue)s, %(msg_id)s::bigint)"
+RECORD_DEAD_LETTER_ACTION: LiteralString = """
+INSERT INTO reactor.dead_letter_actions
+       (action, queue, dlq_ids, msg_ids, new_msg_ids, filter, client, note)
+VALUES (%(action)s, %(queue)s, %(dlq_ids)s::bigint[], %(msg_ids)s::bigint[],
+        %(new_msg_ids)s::bigint[], %(filter)s, %(client)s, %(note)s)
+RETURNING id, at
+"""
+DEAD_LETTER_ACTIONS: LiteralString = """
+SELECT id, at, action, queue, dlq_ids, msg_ids, new_msg_ids, filter, client, note
+  FROM reactor.dead_letter_actions
+ WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+ ORDER BY id DESC LIMIT %(limit)s
+"""
+
+# == wait times (owner: waits.py) ==========================================================
+# Add one minute's bucket counts of one queue to what is there (replicas share the row).
+RECORD_WAITS: LiteralString = """
+INSERT INTO reactor.queue_waits AS w (queue, minute, counts)
+VALUES (%(queue)s, to_timestamp(%(minute)s), %(counts)s::int[])
+ON CONFLICT (queue, minute) DO UPDATE SET counts = (
+    SELECT array_agg(coalesce(a, 0) + coalesce(b, 0) ORDER BY i)
+      FROM unnest(w.counts, EXCLUDED.counts) WITH ORDINALITY AS t(a, b, i))
+"""
+PRUNE_WAITS: LiteralString = (
+    "DELETE FROM reactor.queue_waits WHERE minute < now() - interval '1 day'"
+)
+# Every queue's bucket counts over the window, one row per queue and minute.
+RECENT_WAITS: LiteralString = """
+SELECT queue, counts FROM reactor.queue_waits
+ WHERE minute > now() - make_interval(secs => %(window_s)s)
+"""
+# The age of the oldest message that is visible (waiting to be taken, not in flight or
+# waiting for its retry): the queue's backlog as families feel it. By msg_id, so a long
+# queue is not scanned: the first visible one is near the start.
+OLDEST_VISIBLE_AGE = _sql.SQL("""
+SELECT extract(epoch FROM clock_timestamp() - enqueued_at)::float8 FROM pgmq.{table}
+ WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT 1
+""")
+
 # -- status (reactor status, dashboard) -------------------------------------------------
 # The work queues the app's migrations registered.
 # A registered queue whose pgmq tables were dropped by hand is left out (the drainer

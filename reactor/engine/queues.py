@@ -238,6 +238,8 @@ class Outcome:
     # it is a deferral (Deferred: the original is deleted, not archived).
     stamp: dict[str, Any] | None = None
     deferred: bool = False
+    wait_ms: float | None = None  # a first delivery's enqueue-to-start (for its event)
+    started: float | None = None  # trio.current_time() at its start (start-to-settle)
 
 
 def record_outcomes(conn: psycopg.Connection, queue: str, outcomes: list[Outcome]) -> None:
@@ -302,6 +304,13 @@ def enqueue(conn: psycopg.Connection, queue: str, message: dict[str, Any], delay
 
 def depths(conn: psycopg.Connection) -> list[QueueDepth]:
     return [QueueDepth(r[0], r[1], r[2], r[3]) for r in conn.execute(queries.QUEUE_METRICS)]
+
+
+def oldest_visible_age(conn: psycopg.Connection, queue: str) -> float | None:
+    """Seconds since the oldest message that could be taken now was enqueued (not one in
+    flight or waiting for its retry); None when none is visible."""
+    row = conn.execute(queries.OLDEST_VISIBLE_AGE.format(table=_table(queue))).fetchone()
+    return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
 
 def peek(conn: psycopg.Connection, queue: str, msg_id: int | None = None,

@@ -30,6 +30,7 @@ from reactor.engine.migrate import pending_migrations
 from reactor.engine.processor import Context, Processor
 from reactor.engine.retry import RetryPolicy
 from reactor.engine.startup import wait_for_database
+from reactor.engine.waits import WAITS_EVERY_S, WaitRecorder
 from reactor.engine.web import WebContext, create_app, serve_http
 
 __all__ = ["Reactor", "SchemaNotReady"]
@@ -37,6 +38,8 @@ __all__ = ["Reactor", "SchemaNotReady"]
 log = structlog.get_logger("reactor")
 
 DEPTH_EVERY_S = 5.0
+# The last write of the wait times, on the way out, gives up after this long.
+FINAL_WAITS_WRITE_S = 2.0
 
 
 def _freeze_startup_heap() -> None:
@@ -91,8 +94,12 @@ class Reactor:
         self.token = settings.feed_token.get_secret_value() if settings.feed_token else None
         check_feed_exposure(settings.feed_host, self.token)
         self.access = Access.from_settings(settings)
-        self.metrics = Metrics(lambda: self.bus.subscriber_count, app.event_kinds)
+        self.metrics = Metrics(lambda: self.bus.subscriber_count, app.event_kinds,
+                               health=self.health)
         self.bus.sinks.append(self.metrics.observe)
+        self.metrics.watch_queues(sorted(self.drainers))
+        self.waits = WaitRecorder()
+        self.bus.sinks.append(self.waits.observe)
         self.feed_port = 0
         self.http_port = 0
         self._services: trio.Nursery | None = None
@@ -122,6 +129,7 @@ class Reactor:
                     await stack.enter_async_context(drainer.processor.running())
                 await services.start(self.listener.run)
                 services.start_soon(self._report_depths)
+                services.start_soon(self._record_waits)
                 self.feed_port = await services.start(
                     serve_feed, self.bus, self.settings.feed_host, self.settings.feed_port,
                     self.token, self.access)
@@ -147,7 +155,7 @@ class Reactor:
                           feed_port=lambda: self.feed_port,
                           listener_connected=lambda: self.listener.connected,
                           health=self.health, access=self.access,
-                          extra_routes=routes)
+                          extra_routes=routes, bus=self.bus)
 
     async def _check_database(self) -> None:
         """Wait for a database that is still starting (reported, with backoff); stop at
@@ -211,12 +219,35 @@ class Reactor:
                 self.stop()
 
     async def _report_depths(self) -> None:
-        """queue.depth events: depth and oldest message age per queue."""
+        """queue.depth events: depth and oldest message age per queue, and for the queues
+        this reactor drains the age of the oldest *visible* message (one no worker holds)."""
+        drained = sorted(self.drainers)
+
+        def read(conn: psycopg.Connection) -> tuple[list[queues.QueueDepth],
+                                                      dict[str, float | None]]:
+            return queues.depths(conn), {q: queues.oldest_visible_age(conn, q) for q in drained}
+
         while True:
             try:
-                for depth in await self.db.run(queues.depths):
+                depths, visible = await self.db.run(read)
+                for depth in depths:
+                    extra: dict[str, Any] = {}
+                    if depth.queue in visible:
+                        extra["oldest_visible_age_s"] = round(visible[depth.queue] or 0.0, 3)
                     self.bus.publish("queue.depth", depth.queue, depth=depth.depth,
-                                     oldest_age_s=depth.oldest_age_s)
+                                     oldest_age_s=depth.oldest_age_s, **extra)
             except (DatabaseUnavailable, psycopg.Error):
                 pass  # a periodic report: the listener and drainers report outages
             await trio.sleep(DEPTH_EVERY_S)
+
+    async def _record_waits(self) -> None:
+        """Write the wait times counted since the last write (reactor.engine.waits) every
+        WAITS_EVERY_S, and once more on the way out, so the dashboard's percentiles
+        survive a restart. What a write could not store is kept for the next one."""
+        try:
+            while True:
+                await trio.sleep(WAITS_EVERY_S)
+                await self.waits.write(self.db)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WAITS_WRITE_S):
+                await self.waits.write(self.db)

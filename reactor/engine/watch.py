@@ -60,6 +60,10 @@ def format_event(event: dict[str, Any], *, color: bool, queue_width: int = QUEUE
         fields.append(f"depth {event.get('depth')} oldest {event.get('oldest_age_s') or 0}s")
     if event.get("type") == "job.deferred" and event.get("requeued_as") is not None:
         fields.append(f"-> msg #{event['requeued_as']} in {event.get('retry_in_s')}s")
+    if str(event.get("type", "")).startswith("dlq."):  # a person acted on dead letters
+        ids = ", ".join(f"dlq #{i}" for i in event.get("dlq_ids") or [])
+        note = f": {event['note']}" if event.get("note") else ""
+        fields.append(f"{ids} by {event.get('client') or '?'}{note}")
     if event.get("error"):
         fields.append(str(event["error"]))
     line = "  ".join(fields)

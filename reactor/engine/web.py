@@ -37,11 +37,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from reactor.engine import queries, status
+from reactor.engine import dead_letters, queries, status, waits
 from reactor.engine.auth import SESSION_TTL_S, Access, Refusal, origin_host, token_ok
 from reactor.engine.db import Database, DatabaseUnavailable
+from reactor.engine.events import EventBus
 from reactor.engine.health import Health
-from reactor.engine.logs import mask_emails_in
+from reactor.engine.logs import masked
 from reactor.engine.metrics import Metrics
 
 __all__ = ["SESSION_COOKIE", "BodyRefused", "WebContext", "create_app", "masked", "read_body",
@@ -65,6 +66,8 @@ PAGE_HEADERS = {
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 # A sign-in body is {"token": "..."}: anything longer is not one.
 SESSION_MAX_BYTES = 4096
+# An action on dead letters is {"queue", "dlq_id", "reason", "note"}: small.
+ACTION_MAX_BYTES = 8192
 # A request body must have arrived this long after its head (read_body).
 BODY_DEADLINE_S = 10.0
 Handler = Callable[[Request], Awaitable[Response]]
@@ -84,6 +87,8 @@ class WebContext:
     health: Health | None = None
     # FEED_ALLOWED_HOSTS/ORIGINS and limits; None: loopback names and `token` only.
     access: Access | None = None
+    # Where the dashboard's actions on dead letters are published (the feed, the log).
+    bus: EventBus | None = None
 
 
 class BodyRefused(Exception):
@@ -205,17 +210,6 @@ async def _drop_until_disconnect(receive: Any) -> None:
         pass
 
 
-def masked(value: Any) -> Any:
-    """Every string inside a JSON value with its email addresses masked (as in the logs)."""
-    if isinstance(value, str):
-        return mask_emails_in(value)
-    if isinstance(value, dict):
-        return {k: masked(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [masked(v) for v in value]
-    return value
-
-
 def _json(content: Any, status_code: int = 200) -> JSONResponse:
     return JSONResponse(masked(content), status_code=status_code, headers=API_HEADERS)
 
@@ -230,6 +224,13 @@ def _headers(request: Request) -> dict[str, str]:
 
 def _peer(request: Request) -> str | None:
     return request.client.host if request.client else None
+
+
+def _client(request: Request) -> str:
+    """Who asked, for the audit row: the peer address, and what a proxy says it forwarded."""
+    peer = _peer(request) or "?"
+    forwarded = request.headers.get("x-forwarded-for") or request.headers.get("x-real-ip")
+    return f"{forwarded.strip()[:200]} via {peer}" if forwarded else peer
 
 
 def create_app(ctx: WebContext) -> Starlette:
@@ -378,6 +379,9 @@ def create_app(ctx: WebContext) -> Starlette:
                 "cron": None if cron is None else [j.as_dict() for j in cron],
                 "failures": status.recent_failures(conn),
                 "dead_letters": status.recent_dead_letters(conn),
+                # p50/p95 enqueue-to-start per queue over the last hour (reactor.queue_waits)
+                "waits": waits.recent_percentiles(conn),
+                "waits_window_s": waits.WINDOW_S,
             }
         try:
             return _json(await ctx.db.run(read))
@@ -385,6 +389,142 @@ def create_app(ctx: WebContext) -> Starlette:
             log.warning("overview: the database does not answer", error=str(exc))
             return _json({"error": "the database does not answer (see the reactor's log)"},
                          503)
+
+    # -- dead letters: the panel, the inspect view and the actions -----------------------
+    def action_refusal(request: Request) -> Refusal | None:
+        """An action changes state, so more than the API's sign-in: it must come from the
+        dashboard's own page (or a tool), never from a page of another origin that the
+        operator's browser happens to have open.
+
+        - Origin, which browsers send on every POST, must be this page's own origin (or
+          one of FEED_ALLOWED_ORIGINS); a request without one is a tool's and follows
+          the tool rule (FEED_TOKEN in an `Authorization` header, never the cookie).
+        - Sec-Fetch-Site, where the browser sends it, must say same-origin: a page on
+          another port of 127.0.0.1 is "same-site" and would carry the cookie.
+        - The body must be `application/json`: an HTML form cannot send that, and a
+          cross-origin script cannot without a CORS preflight, which is never granted.
+        """
+        refusal = api_refusal(request)
+        if refusal is not None:
+            return refusal
+        headers = _headers(request)
+        origin = headers.get("origin")
+        if origin is None:
+            if "sec-fetch-site" in headers:
+                return Refusal(403, "actions come from the reactor's own dashboard page")
+            if access.token and not token_ok(access.token, headers):
+                return Refusal(401, "a tool sends FEED_TOKEN as 'Authorization: Bearer "
+                                    "<token>' for an action")
+        elif not same_origin(request):
+            return Refusal(403, "actions come from the reactor's own dashboard page, not "
+                                f"from a page of {origin!r}")
+        if headers.get("sec-fetch-site", "same-origin") != "same-origin":
+            return Refusal(403, "actions come from the reactor's own dashboard page")
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            return Refusal(415, "an action's body is JSON (Content-Type: application/json)")
+        return None
+
+    async def queue_names() -> list[str]:
+        return await ctx.db.run(status.queue_names)
+
+    async def letters(request: Request) -> Response:
+        """GET: per queue, its dead letters (ids, when, attempts, reason), `limit` of
+        `total`; `?queue=` and `?reason=` filter."""
+        only = request.query_params.get("queue")
+        reason = request.query_params.get("reason") or None
+        try:
+            limit = max(1, min(500, int(request.query_params.get("limit", "50"))))
+        except ValueError:
+            return _json({"error": "limit is a number"}, 400)
+
+        def read(conn: Any) -> dict[str, Any]:
+            names = status.queue_names(conn)
+            if only is not None and only not in names:
+                raise LookupError(only)
+            panels = []
+            for queue in [only] if only else names:
+                selection = dead_letters.Selection(queue, reason=reason)
+                panels.append({
+                    "queue": queue, "total": dead_letters.count(conn, queue, reason),
+                    "letters": [d.summary() for d in dead_letters.select(conn, selection,
+                                                                         limit)]})
+            return {"reason": reason, "queues": panels,
+                    "actions": dead_letters.history(conn, only, 20)}
+        try:
+            return _json(await ctx.db.run(read))
+        except LookupError:
+            return _json({"error": f"unknown queue {only!r}"}, 404)
+        except DatabaseUnavailable as exc:
+            log.warning("dead letters: the database does not answer", error=str(exc))
+            return _json({"error": "the database does not answer (see the reactor's log)"},
+                         503)
+
+    async def inspect(request: Request) -> Response:
+        """GET: one dead letter, its original message and error, masked like the feed."""
+        queue = request.path_params["queue"]
+        dlq_id = int(request.path_params["dlq_id"])
+        try:
+            if queue not in await queue_names():
+                return _json({"error": f"unknown queue {queue!r}"}, 404)
+            letter = await ctx.db.run(lambda c: dead_letters.find(c, queue, dlq_id))
+        except DatabaseUnavailable as exc:
+            log.warning("dead letters: the database does not answer", error=str(exc))
+            return _json({"error": "the database does not answer (see the reactor's log)"},
+                         503)
+        if letter is None:
+            return _json({"error": f"no dead letter #{dlq_id} in {queue}_dlq (replayed or "
+                                   "discarded meanwhile?)"}, 404)
+        return _json(letter.detail())
+
+    async def act(request: Request) -> Response:
+        """POST replay / discard: {"queue", "dlq_id" (one) or "reason" (all that match;
+        neither: all of the queue), "note"}. The same code as `reactor dlq`
+        (reactor.engine.dead_letters); recorded with the client's address and published."""
+        action = request.url.path.rsplit("/", 1)[1]
+        try:
+            body = json.loads(await read_body(request, ACTION_MAX_BYTES))
+        except BodyRefused as refused:
+            return refused.response()
+        except ValueError:
+            return _json({"error": "the body is not JSON"}, 400)
+        if not isinstance(body, dict):
+            return _json({"error": "the body is a JSON object"}, 400)
+        queue, dlq_id = body.get("queue"), body.get("dlq_id")
+        reason, note = body.get("reason"), body.get("note")
+        if not isinstance(queue, str) or (dlq_id is not None and (
+                not isinstance(dlq_id, int) or isinstance(dlq_id, bool))) \
+                or not isinstance(reason, str | None) or not isinstance(note, str | None):
+            return _json({"error": 'expected {"queue": str, "dlq_id": int | null, '
+                                   '"reason": str | null, "note": str | null}'}, 400)
+        if action == "discard" and not (note or "").strip():
+            return _json({"error": "a discard needs a note: say why these messages will "
+                                   "never be sent"}, 400)
+        try:
+            if queue not in await queue_names():
+                return _json({"error": f"unknown queue {queue!r}"}, 404)
+            selection = dead_letters.Selection(
+                queue, dlq_ids=None if dlq_id is None else (dlq_id,), reason=reason)
+            client = _client(request)
+            if action == "replay":
+                result = await ctx.db.run(lambda c: dead_letters.replay(
+                    c, selection, client=client, note=note))
+            else:
+                result = await ctx.db.run(lambda c: dead_letters.discard(
+                    c, selection, client=client, note=note or ""))
+        except DatabaseUnavailable as exc:
+            log.warning("dead letters: the database does not answer", error=str(exc))
+            return _json({"error": "the database does not answer (see the reactor's log); "
+                                   "nothing was done"}, 503)
+        if ctx.bus is not None:
+            dead_letters.publish(ctx.bus, result)
+        if not result.dlq_ids and result.skipped:
+            return _json({**result.as_dict(), "error": f"not replayed: {result.skipped[0][1]}"},
+                         409)
+        if not result.dlq_ids:
+            return _json({**result.as_dict(), "error": "no dead letter matched (replayed or "
+                          "discarded meanwhile?)"}, 404)
+        return _json(result.as_dict())
 
     routes = [
         Route("/", guarded(page_refusal, dashboard)),
@@ -394,6 +534,10 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/api/session", guarded(page_refusal, session), methods=["POST", "DELETE"]),
         Route("/api/ticket", guarded(api_refusal, ticket), methods=["POST"]),
         Route("/api/overview", guarded(api_refusal, overview)),
+        Route("/api/dead-letters", guarded(api_refusal, letters)),
+        Route("/api/dead-letters/{queue}/{dlq_id:int}", guarded(api_refusal, inspect)),
+        Route("/api/dead-letters/replay", guarded(action_refusal, act), methods=["POST"]),
+        Route("/api/dead-letters/discard", guarded(action_refusal, act), methods=["POST"]),
         *ctx.extra_routes,
     ]
     return Starlette(routes=routes, middleware=[Middleware(DrainUnreadBody)])

@@ -102,7 +102,8 @@ async def test_a_queue_declared_only_here_is_migrated_and_drained(
     GreetingProcessor.seen.clear()  # other tests here run the greeter too
     (tmp_path / "001_greetings.sql").write_text(MIGRATION)
     report = migrate(empty_database_url, tmp_path)
-    assert report.applied[:3] == ["engine_001_queue_registry", "engine_002_prune_history",
+    assert report.applied[:5] == ["engine_001_queue_registry", "engine_002_prune_history",
+                                  "engine_003_dead_letter_actions", "engine_004_queue_waits",
                                   "001_greetings"]
     app = greeter(tmp_path, empty_database_url)
 

@@ -185,7 +185,7 @@ def env_example_as_compose_reads_it() -> str:
 def test_compose_file_is_valid_and_matches_the_image(tmp_path: Path) -> None:
     config = compose_config(tmp_path, env_example_as_compose_reads_it())
     services = config["services"]
-    assert set(services) == {"db", "migrate", "reactor"}
+    assert set(services) == {"db", "migrate", "reactor", "prometheus"}
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     image_cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
     exposed = set(re.search(r"^EXPOSE (.*)$", dockerfile, re.M).group(1).split())  # type: ignore[union-attr]
@@ -225,6 +225,40 @@ def test_compose_file_is_valid_and_matches_the_image(tmp_path: Path) -> None:
                     "docker compose -f deploy/docker-compose.yml up -d",
                     "docker build -f deploy/Dockerfile"):
         assert command in readme, command
+
+
+def test_compose_prometheus_profile_scrapes_the_reactor_with_the_alert_rules(
+        tmp_path: Path) -> None:
+    """docs/operations.md §8, "Alerts": off by default, Prometheus in the reactor's network
+    namespace (a direct loopback scrape: no token, no Host to allow) with the rules loaded;
+    its config is valid for Prometheus and scrapes the compose file's METRICS_PORT."""
+    config = compose_config(tmp_path, env_example_as_compose_reads_it())
+    prometheus = config["services"]["prometheus"]
+    assert prometheus["profiles"] == ["prometheus"]  # not started by a plain `up`
+    assert prometheus["network_mode"] == "service:reactor"
+    assert "ports" not in prometheus
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]
+              if isinstance(v, str)}
+    assert mounts["/etc/prometheus/prometheus.yml"] == str(
+        tmp_path / "deploy" / "prometheus" / "prometheus.yml")
+    assert mounts["/etc/prometheus/alerts.yml"] == str(
+        tmp_path / "deploy" / "prometheus" / "alerts.yml")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    scrape = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    port = config["services"]["reactor"]["environment"]["METRICS_PORT"]
+    assert f'targets: ["127.0.0.1:{port}"]' in scrape
+    assert "job_name: reactor" in scrape
+    assert "- alerts.yml" in scrape
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (scripts/install-system-deps)")
+    check = subprocess.run([promtool, "check", "config", "prometheus.yml"],
+                           cwd=DEPLOY / "prometheus", capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "8 rules found" in check.stdout
+    readme = (HOME / "docs" / "operations.md").read_text()
+    assert "--profile prometheus up -d" in readme
 
 
 def test_compose_file_names_the_missing_password() -> None:

@@ -1,0 +1,213 @@
+"""The dashboard's dead letters over raw HTTP: the panel, the inspect view (masked), replay
+and discard (the code `reactor dlq` runs, audited and published), and who may act: a
+request from another origin, a form, a GET or a cookie-only tool changes nothing.
+The same in a real browser: tests/system/test_dead_letters_browser.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.types.json import Jsonb
+
+from reactor.engine.watch import format_event
+from tests.harness import of_type, running_reactor, sql, wait_for
+
+
+def letter(conn: psycopg.Connection, queue: str, original: Any, error: str,
+           source: int) -> int:
+    """A dead letter as the drainer writes it; returns its dlq id."""
+    row = conn.execute("SELECT pgmq.send(%s, %s)", (f"{queue}_dlq", Jsonb({
+        "original": original, "error": error, "attempts": 3, "failed_at": "2026-12-04T10:00:00Z",
+        "source_msg_id": source, "queue": queue}))).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def audit(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT action, queue, dlq_ids, msg_ids, new_msg_ids, filter, client, "
+                        "note FROM reactor.dead_letter_actions ORDER BY id").fetchall()
+
+
+def waiting(conn: psycopg.Connection, queue: str) -> list[int]:
+    return [int(r[0]) for r in conn.execute(
+        f"SELECT msg_id FROM pgmq.q_{queue}_dlq ORDER BY msg_id").fetchall()]
+
+
+def own(port: int) -> dict[str, str]:
+    """What the dashboard page's fetch() sends with an action."""
+    return {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin",
+            "Content-Type": "application/json"}
+
+
+async def test_the_panel_inspects_masked_and_replays_and_discards_with_an_audit_row(
+        database_url: str, db: psycopg.Connection) -> None:
+    typo = letter(db, "analytics_queue", {"event": "signup", "email": "anna.petrova@gmail.com"},
+                  "event: bad value from anna.petrova@gmail.com", 41)
+    other = letter(db, "analytics_queue", {"event": "x"}, "provider said no", 42)
+    async with running_reactor(database_url) as reactor, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        panel = await http.get("/api/dead-letters")
+        assert panel.status_code == 200
+        assert "anna.petrova" not in panel.text
+        [analytics] = [p for p in panel.json()["queues"] if p["queue"] == "analytics_queue"]
+        assert analytics["total"] == 2
+        assert [(d["dlq_id"], d["msg_id"], d["attempts"]) for d in analytics["letters"]] == [
+            (typo, 41, 3), (other, 42, 3)]
+        assert analytics["letters"][0]["error"] == "event: bad value from a***@gmail.com"
+        filtered = (await http.get("/api/dead-letters", params={
+            "queue": "analytics_queue", "reason": "PROVIDER"})).json()
+        assert [d["dlq_id"] for d in filtered["queues"][0]["letters"]] == [other]
+
+        seen = await http.get(f"/api/dead-letters/analytics_queue/{typo}")
+        assert seen.status_code == 200
+        assert "anna.petrova" not in seen.text
+        assert seen.json()["original"] == {"event": "signup", "email": "a***@gmail.com"}
+        assert seen.json()["error"] == "event: bad value from a***@gmail.com"
+        assert (await http.get("/api/dead-letters/analytics_queue/999")).status_code == 404
+        assert (await http.get(f"/api/dead-letters/nope_queue/{typo}")).status_code == 404
+
+        with reactor.bus.subscribe() as sub:
+            replayed = await http.post("/api/dead-letters/replay", headers=own(reactor.http_port),
+                                       json={"queue": "analytics_queue", "dlq_id": typo,
+                                             "note": "fixed the producer"})
+            assert replayed.status_code == 200, replayed.text
+            [event] = await wait_for(sub, of_type("dlq.replayed"))
+            [new_id] = replayed.json()["new_msg_ids"]
+            await wait_for(sub, of_type("job.succeeded", new_id))
+        assert event["dlq_ids"] == [typo]
+        assert event["msg_ids"] == [41]
+        assert event["new_msg_ids"] == [new_id]
+        assert event["client"] == "127.0.0.1"
+        assert event["audit_id"] == replayed.json()["audit_id"]
+
+        refused = await http.post("/api/dead-letters/discard", headers=own(reactor.http_port),
+                                  json={"queue": "analytics_queue", "dlq_id": other})
+        assert refused.status_code == 400
+        assert "needs a note" in refused.json()["error"]
+        with reactor.bus.subscribe() as sub:
+            discarded = await http.post("/api/dead-letters/discard",
+                                        headers=own(reactor.http_port),
+                                        json={"queue": "analytics_queue", "dlq_id": other,
+                                              "note": "a test event; never send"})
+            assert discarded.status_code == 200, discarded.text
+            [gone] = await wait_for(sub, of_type("dlq.discarded"))
+        assert gone["note"] == "a test event; never send"
+        again = await http.post("/api/dead-letters/discard", headers=own(reactor.http_port),
+                                json={"queue": "analytics_queue", "dlq_id": other,
+                                      "note": "twice"})
+        assert again.status_code == 404
+        # A dead letter whose body was not JSON cannot be replayed: it stays, and says why.
+        await sql(database_url, "SELECT pgmq.send('analytics_queue_dlq', %s)", (Jsonb({
+            "original": None, "original_text": "{not json", "error": "not valid JSON",
+            "source_msg_id": 43}),))
+        [(raw,)] = await sql(database_url, "SELECT max(msg_id) FROM pgmq.q_analytics_queue_dlq")
+        stuck = await http.post("/api/dead-letters/replay", headers=own(reactor.http_port),
+                                json={"queue": "analytics_queue", "dlq_id": raw})
+        assert stuck.status_code == 409
+        assert "not a JSON object" in stuck.json()["error"]
+        shown = (await http.get(f"/api/dead-letters/analytics_queue/{raw}")).json()
+        assert (shown["replayable"], shown["original_text"]) == (False, "{not json")
+        await sql(database_url, "SELECT pgmq.delete('analytics_queue_dlq', %s::bigint)", (raw,))
+        history = (await http.get("/api/dead-letters")).json()["actions"]
+        assert [a["action"] for a in history] == ["discard", "replay"]
+
+    assert waiting(db, "analytics_queue") == []
+    assert db.execute("SELECT event FROM public.analytics_events").fetchall() == [("signup",)]
+    # A discarded dead letter is kept in the dead-letter queue's archive.
+    assert db.execute("SELECT msg_id FROM pgmq.a_analytics_queue_dlq ORDER BY msg_id"
+                      ).fetchall() == [(typo,), (other,)]
+    assert audit(db) == [
+        ("replay", "analytics_queue", [typo], [41], [new_id], None, "127.0.0.1",
+         "fixed the producer"),
+        ("discard", "analytics_queue", [other], [42], None, None, "127.0.0.1",
+         "a test event; never send")]
+
+
+async def test_replay_all_matching_a_reason_leaves_the_others(
+        database_url: str, db: psycopg.Connection) -> None:
+    smtp = [letter(db, "analytics_queue", {"event": f"e{i}"}, "SMTP relay down", 10 + i)
+            for i in range(3)]
+    kept = letter(db, "analytics_queue", {"event": "k"}, "unknown template", 20)
+    async with running_reactor(database_url) as reactor, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        with reactor.bus.subscribe() as sub:
+            result = await http.post("/api/dead-letters/replay", headers=own(reactor.http_port),
+                                     json={"queue": "analytics_queue", "reason": "smtp relay"})
+            assert result.status_code == 200, result.text
+            await wait_for(sub, of_type("job.succeeded"), count=3)
+    assert result.json()["dlq_ids"] == smtp
+    assert result.json()["filter"] == "reason contains 'smtp relay'"
+    assert waiting(db, "analytics_queue") == [kept]
+    [(action, dlq_ids, filter_)] = db.execute(
+        "SELECT action, dlq_ids, filter FROM reactor.dead_letter_actions").fetchall()
+    assert (action, dlq_ids, filter_) == ("replay", smtp, "reason contains 'smtp relay'")
+
+
+async def test_a_request_that_is_not_the_dashboards_own_changes_nothing(
+        database_url: str, db: psycopg.Connection) -> None:
+    dead = letter(db, "analytics_queue", {"event": "keep"}, "bad", 7)
+    body = {"queue": "analytics_queue", "dlq_id": dead, "note": "n"}
+    async with running_reactor(database_url) as reactor, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        port = reactor.http_port
+        for path in ("/api/dead-letters/replay", "/api/dead-letters/discard"):
+            # Another origin: another port of the same host (same-site: a cookie would go).
+            evil = {**own(port), "Origin": "http://127.0.0.1:9", "Sec-Fetch-Site": "same-site"}
+            assert (await http.post(path, headers=evil, json=body)).status_code == 403
+            # The right Origin but the browser says the page was not ours.
+            assert (await http.post(path, headers={**own(port), "Sec-Fetch-Site": "same-site"},
+                                    json=body)).status_code == 403
+            # A form (text/plain, urlencoded): never JSON.
+            assert (await http.post(path, headers={**own(port), "Content-Type": "text/plain"},
+                                    content=b'{"queue": "analytics_queue"}')).status_code == 415
+            # A browser request with no Origin (it always sends one on POST).
+            assert (await http.post(path, headers={"Sec-Fetch-Site": "cross-site",
+                                                   "Content-Type": "application/json"},
+                                    json=body)).status_code == 403
+            # GET never acts.
+            assert (await http.get(path, params={"queue": "analytics_queue",
+                                                 "dlq_id": dead})).status_code == 405
+            # Through a proxy, without FEED_TOKEN: refused like the rest of the API.
+            assert (await http.post(path, headers={**own(port), "X-Forwarded-For": "1.2.3.4"},
+                                    json=body)).status_code == 403
+            # A foreign Host (DNS rebinding).
+            assert (await http.post(path, headers={**own(port), "Host": "evil.example"},
+                                    json=body)).status_code == 421
+    assert waiting(db, "analytics_queue") == [dead]
+    assert audit(db) == []
+
+
+async def test_with_a_token_an_action_needs_it_and_records_the_proxied_client(
+        database_url: str, db: psycopg.Connection) -> None:
+    dead = letter(db, "analytics_queue", {"event": "keep"}, "bad", 7)
+    token = "action-token-1234567890"
+    body = {"queue": "analytics_queue", "dlq_id": dead, "note": "checked by hand"}
+    async with running_reactor(database_url, FEED_TOKEN=token) as reactor, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{reactor.http_port}") as http:
+        port = reactor.http_port
+        path = "/api/dead-letters/discard"
+        assert (await http.post(path, headers=own(port), json=body)).status_code == 401
+        signed = await http.post("/api/session", headers={"Origin": f"http://127.0.0.1:{port}"},
+                                 json={"token": token})
+        cookie = signed.cookies["reactor_session"]
+        # The sign-in cookie alone is not enough for a caller that is no page of ours.
+        no_origin = await http.post(path, json=body, headers={
+            "Content-Type": "application/json", "Cookie": f"reactor_session={cookie}"})
+        assert no_origin.status_code == 401
+        assert audit(db) == []
+        done = await http.post(path, json=body, headers={
+            "Authorization": f"Bearer {token}", "X-Forwarded-For": "203.0.113.9"})
+        assert done.status_code == 200, done.text
+    assert waiting(db, "analytics_queue") == []
+    [row] = audit(db)
+    assert row[6] == "203.0.113.9 via 127.0.0.1"
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue_dlq") == [(1,)]
+
+
+def test_reactor_watch_shows_who_acted_on_which_dead_letters() -> None:
+    line = format_event({"ts": 0, "type": "dlq.discarded", "queue": "email_queue",
+                         "msg_id": 8, "dlq_ids": [1], "client": "127.0.0.1",
+                         "note": "family called"}, color=False)
+    assert line.endswith("dlq.discarded       msg #8  dlq #1 by 127.0.0.1: family called")
