@@ -5,7 +5,7 @@ running through reactor.testing, the plugin the engine's wheel ships."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,13 +17,13 @@ from psycopg.types.json import Jsonb
 from standardwebhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from reactor.engine import Reactor
 from reactor.engine.web import serve_http
 from reactor.testing import eventually, of_type, sql, wait_for_event
-from webhooks.sender import retry_after_s
+from webhooks.sender import _is_public, retry_after_s
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of 32 bytes long!!").decode()
 
@@ -44,7 +44,7 @@ def reactor_env(reactor_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                 allow_private: bool) -> dict[str, str]:
     extra = {"WEBHOOK_ALLOW_PRIVATE": str(allow_private).lower(),
              "RETRY_BASE_S": "0.1", "RETRY_MAX_S": "1", "MAX_ATTEMPTS": "5",
-             "WEBHOOK_PER_ENDPOINT": "4"}
+             "WEBHOOK_PER_ENDPOINT": "4", "WEBHOOK_TIMEOUT_S": "2"}
     for key, value in extra.items():
         monkeypatch.setenv(key, value)
     return {**reactor_env, **extra}
@@ -216,8 +216,41 @@ async def test_a_slow_subscriber_takes_its_bound_and_never_starves_the_others(
 @pytest.mark.parametrize(("header", "seconds"), [
     ("120", 120), ("0", 0), (" 7 ", 7), ("soon", None), ("", None), (None, None),
     ("Fri, 04 Dec 2026 12:01:00 GMT", 60), ("Fri, 04 Dec 2026 11:00:00 GMT", 0),
+    ("²", None), ("9" * 5000, None), ("-5", None),
 ])
 def test_retry_after_reads_seconds_and_http_dates(header: str | None,
                                                   seconds: int | None) -> None:
     now = datetime(2026, 12, 4, 12, 0, 0, tzinfo=UTC)
     assert retry_after_s(header, now) == seconds
+
+
+@pytest.mark.parametrize(("address", "public"), [
+    ("93.184.215.14", True), ("2606:2800:21f:cb07:6820:80da:af6b:8b2c", True),
+    ("127.0.0.1", False), ("::1", False), ("10.0.0.1", False), ("169.254.169.254", False),
+    ("::ffff:127.0.0.1", False), ("fe80::1%eth0", False),
+    # IPv6 that carries an IPv4 address elsewhere (NAT64, 6to4, IPv4-compatible)
+    ("64:ff9b::a00:1", False), ("64:ff9b::5db8:d70e", False), ("2002:7f00:1::1", False),
+    ("::127.0.0.1", False), ("::ffff:0:7f00:1", False),
+])
+def test_only_public_addresses_pass_the_ssrf_check(address: str, public: bool) -> None:
+    assert _is_public(address) is public
+
+
+async def test_a_subscriber_that_trickles_its_answer_is_cut_at_the_timeout(
+        running_reactor: Reactor, reactor_database: str, nursery: trio.Nursery,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """WEBHOOK_TIMEOUT_S bounds the whole request, not each read: a 500 whose body comes
+    a byte at a time is cut (the 2xx case reads no body at all)."""
+    async def trickle(_: Request, n: int) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"x"
+                await trio.sleep(0.5)
+        return StreamingResponse(body(), status_code=500)
+
+    receiver = await start(nursery, trickle)
+    subscribe(receiver.url, reactor_database)
+    with running_reactor.bus.subscribe() as sub:
+        await publish(reactor_database, "invoice.paid", {"invoice": 11})
+        [event] = await wait_for_event(sub, of_type("job.retrying"), within_s=30)
+    assert event["error"] == "RetryableError: 127.0.0.1 did not answer within 2s"
