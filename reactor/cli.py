@@ -113,8 +113,27 @@ def _selection(args: argparse.Namespace, queue: str) -> dead_letters.Selection:
     if args.id is not None and args.msg_id is not None:
         raise CliError("give --id (dead-letter id) or --msg-id (original message id), "
                        "not both")
-    return dead_letters.Selection(queue, dlq_ids=None if args.id is None else (args.id,),
-                                  msg_id=args.msg_id, reason=args.reason)
+    try:  # a blank --reason is refused (only no --reason means all), ids are bigints
+        return dead_letters.Selection(queue, dlq_ids=None if args.id is None else (args.id,),
+                                      msg_id=args.msg_id, reason=args.reason)
+    except ValueError as exc:
+        raise CliError(f"{exc}{' (--reason)' if 'reason' in str(exc) else ''}") from None
+
+
+def _note(args: argparse.Namespace) -> str | None:
+    try:
+        return dead_letters.check_note(args.note)
+    except ValueError as exc:
+        raise CliError(f"--note: {exc}") from None
+
+
+def _acted(action: Any, queue: str) -> Any:
+    """Run an action; a connection lost while it committed is said to be just that."""
+    try:
+        return action()
+    except dead_letters.CommitUnknown as exc:
+        raise CliError(f"{exc}: the state is unknown; see `reactor dlq history {queue}` "
+                       "before you run it again") from None
 
 
 def _which(args: argparse.Namespace, queue: str) -> str:
@@ -129,6 +148,8 @@ def cmd_dlq(args: argparse.Namespace, app: App) -> int:
     """Dead letters. Two ids, never confused: `msg` is the original message's id (what
     events, logs and the dashboard show), `dlq` the dead letter's own id in <queue>_dlq.
     Every action goes through reactor.engine.dead_letters, as the dashboard's do."""
+    from reactor.engine.watch import json_line_safe, terminal_safe
+
     settings = app.settings
     queue = _queue(app, args.queue)
     if args.action == "list":
@@ -136,19 +157,19 @@ def cmd_dlq(args: argparse.Namespace, app: App) -> int:
         letters = with_db(settings, lambda c: dead_letters.select(c, selection, args.limit))
         if args.json:
             for d in letters:
-                print(json.dumps({**d.detail(), "dlq_msg_id": d.dlq_id,
-                                  "source_msg_id": d.msg_id, "enqueued_at": d.at.isoformat()},
-                                 ensure_ascii=False, default=str))
+                print(json_line_safe(json.dumps(
+                    {**d.detail(), "dlq_msg_id": d.dlq_id, "source_msg_id": d.msg_id,
+                     "enqueued_at": d.at.isoformat()}, ensure_ascii=False, default=str)))
             return 0
         if not letters:
-            print(f"no dead letters in {queue}" + ("" if selection.everything else
-                                                   " " + _which(args, queue)))
+            print(terminal_safe(f"no dead letters in {queue}" + (
+                "" if selection.everything else " " + _which(args, queue))))
             return 0
         print(f"{'dlq id':>8}  {'msg id':>8}  {'dead-lettered at':<19}  {'tries':>5}  reason")
         for d in letters:
             print(f"{d.dlq_id:>8}  {d.msg_id if d.msg_id is not None else '-':>8}  "
                   f"{d.at:%Y-%m-%d %H:%M:%S}  {d.attempts or '-':>5}  "
-                  f"{mask_emails_in(str(d.error))}")
+                  f"{terminal_safe(mask_emails_in(str(d.error)))}")
         print(f"inspect one: reactor dlq inspect {queue} --id DLQ_ID; replay one: "
               f"reactor dlq replay {queue} --id DLQ_ID (or --msg-id MSG_ID)")
         return 0
@@ -160,26 +181,29 @@ def cmd_dlq(args: argparse.Namespace, app: App) -> int:
         if not letters:
             raise CliError(f"no dead letter {_which(args, queue)} in {queue}_dlq "
                            f"(see `reactor dlq list {queue}`)")
-        print(json.dumps(letters[0].detail(), ensure_ascii=False, indent=2, default=str))
+        print(json_line_safe(json.dumps(letters[0].detail(), ensure_ascii=False, indent=2,
+                                        default=str)))
         return 0
     if args.action == "history":
         rows = with_db(settings, lambda c: dead_letters.history(c, queue, args.limit))
         if args.json:
             for row in rows:
-                print(json.dumps(row, ensure_ascii=False))
+                print(json_line_safe(json.dumps(row, ensure_ascii=False)))
             return 0
         if not rows:
             print(f"no actions on the dead letters of {queue} yet")
         for row in rows:
             ids = ", ".join(f"dlq #{i}" for i in row["dlq_ids"])
-            print(f"{row['at'][:19]}  {row['action']:<7}  {ids}  by {row['client']}"
-                  + (f"  note: {row['note']}" if row["note"] else ""))
+            print(terminal_safe(f"{row['at'][:19]}  {row['action']:<7}  {ids}  by "
+                                f"{row['client']}"
+                                + (f"  note: {row['note']}" if row["note"] else "")))
         return 0
     client = _cli_client()
+    note = _note(args)
     if args.action == "replay":
         selection = _selection(args, queue)
-        result = with_db(settings, lambda c: dead_letters.replay(c, selection, client=client,
-                                                                   note=args.note))
+        result = _acted(lambda: with_db(settings, lambda c: dead_letters.replay(
+            c, selection, client=client, note=note)), queue)
         if not result.dlq_ids and not selection.everything:
             raise CliError(f"no replayable dead letter {_which(args, queue)} in {queue}_dlq "
                            f"(see `reactor dlq list {queue}`)")
@@ -199,11 +223,11 @@ def cmd_dlq(args: argparse.Namespace, app: App) -> int:
         if selection.everything and not args.all:
             raise CliError("discard which? give --id, --msg-id or --reason, or --all for "
                            f"every dead letter of {queue}")
-        if not args.note:
+        if note is None:
             raise CliError("a discard needs --note: say why these messages will never be "
                            "sent (it goes into the audit trail)")
-        result = with_db(settings, lambda c: dead_letters.discard(c, selection, client=client,
-                                                                    note=args.note))
+        result = _acted(lambda: with_db(settings, lambda c: dead_letters.discard(
+            c, selection, client=client, note=note)), queue)
         if not result.dlq_ids:
             raise CliError(f"no dead letter {_which(args, queue)} in {queue}_dlq "
                            f"(see `reactor dlq list {queue}`)")
@@ -214,8 +238,8 @@ def cmd_dlq(args: argparse.Namespace, app: App) -> int:
         return 0
     if not args.yes:
         raise CliError(f"purge deletes every dead letter of {queue}: add --yes to confirm")
-    result = with_db(settings, lambda c: dead_letters.purge(c, queue, client=client,
-                                                              note=args.note))
+    result = _acted(lambda: with_db(settings, lambda c: dead_letters.purge(
+        c, queue, client=client, note=note)), queue)
     print(f"purged {len(result.dlq_ids)} dead letter(s) of {queue}")
     return 0
 

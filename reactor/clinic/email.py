@@ -51,7 +51,7 @@ from reactor.clinic.services.mailer import (
 from reactor.clinic.services.templates import EmailRenderer
 from reactor.clinic.settings import MailSettings, Settings
 from reactor.engine.db import Database, DatabaseUnavailable
-from reactor.engine.errors import Deferred, RetryableError, RetryLater
+from reactor.engine.errors import Deferred, RetryableError
 from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
 from reactor.engine.queues import Message
 from reactor.engine.retry import RetryPolicy
@@ -307,7 +307,8 @@ class EmailProcessor(Processor[EmailMessage]):
                         "arrived) or `--resend` (it did not) and replay the dead letter"
                     ) from None
                 except Exception as exc:
-                    await self._record(queries.EMAIL_FAILED, {"key": key, "error": str(exc)})
+                    await self._record(queries.EMAIL_FAILED, {"key": key, "error": str(exc),
+                                                              "msg_id": job.msg_id})
                     raise
                 await self._record_sent(key, message_id)
             if conversation.cancelled_caught:
@@ -319,7 +320,7 @@ class EmailProcessor(Processor[EmailMessage]):
         return verdict_bound_s(self.mail)
 
     def _sending_elsewhere(self, job: Job[EmailMessage], key: str,
-                           holder: Holder) -> RetryLater | PermanentError:
+                           holder: Holder) -> Deferred | PermanentError:
         """Another delivery holds the key in 'sending': a question, not a verdict.
 
         Its worker may be alive and about to write 'sent' (its verdicts are batched), or
@@ -334,9 +335,10 @@ class EmailProcessor(Processor[EmailMessage]):
         since = holder.claimed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         if left > 0:
             stamp = {} if job.message.idempotency_key else {"idempotency_key": key}
-            return RetryLater(f"ledger key {key} is being sent by message {holder.msg_id} "
-                              f"(claimed {since}): looking again before deciding",
-                              min(SENDING_RECHECK_S, max(1, math.ceil(left))), stamp=stamp)
+            # Deferred: not a failure, not done (no archive row; `job.deferred`).
+            return Deferred(f"ledger key {key} is being sent by message {holder.msg_id} "
+                            f"(claimed {since}): looking again before deciding",
+                            min(SENDING_RECHECK_S, max(1, math.ceil(left))), stamp=stamp)
         return PermanentError(
             f"delivery state unknown: message {holder.msg_id} claimed ledger key {key} at "
             f"{since} and wrote no verdict within {self.verdict_bound_s:g}s (its worker "

@@ -63,9 +63,11 @@ UPDATE public.email_ledger AS l
   FROM unnest(%(keys)s::text[], %(message_ids)s::text[]) AS v(idempotency_key, message_id)
  WHERE l.idempotency_key = v.idempotency_key
 """
+# Only the claim of this delivery: a worker frozen past its claim's bound may wake after
+# another delivery took the key over; its 'failed' must not overwrite that one's state.
 EMAIL_FAILED: LiteralString = """
 UPDATE public.email_ledger SET status = 'failed', last_error = %(error)s, updated_at = now()
- WHERE idempotency_key = %(key)s
+ WHERE idempotency_key = %(key)s AND status = 'sending' AND msg_id = %(msg_id)s
 """
 # `reactor email resolve`: the operator's verdict on a mail left 'sending' by a worker
 # that was killed mid-send. 'sent' archives a replay without sending; 'failed' lets the

@@ -17,10 +17,19 @@ replay or a discard does.
 - A discard archives the dead letter (it stays in `pgmq.a_<queue>_dlq` until
   the housekeeping prunes it) and needs a note; a purge deletes them all.
 - What is shown is masked as the feed masks it (email addresses, `u***@x.org`).
+- A bulk action (all, or all whose reason matches) can carry the count its caller saw
+  (`expected_total`): when the selection holds another number by then, nothing is done
+  (TotalChanged). A blank reason is refused: only no reason at all means "everything".
+- A note is one line of text: control characters are refused (`check_note`).
+- A connection lost while the action commits leaves its outcome unknown: CommitUnknown
+  says so (the history says what happened), never "nothing was done".
 """
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -34,16 +43,63 @@ from reactor.engine.events import EventBus
 from reactor.engine.logs import mask_emails_in, masked
 from reactor.engine.queues import dlq_name, validate_queue
 
-__all__ = ["ACTION_EVENTS", "MAX_PER_ACTION", "ActionResult", "DeadLetter", "Selection",
-           "count", "discard", "find", "history", "publish", "purge", "replay", "select"]
+__all__ = ["ACTION_EVENTS", "MAX_ID", "MAX_PER_ACTION", "ActionResult", "CommitUnknown",
+           "DeadLetter", "Selection", "TotalChanged", "check_id", "check_note", "count",
+           "discard", "find", "history", "publish", "purge", "replay", "select"]
 
 # One action takes at most this many dead letters (the rest stay; the result says so).
 MAX_PER_ACTION: Final = 10_000
 # A note longer than this is cut: it is a line for the audit trail, not a document.
 MAX_NOTE_CHARS: Final = 2_000
+# Ids are Postgres bigints: 1 .. 2**63-1 (a bigger number is no id, not a database error).
+MAX_ID: Final = 2**63 - 1
 # The event each action publishes on the bus (registered in reactor.engine.events).
 ACTION_EVENTS: Final = {"replay": "dlq.replayed", "discard": "dlq.discarded",
                         "purge": "dlq.purged"}
+
+
+class TotalChanged(Exception):
+    """A bulk action's selection no longer holds the number of dead letters its caller saw
+    (`expected_total`): nothing was done (the transaction rolled back)."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(f"expected {expected} dead letters, found {found}")
+        self.expected = expected
+        self.found = found
+
+
+class CommitUnknown(Exception):
+    """The connection was lost while the action committed: it may or may not have
+    happened. The history (`reactor dlq history`, the dashboard's actions) says which."""
+
+
+def check_id(value: Any, what: str = "an id") -> int:
+    """`value` as an id of Postgres (1 .. 2**63-1).
+
+    Raises:
+        ValueError: not an integer, or out of that range.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ID:
+        raise ValueError(f"{what} is a whole number from 1 to {MAX_ID}")
+    return value
+
+
+def _control(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def check_note(note: str | None) -> str | None:
+    """A note as it is recorded: trimmed, at most MAX_NOTE_CHARS; None when blank.
+
+    Raises:
+        ValueError: it holds control characters (a line break, a tab, a terminal escape):
+            it is one line for the audit trail, printed in terminals as it is.
+    """
+    text = (note or "").strip()
+    if _control(text):
+        raise ValueError("a note is one line of plain text: no control characters "
+                         "(line breaks, tabs, terminal escapes)")
+    return text[:MAX_NOTE_CHARS] or None
 
 
 @dataclass(frozen=True)
@@ -52,7 +108,11 @@ class Selection:
 
     `dlq_ids`: the dead letters' own ids in `<queue>_dlq`; `msg_id`: the original
     message's id (what events and logs show); `reason`: a piece of the reason text
-    (case-insensitive, plain text). Unset fields select everything.
+    (case-insensitive, plain text). Unset fields select everything; a reason that is
+    given but blank is refused (it would select everything while looking like a filter).
+
+    Raises:
+        ValueError: a blank reason, or an id out of range.
     """
 
     queue: str
@@ -63,7 +123,12 @@ class Selection:
     def __post_init__(self) -> None:
         validate_queue(self.queue)
         if self.reason is not None and not self.reason.strip():
-            object.__setattr__(self, "reason", None)
+            raise ValueError("the reason filter is blank: give some text of the reason, or "
+                             "leave the filter out to select every dead letter")
+        for dlq_id in self.dlq_ids or ():
+            check_id(dlq_id, "a dead letter's id")
+        if self.msg_id is not None:
+            check_id(self.msg_id, "a message id")
 
     @property
     def everything(self) -> bool:
@@ -172,10 +237,20 @@ def select(conn: psycopg.Connection, selection: Selection,
     return [_letter(selection.queue, row) for row in rows]
 
 
-def count(conn: psycopg.Connection, queue: str, reason: str | None = None) -> int:
-    """How many dead letters of `queue` (whose reason contains `reason`) wait."""
-    row = conn.execute(queries.COUNT_DEAD_LETTERS.format(table=_dlq_table(queue)),
-                       {"reason": reason or None}).fetchone()
+def count(conn: psycopg.Connection, selection: Selection | str,
+          reason: str | None = None) -> int:
+    """How many dead letters a selection by reason (or of a whole queue) holds: the same
+    filter `select` applies (`count(conn, queue, reason)` builds that selection).
+
+    Raises:
+        ValueError: a selection by id (count those with `select`), or a blank reason.
+    """
+    if isinstance(selection, str):
+        selection = Selection(selection, reason=reason)
+    if selection.dlq_ids is not None or selection.msg_id is not None:
+        raise ValueError("count() counts a selection by reason (or all): not one by id")
+    row = conn.execute(queries.COUNT_DEAD_LETTERS.format(table=_dlq_table(selection.queue)),
+                       {"reason": selection.reason}).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -185,9 +260,38 @@ def find(conn: psycopg.Connection, queue: str, dlq_id: int) -> DeadLetter | None
     return letters[0] if letters else None
 
 
-def _note(note: str | None) -> str | None:
-    note = (note or "").strip()
-    return note[:MAX_NOTE_CHARS] or None
+@contextmanager
+def _atomic(conn: psycopg.Connection) -> Iterator[None]:
+    """`conn.transaction()`, except that a connection lost while it commits raises
+    CommitUnknown: the commit may have reached the server or not."""
+    tx = conn.transaction()
+    tx.__enter__()
+    try:
+        yield
+    except BaseException as exc:
+        if not tx.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+        return
+    try:
+        tx.__exit__(None, None, None)
+    except psycopg.Error as exc:
+        if conn.broken or conn.closed or exc.sqlstate is None:
+            raise CommitUnknown(f"the connection was lost while the action committed "
+                                f"({type(exc).__name__}): it may or may not have "
+                                "happened") from exc
+        raise  # the server refused the commit: rolled back
+
+
+def _check_total(conn: psycopg.Connection, selection: Selection,
+                 expected_total: int | None) -> None:
+    if expected_total is None:
+        return
+    if selection.dlq_ids is not None or selection.msg_id is not None:
+        raise ValueError("expected_total is for an action on all (or all matching a "
+                         "reason), not on one chosen by id")
+    found = count(conn, selection)
+    if found != expected_total:
+        raise TotalChanged(expected_total, found)
 
 
 def _record(conn: psycopg.Connection, action: str, selection: Selection,
@@ -202,19 +306,26 @@ def _record(conn: psycopg.Connection, action: str, selection: Selection,
 
 
 def replay(conn: psycopg.Connection, selection: Selection, *, client: str,
-           note: str | None = None, limit: int = MAX_PER_ACTION) -> ActionResult:
+           note: str | None = None, limit: int = MAX_PER_ACTION,
+           expected_total: int | None = None) -> ActionResult:
     """Send the selected dead letters back onto their queue as fresh messages.
 
     One transaction: each dead letter is archived (skipped if another action took it
     first), its original sent through public.enqueue, and the action recorded. A dead
     letter whose original is not a JSON object stays where it is (listed in `skipped`).
+
+    Raises:
+        ValueError: a note with control characters.
+        TotalChanged: `expected_total` given and the selection holds another number.
+        CommitUnknown: the connection was lost while committing.
     """
-    note = _note(note)
+    note = check_note(note)
     queue = selection.queue
     taken: list[DeadLetter] = []
     new_ids: list[int] = []
     skipped: list[tuple[int, str]] = []
-    with conn.transaction():
+    with _atomic(conn):
+        _check_total(conn, selection, expected_total)
         letters = select(conn, selection, limit + 1)
         more = len(letters) > limit
         for letter in letters[:limit]:
@@ -239,19 +350,22 @@ def replay(conn: psycopg.Connection, selection: Selection, *, client: str,
 
 
 def discard(conn: psycopg.Connection, selection: Selection, *, client: str, note: str,
-            limit: int = MAX_PER_ACTION) -> ActionResult:
+            limit: int = MAX_PER_ACTION, expected_total: int | None = None) -> ActionResult:
     """Take the selected dead letters out of `<queue>_dlq` for good (into its archive),
     with a note saying why. One transaction with its audit row.
 
     Raises:
-        ValueError: no note.
+        ValueError: no note, or one with control characters.
+        TotalChanged: `expected_total` given and the selection holds another number.
+        CommitUnknown: the connection was lost while committing.
     """
-    note_text = _note(note)
+    note_text = check_note(note)
     if note_text is None:
         raise ValueError("a discard needs a note: say why these messages will never be sent")
     queue = selection.queue
     taken: list[DeadLetter] = []
-    with conn.transaction():
+    with _atomic(conn):
+        _check_total(conn, selection, expected_total)
         letters = select(conn, selection, limit + 1)
         more = len(letters) > limit
         for letter in letters[:limit]:
@@ -269,9 +383,9 @@ def discard(conn: psycopg.Connection, selection: Selection, *, client: str, note
 def purge(conn: psycopg.Connection, queue: str, *, client: str,
           note: str | None = None) -> ActionResult:
     """Delete every dead letter of `queue` (no archive copy), recorded like the others."""
-    note = _note(note)
+    note = check_note(note)
     selection = Selection(queue)
-    with conn.transaction():
+    with _atomic(conn):
         letters = select(conn, selection, 1_000_000)
         taken = []
         for letter in letters:

@@ -321,25 +321,6 @@ def peek(conn: psycopg.Connection, queue: str, msg_id: int | None = None,
     return _messages(queue, rows)
 
 
-def replay_dead_letters(conn: psycopg.Connection, queue: str, msg_id: int | None = None,
-                        limit: int = 1000) -> list[int]:
-    """Put dead letters back on their queue as fresh messages; returns the new ids.
-
-    Each replay is one transaction: the new message is sent (waking the
-    reactor at commit) and the dead letter archived, so a replay is never
-    lost or doubled.
-    """
-    new_ids = []
-    for letter in peek(conn, dlq_name(queue), msg_id, limit):
-        original = letter.body.get("original") if isinstance(letter.body, dict) else None
-        if not isinstance(original, dict):
-            continue  # not a JSON object: replaying it could only fail again; it stays
-        with conn.transaction():
-            new_ids.append(enqueue(conn, queue, original))
-            archive(conn, dlq_name(queue), [letter.msg_id])
-    return new_ids
-
-
 def purge_dead_letters(conn: psycopg.Connection, queue: str) -> int:
     ids = [m.msg_id for m in peek(conn, dlq_name(queue), limit=1_000_000)]
     if ids:

@@ -2,12 +2,17 @@
 
 Quiet when nothing happens: a queue's depth is printed when it changes (every
 tick with --depth). The token travels in an `Authorization` header.
+
+What an event carries comes from outside (an error's text, a note, a client's
+address): its control characters are printed escaped (`\\x1b`), never raw, so no
+field can move the cursor, clear the screen or forge a line (`terminal_safe`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +27,23 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-__all__ = ["feed_url", "format_event", "watch"]
+__all__ = ["feed_url", "format_event", "json_line_safe", "terminal_safe", "watch"]
+
+# C0 (with the line breaks and tabs), DEL and C1: the characters a terminal acts on.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# In JSON text, C0 is always escaped already; DEL and C1 may be there raw.
+_JSON_RAW_CONTROL = re.compile(r"[\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every C0/C1 control character (and DEL) escaped as `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def json_line_safe(text: str) -> str:
+    """A line of JSON with its raw DEL/C1 characters written `\\u00NN` (the same JSON)."""
+    return _JSON_RAW_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
 
 _COLORS = {
     "job.succeeded": "32", "job.retrying": "33", "job.dead_lettered": "31;1",
@@ -66,7 +87,7 @@ def format_event(event: dict[str, Any], *, color: bool, queue_width: int = QUEUE
         fields.append(f"{ids} by {event.get('client') or '?'}{note}")
     if event.get("error"):
         fields.append(str(event["error"]))
-    line = "  ".join(fields)
+    line = terminal_safe("  ".join(fields))
     code = _COLORS.get(str(event.get("type")))
     return f"\x1b[{code}m{line}\x1b[0m" if color and code else line
 
@@ -109,7 +130,7 @@ async def watch(url: str, *, as_json: bool, out: TextIO = sys.stdout,
                     continue
                 width = max(width, len(str(event.get("queue") or "")))
                 try:
-                    out.write((message if as_json else format_event(
+                    out.write((json_line_safe(message) if as_json else format_event(
                         event, color=color, queue_width=width)) + "\n")
                     out.flush()
                 except BrokenPipeError:

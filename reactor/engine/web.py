@@ -16,6 +16,7 @@ logs; /healthz tells anyone only "ok"/"unhealthy" and reason classes.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import structlog
 import trio
 from hypercorn.config import Config
@@ -39,7 +41,7 @@ from starlette.routing import Route
 
 from reactor.engine import dead_letters, queries, status, waits
 from reactor.engine.auth import SESSION_TTL_S, Access, Refusal, origin_host, token_ok
-from reactor.engine.db import Database, DatabaseUnavailable
+from reactor.engine.db import Database, DatabaseUnavailable, describe_db_error
 from reactor.engine.events import EventBus
 from reactor.engine.health import Health
 from reactor.engine.logs import masked
@@ -66,7 +68,7 @@ PAGE_HEADERS = {
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 # A sign-in body is {"token": "..."}: anything longer is not one.
 SESSION_MAX_BYTES = 4096
-# An action on dead letters is {"queue", "dlq_id", "reason", "note"}: small.
+# An action on dead letters is {"queue", "dlq_id", "reason", "note", "expected_total"}.
 ACTION_MAX_BYTES = 8192
 # A request body must have arrived this long after its head (read_body).
 BODY_DEADLINE_S = 10.0
@@ -226,11 +228,52 @@ def _peer(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+# An address as the audit row records it: an IP (v6 at most 45 characters), with a port.
+_CLIENT_PART_CHARS = 64
+
+
+def _address(text: str) -> str:
+    """One forwarded address as recorded: an IP address (with its port, if a proxy added
+    one) as it is; anything else marked as such, cut short and without control
+    characters (a client wrote it)."""
+    text = text.strip()
+    bare = text
+    if bare.startswith("[") and "]" in bare:  # [v6]:port
+        bare = bare[1:bare.index("]")]
+    elif bare.count(":") == 1:  # v4:port
+        bare = bare.split(":", 1)[0]
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        shown = "".join(ch if ch.isprintable() else "?" for ch in text)
+        return f"unparsed {shown[:_CLIENT_PART_CHARS]!r}"
+    return text[:_CLIENT_PART_CHARS]
+
+
 def _client(request: Request) -> str:
-    """Who asked, for the audit row: the peer address, and what a proxy says it forwarded."""
+    """Who asked, for the audit row: the peer address, and the address the nearest proxy
+    saw (the right-most X-Forwarded-For entry, which that proxy appended; X-Real-IP when
+    it sends only that).
+
+    Everything left of that entry came from the client, who can write anything there: it
+    is never recorded (it would be forgeable, and its length could push the real address
+    out of the row)."""
     peer = _peer(request) or "?"
-    forwarded = request.headers.get("x-forwarded-for") or request.headers.get("x-real-ip")
-    return f"{forwarded.strip()[:200]} via {peer}" if forwarded else peer
+    forwarded = [h for h in request.headers.getlist("x-forwarded-for") if h.strip()]
+    nearest = forwarded[-1].rsplit(",", 1)[-1] if forwarded else (
+        request.headers.get("x-real-ip") or "")
+    return f"{_address(nearest)} via {peer}" if nearest.strip() else peer
+
+
+def _database_error(what: str, exc: psycopg.Error, *, rolled_back: bool = False) -> Response:
+    """A database error in a dead-letter route: logged, and answered in JSON (not a bare
+    500) with what failed and, for an action, that its transaction rolled back."""
+    log.error("dead letters: the database refused a statement", what=what,
+              error=describe_db_error(exc))
+    return _json({"error": f"{what} failed in the database ({type(exc).__name__}: "
+                           f"{describe_db_error(exc)})"
+                           + ("; the transaction was rolled back: nothing was done"
+                              if rolled_back else "")}, 500)
 
 
 def create_app(ctx: WebContext) -> Starlette:
@@ -400,7 +443,10 @@ def create_app(ctx: WebContext) -> Starlette:
           one of FEED_ALLOWED_ORIGINS); a request without one is a tool's and follows
           the tool rule (FEED_TOKEN in an `Authorization` header, never the cookie).
         - Sec-Fetch-Site, where the browser sends it, must say same-origin: a page on
-          another port of 127.0.0.1 is "same-site" and would carry the cookie.
+          another port of 127.0.0.1 is "same-site" and would carry the cookie. So a page
+          served from one of FEED_ALLOWED_ORIGINS (another origin: its browser says
+          "same-site" or "cross-site") cannot act either, though it may read the feed;
+          only the dashboard's own page (same-origin) and tools can.
         - The body must be `application/json`: an HTML form cannot send that, and a
           cross-origin script cannot without a CORS preflight, which is never granted.
         """
@@ -432,7 +478,12 @@ def create_app(ctx: WebContext) -> Starlette:
         """GET: per queue, its dead letters (ids, when, attempts, reason), `limit` of
         `total`; `?queue=` and `?reason=` filter."""
         only = request.query_params.get("queue")
-        reason = request.query_params.get("reason") or None
+        # Absent: no filter. Given but blank: refused (it is no filter, though it looks
+        # like one); `total` and `letters` below apply the very same Selection.
+        reason = request.query_params.get("reason")
+        if reason is not None and not reason.strip():
+            return _json({"error": "the reason filter is blank: give some text of the "
+                                   "reason, or leave `reason` out for every dead letter"}, 400)
         try:
             limit = max(1, min(500, int(request.query_params.get("limit", "50"))))
         except ValueError:
@@ -446,7 +497,7 @@ def create_app(ctx: WebContext) -> Starlette:
             for queue in [only] if only else names:
                 selection = dead_letters.Selection(queue, reason=reason)
                 panels.append({
-                    "queue": queue, "total": dead_letters.count(conn, queue, reason),
+                    "queue": queue, "total": dead_letters.count(conn, selection),
                     "letters": [d.summary() for d in dead_letters.select(conn, selection,
                                                                          limit)]})
             return {"reason": reason, "queues": panels,
@@ -459,11 +510,17 @@ def create_app(ctx: WebContext) -> Starlette:
             log.warning("dead letters: the database does not answer", error=str(exc))
             return _json({"error": "the database does not answer (see the reactor's log)"},
                          503)
+        except psycopg.Error as exc:
+            return _database_error("listing the dead letters", exc)
 
     async def inspect(request: Request) -> Response:
         """GET: one dead letter, its original message and error, masked like the feed."""
         queue = request.path_params["queue"]
-        dlq_id = int(request.path_params["dlq_id"])
+        try:
+            dlq_id = dead_letters.check_id(int(request.path_params["dlq_id"]),
+                                           "a dead letter's id")
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
         try:
             if queue not in await queue_names():
                 return _json({"error": f"unknown queue {queue!r}"}, 404)
@@ -472,6 +529,8 @@ def create_app(ctx: WebContext) -> Starlette:
             log.warning("dead letters: the database does not answer", error=str(exc))
             return _json({"error": "the database does not answer (see the reactor's log)"},
                          503)
+        except psycopg.Error as exc:
+            return _database_error(f"reading dead letter #{dlq_id} of {queue}", exc)
         if letter is None:
             return _json({"error": f"no dead letter #{dlq_id} in {queue}_dlq (replayed or "
                                    "discarded meanwhile?)"}, 404)
@@ -479,8 +538,14 @@ def create_app(ctx: WebContext) -> Starlette:
 
     async def act(request: Request) -> Response:
         """POST replay / discard: {"queue", "dlq_id" (one) or "reason" (all that match;
-        neither: all of the queue), "note"}. The same code as `reactor dlq`
-        (reactor.engine.dead_letters); recorded with the client's address and published."""
+        neither: all of the queue), "note", "expected_total"}. The same code as `reactor
+        dlq` (reactor.engine.dead_letters); recorded with the client's address and
+        published.
+
+        An action on all (or all matching a reason) must say how many dead letters its
+        caller saw (`expected_total`: the listing's `total` for that queue and filter);
+        when the queue holds another number by then, nothing is done (409): look again.
+        A blank reason is refused (400): only no reason means every dead letter."""
         action = request.url.path.rsplit("/", 1)[1]
         try:
             body = json.loads(await read_body(request, ACTION_MAX_BYTES))
@@ -492,30 +557,83 @@ def create_app(ctx: WebContext) -> Starlette:
             return _json({"error": "the body is a JSON object"}, 400)
         queue, dlq_id = body.get("queue"), body.get("dlq_id")
         reason, note = body.get("reason"), body.get("note")
-        if not isinstance(queue, str) or (dlq_id is not None and (
-                not isinstance(dlq_id, int) or isinstance(dlq_id, bool))) \
+        expected = body.get("expected_total")
+        if not isinstance(queue, str) or any(
+                v is not None and (not isinstance(v, int) or isinstance(v, bool))
+                for v in (dlq_id, expected)) \
                 or not isinstance(reason, str | None) or not isinstance(note, str | None):
             return _json({"error": 'expected {"queue": str, "dlq_id": int | null, '
-                                   '"reason": str | null, "note": str | null}'}, 400)
-        if action == "discard" and not (note or "").strip():
+                                   '"reason": str | null, "note": str | null, '
+                                   '"expected_total": int | null}'}, 400)
+        try:
+            if dlq_id is not None:
+                dead_letters.check_id(dlq_id, "dlq_id")
+            note = dead_letters.check_note(note)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        if reason is not None and not reason.strip():
+            return _json({"error": "the reason is blank: give some text of the reason, or "
+                                   "leave `reason` out to act on every dead letter"}, 400)
+        if dlq_id is None and (expected is None or not 0 <= expected <= dead_letters.MAX_ID):
+            return _json({"error": "an action on all dead letters (or all matching a reason) "
+                                   "needs `expected_total`: how many the listing showed for "
+                                   "that queue and filter"}, 400)
+        if dlq_id is not None and expected is not None:
+            return _json({"error": "expected_total is for an action on all (or all matching "
+                                   "a reason), not on one dead letter"}, 400)
+        if action == "discard" and note is None:
             return _json({"error": "a discard needs a note: say why these messages will "
                                    "never be sent"}, 400)
+        what = (f"{action} of dlq #{dlq_id} of {queue}" if dlq_id is not None
+                else f"{action} of the dead letters of {queue}"
+                + (f" whose reason contains {reason!r}" if reason is not None else ""))
+        started = False
+
+        def run(conn: psycopg.Connection) -> dead_letters.ActionResult:
+            nonlocal started
+            started = True
+            if action == "replay":
+                return dead_letters.replay(conn, selection, client=client, note=note,
+                                           expected_total=expected)
+            return dead_letters.discard(conn, selection, client=client, note=note or "",
+                                        expected_total=expected)
+
         try:
             if queue not in await queue_names():
                 return _json({"error": f"unknown queue {queue!r}"}, 404)
             selection = dead_letters.Selection(
                 queue, dlq_ids=None if dlq_id is None else (dlq_id,), reason=reason)
             client = _client(request)
-            if action == "replay":
-                result = await ctx.db.run(lambda c: dead_letters.replay(
-                    c, selection, client=client, note=note))
-            else:
-                result = await ctx.db.run(lambda c: dead_letters.discard(
-                    c, selection, client=client, note=note or ""))
+            result = await ctx.db.run(run)
+        except dead_letters.TotalChanged as changed:
+            return _json({"error": f"not done: {queue} now has {changed.found} dead letter(s)"
+                          + (f" whose reason contains {reason!r}" if reason is not None
+                             else "")
+                          + f", not the {changed.expected} you saw; look again and confirm "
+                          "the new number", "total": changed.found,
+                          "expected_total": changed.expected}, 409)
+        except dead_letters.CommitUnknown as exc:
+            log.error("dead letters: the connection was lost while an action committed",
+                      action=what, error=str(exc))
+            return _json({"error": f"{what}: the connection to the database was lost while "
+                                   "it committed; the state is unknown: see the history "
+                                   "(\"Actions on dead letters\", or `reactor dlq history "
+                                   f"{queue}`) before you try again"}, 503)
         except DatabaseUnavailable as exc:
             log.warning("dead letters: the database does not answer", error=str(exc))
-            return _json({"error": "the database does not answer (see the reactor's log); "
+            if started and not isinstance(exc.__cause__, psycopg.Error):
+                # The deadline passed while it ran: it may still commit in its thread.
+                return _json({"error": f"{what}: the database did not answer in time; the "
+                                       "state is unknown: see the history (\"Actions on "
+                                       f"dead letters\", or `reactor dlq history {queue}`) "
+                                       "before you try again"}, 503)
+            return _json({"error": f"{what}: the database does not answer (see the "
+                                   "reactor's log); the transaction was rolled back: "
                                    "nothing was done"}, 503)
+        except psycopg.Error as exc:
+            return _database_error(what, exc, rolled_back=True)
+        except ValueError as exc:  # a selection the database layer refuses
+            return _json({"error": str(exc)}, 400)
         if ctx.bus is not None:
             dead_letters.publish(ctx.bus, result)
         if not result.dlq_ids and result.skipped:

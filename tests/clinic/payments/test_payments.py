@@ -26,7 +26,7 @@ from reactor.clinic.resources import MIGRATIONS_DIR
 from reactor.clinic.schema import migrate
 from reactor.clinic.services.payments import YooKassaProvider
 from reactor.clinic.settings import YOOKASSA_NETWORKS, ConfigError, Settings, load_settings
-from reactor.engine import queues
+from reactor.engine import dead_letters
 from reactor.engine.errors import PermanentError
 from reactor.engine.web import serve_http
 from tests import factories as f
@@ -184,9 +184,11 @@ async def queued_verifies(database_url: str) -> int:
 
 
 async def replay(database_url: str) -> list[int]:
+    """`reactor dlq replay` of the whole queue (reactor.engine.dead_letters); the new ids."""
     def run() -> list[int]:
         with psycopg.connect(database_url, autocommit=True) as conn:
-            return queues.replay_dead_letters(conn, QUEUE)
+            result = dead_letters.replay(conn, dead_letters.Selection(QUEUE), client="test")
+            return result.new_msg_ids or []
     return await trio.to_thread.run_sync(run)
 
 

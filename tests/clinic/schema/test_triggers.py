@@ -274,13 +274,14 @@ def test_a_refused_mail_is_listed_and_replayed_like_any_dead_letter(
         db: psycopg.Connection) -> None:
     """The operator's tools see it: `reactor dlq` reads it, and a replay puts it back on
     email_queue as it is (where the reactor judges it again)."""
-    from reactor.engine.queues import peek, replay_dead_letters
+    from reactor.engine import dead_letters as actions
+    from reactor.engine.queues import peek
     user = f.profile(db, email="not an address")
     f.appointment(db, user, starts_in=timedelta(days=2))
     [letter] = peek(db, "email_queue_dlq")
     assert isinstance(letter.body, dict)
     assert letter.body["queue"] == "email_queue"
-    assert replay_dead_letters(db, "email_queue")
+    assert actions.replay(db, actions.Selection("email_queue"), client="test").new_msg_ids
     assert [m["template"] for m in f.queued(db, "email_queue")] == ["appointment_confirmation"]
     assert dead_letters(db, "email_queue") == []
 
