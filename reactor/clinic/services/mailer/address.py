@@ -18,6 +18,12 @@ On the wire (`wire_address`), in the envelope (RCPT TO) and in the `To` header a
   (RFC 6532 §3.1), domain in U-labels, and only with SMTPUTF8 (RFC 6531); the mail
   carries it as a UTF-8 `To` header. A relay without SMTPUTF8 cannot take it
   (`SmtpConnection.sendmail` says so, naming the fix).
+
+What it costs: the validator is pure Python; on a loaded 2-core machine it took about
+0.1 ms for an ASCII address and 1 ms for an IDN one (idna's IDNA 2008 checks), where
+the regex it replaced took 1.5 µs and rendering a mail's templates 0.25 ms. An address
+is checked once a delivery, when the message is parsed (on the reactor's thread); the
+MIME build finds it in a cache. Accepted: the clinic's mails are a few a minute.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ class WireAddress:
     smtputf8: bool
 
 
-@functools.lru_cache(maxsize=1024)  # ~0.8 ms of CPU an address (idna); a mail checks twice
+@functools.lru_cache(maxsize=1024)  # the model checks, then the MIME build: once
 def _validated(text: str) -> ValidatedEmail | str:
     try:
         # Every option spelled out: the library's defaults are module globals.
