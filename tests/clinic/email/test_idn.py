@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import trio
 from pydantic import ValidationError
 
 from reactor.clinic.email import EmailMessage
@@ -27,7 +28,16 @@ from reactor.clinic.services.templates import RenderedEmail
 from reactor.engine.logs import mask_email, mask_emails_in
 from tests import factories as f
 from tests.conftest import SmtpServer
-from tests.harness import eventually, in_db, of_type, running_reactor, send, sql, wait_for
+from tests.harness import (
+    eventually,
+    in_db,
+    of_type,
+    reactor_command,
+    running_reactor,
+    send,
+    sql,
+    wait_for,
+)
 
 IDN_DOMAIN = "user@пример.рф"
 IDN_DOMAIN_ASCII = "user@xn--e1afmkfd.xn--p1ai"
@@ -192,7 +202,7 @@ async def test_without_smtputf8_an_idn_domain_goes_out_as_its_a_label(
 
 
 async def test_without_smtputf8_a_utf8_local_part_is_dead_lettered_at_once_with_the_fix(
-        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+        database_url: str, smtp_server: Callable[..., SmtpServer], tmp_path: Path) -> None:
     server = smtp_server()
     async with running_reactor(database_url, **smtp_env(server), MAX_ATTEMPTS=5) as reactor:
         with reactor.bus.subscribe() as sub:
@@ -217,6 +227,19 @@ async def test_without_smtputf8_a_utf8_local_part_is_dead_lettered_at_once_with_
     assert await sql(database_url, "SELECT recipient, status FROM public.email_ledger "
                                    "ORDER BY recipient") == [
         (IDN_DOMAIN, "sent"), (UTF8_LOCAL, "failed")]
+
+    # The fix the reason names: a relay with SMTPUTF8, then the replay sends it, once.
+    better = smtp_server(smtputf8=True)
+    async with running_reactor(database_url, **smtp_env(better)) as reactor:
+        with reactor.bus.subscribe() as sub:
+            replay = await trio.to_thread.run_sync(lambda: reactor_command(
+                "dlq", "replay", "email_queue", cwd=tmp_path, DATABASE_URL=database_url))
+            assert replay.returncode == 0, replay.stderr
+            await wait_for(sub, of_type("job.succeeded"))
+    assert [envelope(m)["rcpt_to"] for m in better.meta()] == [UTF8_LOCAL]
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.q_email_queue_dlq") == [(0,)]
+    assert (UTF8_LOCAL, "sent") in await sql(
+        database_url, "SELECT recipient, status FROM public.email_ledger")
 
 
 # -- through a relay with SMTPUTF8 ---------------------------------------------------------------
