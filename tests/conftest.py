@@ -219,7 +219,11 @@ class SmtpServer:
                 for p in sorted(self.maildir.glob("*.eml"))]
 
     def meta(self) -> list[str]:
-        return [p.read_text() for p in sorted(self.maildir.glob("*.meta"))]
+        return [p.read_text(encoding="utf-8") for p in sorted(self.maildir.glob("*.meta"))]
+
+    def raw(self) -> list[bytes]:
+        """Each accepted message as it came over the wire (after DATA, CRLF line ends)."""
+        return [p.read_bytes() for p in sorted(self.maildir.glob("*.eml"))]
 
     def deferrals(self) -> list[str]:
         """One line `deferred ADDR` per greylist deferral (--greylist, --greylist-data)."""
@@ -238,7 +242,7 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
     defer=[...] (451 always), defer_once=[...] (451 the first time: greylisting),
     pipelining=True (offers PIPELINING, RFC 2920), greylist={addr: seconds} (451 to RCPT
     until that long after the address was first seen), greylist_data={addr: seconds}
-    (the same, 452 at the end of DATA))."""
+    (the same, 452 at the end of DATA)), smtputf8=True (offers SMTPUTF8, RFC 6531))."""
     servers: list[SmtpServer] = []
 
     def make(*, tls: str = "none", user: str | None = None, password: str | None = None,
@@ -246,7 +250,8 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
              defer_once: Sequence[str] = (), start: bool = True, delay_ms: int = 0,
              idle_timeout_s: float | None = None, pipelining: bool = False,
              greylist: Mapping[str, float] | None = None,
-             greylist_data: Mapping[str, float] | None = None) -> SmtpServer:
+             greylist_data: Mapping[str, float] | None = None,
+             smtputf8: bool = False) -> SmtpServer:
         # Bound now (port 0: the kernel's choice), listened on once started: until then
         # a client is refused, and no other process can take the port meanwhile.
         sock = socket.socket()
@@ -269,6 +274,8 @@ def smtp_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[Callable[..., S
             argv += ["--idle-timeout-s", str(idle_timeout_s)]
         if pipelining:
             argv += ["--pipelining"]
+        if smtputf8:
+            argv += ["--smtputf8"]
         if greylist:
             argv += ["--greylist", *(f"{a}={s}" for a, s in greylist.items())]
         if greylist_data:

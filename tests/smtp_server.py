@@ -8,21 +8,24 @@ apart from the reactor's under test, and the test sees only the wire.
         [--user U --password PW] [--reject ADDR ...] [--defer ADDR ...]
         [--defer-once ADDR ...] [--greylist ADDR=S ...] [--greylist-data ADDR=S ...]
         [--delay-ms MS]
-        [--idle-timeout-s S] [--pipelining]
+        [--idle-timeout-s S] [--pipelining] [--smtputf8]
 
 `--greylist ADDR=S` answers RCPT TO:<ADDR> with 451 4.7.1 until S seconds after the
 first time it saw ADDR (a greylist with a delay, as postgrey's); `--greylist-data
 ADDR=S` does the same at the end of DATA (452 4.3.1), after the message was sent.
 Every such deferral is one line `deferred ADDR` in DIR/deferrals.log.
 
+`--smtputf8` offers SMTPUTF8 (RFC 6531: UTF-8 addresses and headers); without it the
+server reads commands as strict ASCII, as a relay without SMTPUTF8 does.
+
 `--pipelining` adds PIPELINING (RFC 2920) to the EHLO reply; aiosmtpd reads
 commands one at a time from its stream, so it answers pipelined ones in order.
 
 Each accepted mail is written to DIR/NNNN.eml (atomically), its envelope, TLS,
-AUTH and EHLO name to DIR/NNNN.meta. DIR/sessions.log gets one line per
-session event: `ehlo NAME`, `quit` (the client said goodbye) and `closed`
-(the connection ended, by either side; `--idle-timeout-s` makes the server
-drop an idle client like a real relay). Prints `READY <port>` when it listens;
+AUTH, EHLO name, SMTPUTF8 flag and MAIL parameters to DIR/NNNN.meta (UTF-8).
+DIR/sessions.log gets one line per session event: `ehlo NAME`, `quit` (the client
+said goodbye) and `closed` (the connection ended, by either side; `--idle-timeout-s`
+makes the server drop an idle client like a real relay). Prints `READY <port>` when it listens;
 stops on SIGTERM. `--fd` is a socket the parent bound to port 0 and passed on: the port
 is the parent's from the start, so no other process can take it between the choice
 and the listen (and before the listen, a connection to it is refused, as to a relay
@@ -113,7 +116,9 @@ class Handler:
             f"{envelope.mail_from}\n{','.join(envelope.rcpt_tos)}\n"
             f"tls={server.transport.get_extra_info('ssl_object') is not None}\n"
             f"auth={session.authenticated}\n"
-            f"helo={session.host_name}\n")
+            f"helo={session.host_name}\n"
+            f"smtputf8={envelope.smtp_utf8}\n"
+            f"mail_options={' '.join(envelope.mail_options)}\n", encoding="utf-8")
         os.replace(temp, self.maildir / f"{n:04d}.eml")
         return "250 OK: queued"
 
@@ -143,6 +148,7 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=int, default=0)
     parser.add_argument("--idle-timeout-s", type=float, default=300.0)
     parser.add_argument("--pipelining", action="store_true")
+    parser.add_argument("--smtputf8", action="store_true")
     args = parser.parse_args()
     args.maildir.mkdir(parents=True, exist_ok=True)
 
@@ -175,6 +181,7 @@ def main() -> None:
             super().connection_lost(error)
 
     kwargs["timeout"] = args.idle_timeout_s
+    kwargs["enable_SMTPUTF8"] = args.smtputf8
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)
     else:

@@ -17,8 +17,12 @@ import structlog
 
 __all__ = ["configure_logging", "level_enabled", "mask_email", "mask_emails_in", "masked"]
 
-_EMAIL_RE = re.compile(r"([A-Za-z0-9._%+\-'!#$&*/=?^`{|}~])[A-Za-z0-9._%+\-'!#$&*/=?^`{|}~]*@"
-                       r"([A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)+)")
+# Internationalized addresses too (RFC 6531, IDNA 2008: `мама@пример.рф`): the local part
+# is the whole run before the @ of anything but space and what cannot stand unquoted in
+# one (so a Cyrillic or accented one is masked whole, never its tail alone); the domain
+# is labels of letters, digits and hyphens of any script, or A-labels, with a dot.
+_EMAIL_RE = re.compile(r"([^\s@<>()\[\],;:\"])[^\s@<>()\[\],;:\"]*@"
+                       r"([^\W_](?:[\w\-]*[^\W_])?(?:[.\u3002\uff0e\uff61][\w\-]+)+)")
 
 
 def mask_email(address: str) -> str:

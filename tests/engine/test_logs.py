@@ -41,6 +41,28 @@ def test_an_address_inside_a_traceback_is_masked() -> None:
     assert "a***@example.com" in lines[0]["exception"]
 
 
+def test_internationalized_addresses_are_masked_in_the_log() -> None:
+    """Issue 29: a Cyrillic local part or domain (RFC 6531, IDNA 2008), in the reactor's
+    own fields, in a library's record and in a traceback. (The JSON log escapes
+    non-ASCII, so the lines are read back before looking.)"""
+    done = run_logged("""
+        import logging, structlog
+        structlog.get_logger("reactor").warning("refused", to="мама@пример.рф",
+                                                error="550 <user@пример.рф>: unknown")
+        try:
+            raise ValueError("no SMTPUTF8 for Иван.Петров@почта.рф")
+        except ValueError:
+            logging.getLogger("aiosmtplib").error("send failed", exc_info=True)
+        """)
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    text = json.dumps(lines, ensure_ascii=False)
+    for address in ("мама@пример.рф", "user@пример.рф", "Иван.Петров@почта.рф"):
+        assert address not in text
+    assert lines[0]["to"] == "м***@пример.рф"
+    assert lines[0]["error"] == "550 <u***@пример.рф>: unknown"
+    assert "И***@почта.рф" in lines[1]["exception"]
+
+
 def test_a_library_record_that_cannot_be_formatted_is_still_one_json_line() -> None:
     """DEFECT. A library's log call whose arguments do not fit its format string (a
     bug in any dependency, at WARNING) makes ProcessorFormatter's getMessage() raise:

@@ -46,6 +46,7 @@ from reactor.engine.pgcluster import free_port
 from reactor.engine.processor import PermanentError
 from reactor.engine.queues import Message
 from tests import factories as f
+from tests.clinic.email import test_idn as idn
 from tests.conftest import SmtpServer, TlsFiles
 from tests.harness import (
     eventually,
@@ -924,6 +925,7 @@ smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_peername_lookup = no
 smtp_host_lookup = native
 smtp_tls_security_level = none
+smtputf8_enable = yes
 smtpd_tls_security_level = none
 alias_maps =
 alias_database =
@@ -947,13 +949,14 @@ class PostfixRelay:
 def postfix_relay(smtp_server: Callable[..., SmtpServer]) -> Iterator[PostfixRelay]:
     """Debian's Postfix as a private instance on a loopback port (its own config,
     queue and log in a temporary directory; the system's Postfix, if any, is not
-    touched), with `reject_non_fqdn_helo_hostname`, relaying to the test server."""
+    touched), with `reject_non_fqdn_helo_hostname` and `smtputf8_enable`, relaying to
+    the test server (which offers SMTPUTF8)."""
     if shutil.which("postfix") is None:
         pytest.skip("postfix is not installed: apt-get install -y postfix "
                     "(with 'No configuration'; no system service is needed)")
     if os.geteuid() != 0:
         pytest.skip("a private Postfix instance needs root (its master runs as root)")
-    sink = smtp_server()
+    sink = smtp_server(smtputf8=True)
     # Postfix's daemons run as the postfix user: the directory must be traversable.
     base = Path(tempfile.mkdtemp(prefix="reactor-postfix-"))
     base.chmod(0o755)
@@ -1044,6 +1047,38 @@ async def test_every_template_goes_through_postfix_with_reject_non_fqdn_helo(
     [pdf] = [p for p in report.walk() if p.get_content_type() == "application/pdf"]
     assert pdf.get_filename() == "Отчёт Анны.pdf"
     assert pdf.get_content() == PDF
+
+
+@pytest.mark.process
+async def test_internationalized_addresses_go_through_postfix_with_smtputf8(
+        database_url: str, postfix_relay: PostfixRelay) -> None:
+    """Issue 29: a Cyrillic local part goes through Postfix (smtputf8_enable) with
+    SMTPUTF8 end to end; an IDN domain in its A-label form, which needs no SMTPUTF8.
+    What reaches the sink past Postfix is checked byte for byte (Postfix adds only its
+    Received header)."""
+    env: dict[str, Any] = {
+        "EMAIL_PROVIDER": "smtp", "SMTP_HOST": "127.0.0.1", "SMTP_PORT": postfix_relay.port,
+        "SMTP_SECURITY": "none", "SMTP_FROM": "noreply@family.example", "SMTP_TIMEOUT_S": 10}
+    async with running_reactor(database_url, **env) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await send(database_url, "email_queue", idn.mail_to(idn.UTF8_LOCAL, "pf-utf8"))
+            await send(database_url, "email_queue", idn.mail_to(idn.IDN_DOMAIN, "pf-idn"))
+            done = await wait_for(sub, lambda e: e["type"] in (
+                "job.succeeded", "job.retrying", "job.dead_lettered"), count=2, within_s=60)
+            assert {e["type"] for e in done} == {"job.succeeded"}, done
+            await eventually(lambda: len(postfix_relay.sink.raw()) == 2, within_s=60)
+    sink = postfix_relay.sink
+    by_rcpt = {idn.envelope(meta)["rcpt_to"]: (idn.envelope(meta), raw)
+               for meta, raw in zip(sink.meta(), sink.raw(), strict=True)}
+    assert sorted(by_rcpt) == sorted([idn.IDN_DOMAIN_ASCII, idn.UTF8_LOCAL])
+    for address, smtputf8 in ((idn.UTF8_LOCAL, "True"), (idn.IDN_DOMAIN_ASCII, "False")):
+        meta, raw = by_rcpt[address]
+        assert meta["smtputf8"] == smtputf8, meta
+        assert meta["mail_from"] == "noreply@family.example"
+        assert raw.startswith(b"Received: from family.example (")
+        received_end = raw.index(b"\r\nFrom: ") + 2
+        assert idn.header_block(raw[received_end:]) == idn.expected_headers(raw, address)
+    assert "status=sent" in postfix_relay.log()
 
 
 def test_any_subject_and_display_name_round_trip_within_the_limits() -> None:

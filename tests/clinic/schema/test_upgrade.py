@@ -66,7 +66,8 @@ def test_the_last_releases_database_upgrades_in_place(
     assert report.applied == ["engine_001_queue_registry", "engine_002_prune_history",
                               "engine_003_dead_letter_actions", "engine_004_queue_waits",
                               "041_enqueue_never_fails_the_app", "042_register_queues",
-                              "043_prune_through_the_engine", "engine_R__queue_api"]
+                              "043_prune_through_the_engine", "044_internationalized_addresses",
+                              "engine_R__queue_api"]
     with psycopg.connect(empty_database_url, autocommit=True) as db:
         assert pending_migrations(db, MIGRATIONS_DIR) == []
         for table, count in before.items():

@@ -10,6 +10,8 @@ deferral (`SmtpDeferred`, waited out on a time budget); a 5xx rejection of a
 mail is permanent and carries the server's reply.
 
 The modules, by responsibility:
+- `address`: recipient addresses, checked (RFC 6531 / IDNA 2008) and in their wire
+  form (`address_problem`, `wire_address`);
 - `mime`: the message, written out (`build_message`, `OutgoingMail`, `Attachment`);
 - `smtp`: one SMTP session on the asyncio thread (`SmtpConnection`), its errors and
   their classification (`classify`), the EHLO name and the start-up checks;
@@ -22,6 +24,7 @@ This module re-exports what the rest of the app imports from
 
 from __future__ import annotations
 
+from reactor.clinic.services.mailer.address import WireAddress, address_problem, wire_address
 from reactor.clinic.services.mailer.mime import (
     Attachment,
     OutgoingMail,
@@ -42,6 +45,6 @@ from reactor.clinic.services.mailer.smtp import (
 )
 
 __all__ = ["Attachment", "DeliveryUnknown", "FileMailer", "Mailer", "OutgoingMail",
-           "SmtpConnection", "SmtpDeferred", "SmtpMailer",
+           "SmtpConnection", "SmtpDeferred", "SmtpMailer", "WireAddress", "address_problem",
            "ascii_filename", "build_message", "check_mail_settings", "classify", "helo_name",
-           "open_mailer"]
+           "open_mailer", "wire_address"]

@@ -49,6 +49,7 @@ from email.policy import Policy
 from email.utils import formataddr, make_msgid, quote
 from typing import Any, Final
 
+from reactor.clinic.services.mailer.address import wire_address
 from reactor.clinic.services.templates import RenderedEmail
 from reactor.engine.errors import PermanentError
 
@@ -83,6 +84,8 @@ class _HeaderClasses:
 # line ends (aiosmtplib makes them CRLF on the wire; the outbox writes .eml files).
 _POLICY: Final = email.policy.SMTP.clone(header_factory=_HeaderClasses())
 _OUTPUT: Final = _POLICY.clone(linesep="\n")
+# A mail to an address without an ASCII form (RFC 6532): the same, its To header in UTF-8.
+_OUTPUT_UTF8: Final = _OUTPUT.clone(utf8=True)
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,15 @@ class Attachment:
 
 @dataclass(frozen=True)
 class OutgoingMail:
-    """A mail ready for the wire: envelope and the bytes, flattened once."""
+    """A mail ready for the wire: envelope and the bytes, flattened once. `recipient` is
+    the address's wire form (mailer.address); `smtputf8`: it has no ASCII form, and the
+    mail goes only with SMTPUTF8 (RFC 6531)."""
 
     sender: str
     recipient: str
     message_id: str
     raw: bytes
+    smtputf8: bool = False
 
 
 class _Written(str):
@@ -227,9 +233,13 @@ def build_message(*, sender: str, sender_name: str | None, to: str, email: Rende
         if any(unicodedata.category(c) == "Cc" for c in item.content_type):
             raise PermanentError(f"attachment type {item.content_type!r} contains control "
                                  "characters")
-    if not all(address.isascii() for address in (to, sender, reply_to or "")):
-        raise PermanentError("an address contains non-ASCII characters: "
+    if not all(address.isascii() for address in (sender, reply_to or "")):
+        raise PermanentError("SMTP_FROM or SMTP_REPLY_TO contains non-ASCII characters: "
                              "use the ASCII (punycode) form")
+    try:
+        recipient = wire_address(to)
+    except ValueError as exc:
+        raise PermanentError(f"To is not a valid email address: {exc}") from None
     domain = sender.rpartition("@")[2] or "localhost"
     message_id = make_msgid(domain=domain)
 
@@ -240,7 +250,8 @@ def build_message(*, sender: str, sender_name: str | None, to: str, email: Rende
         msg["From"] = formataddr((sender_name, sender))
     else:
         msg["From"] = _encoded("From", sender_name, sender)
-    msg["To"] = to
+    # The ASCII form where there is one (user@xn--e1afmkfd.xn--p1ai), else UTF-8 as it is.
+    msg["To"] = _Written("To", recipient.address) if recipient.smtputf8 else recipient.address
     if reply_to:
         msg["Reply-To"] = reply_to
     msg["Subject"] = email.subject if _plain(email.subject) else _encoded("Subject",
@@ -263,4 +274,6 @@ def build_message(*, sender: str, sender_name: str | None, to: str, email: Rende
             # add_alternative and add_attachment make each part an EmailMessage, which
             # gives it a MIME-Version of its own: RFC 2045 wants it at the top only.
             del part["MIME-Version"]
-    return OutgoingMail(sender, to, message_id, msg.as_bytes(policy=_OUTPUT))
+    output = _OUTPUT_UTF8 if recipient.smtputf8 else _OUTPUT
+    return OutgoingMail(sender, recipient.address, message_id, msg.as_bytes(policy=output),
+                        smtputf8=recipient.smtputf8)

@@ -201,7 +201,8 @@ class _SmtpSession:
         self.usable = False  # until the server has answered the whole mail
         try:
             try:
-                await client.sendmail(mail.sender, mail.recipient, mail.raw)
+                await client.sendmail(mail.sender, mail.recipient, mail.raw,
+                                      smtputf8=mail.smtputf8)
             except ConnectionGone as exc:
                 if not client.carried:
                     raise
@@ -214,7 +215,8 @@ class _SmtpSession:
                 client = await self.pool._connect()
                 stale, self.client = self.client, client
                 await self.pool._discard(stale)
-                await client.sendmail(mail.sender, mail.recipient, mail.raw)
+                await client.sendmail(mail.sender, mail.recipient, mail.raw,
+                                      smtputf8=mail.smtputf8)
         except (PermanentError, RetryableError, DeliveryUnknown):  # already told apart
             await self.finish(usable=False)
             raise

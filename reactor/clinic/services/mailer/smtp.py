@@ -125,6 +125,8 @@ def classify(exc: BaseException) -> PermanentError | RetryableError:
 
 
 _ENVELOPE_ADDRESS: Final = re.compile(r"^[!-;=?-~]+$")  # printable ASCII, no space, < or >
+# With SMTPUTF8 (RFC 6531): UTF-8 too, beyond ASCII's control characters (no surrogates).
+_ENVELOPE_ADDRESS_UTF8: Final = re.compile(r"^[!-;=?-~\u00a0-\ud7ff\ue000-\U0010ffff]+$")
 
 
 class SmtpConnection:
@@ -163,19 +165,32 @@ class SmtpConnection:
         an idle connection has been noticed already."""
         return self.client.is_connected
 
-    async def sendmail(self, sender: str, recipient: str, raw: bytes) -> None:
-        """MAIL, RCPT, DATA and the message.
+    async def sendmail(self, sender: str, recipient: str, raw: bytes, *,
+                       smtputf8: bool = False) -> None:
+        """MAIL, RCPT, DATA and the message; with SMTPUTF8 when `smtputf8` (an address
+        without an ASCII form: mailer.address).
 
         Raises:
+            PermanentError: an address that cannot go in the envelope, or a mail that
+                needs SMTPUTF8 and a server that does not offer it (nothing was sent).
             SmtpReplyError: a reply that refuses the mail (discard the connection).
             DeliveryUnknown: the conversation broke off after DATA was sent.
         """
+        envelope = _ENVELOPE_ADDRESS_UTF8 if smtputf8 else _ENVELOPE_ADDRESS
         for address in (sender, recipient):
-            if not _ENVELOPE_ADDRESS.match(address):
+            if not envelope.match(address):
                 raise PermanentError(f"{address!r} cannot be an envelope address")
+        if smtputf8 and not self.client.supports_extension("smtputf8"):
+            # Never retried: the same server will not learn SMTPUTF8 by the next attempt.
+            raise PermanentError(
+                f"{recipient} has a non-ASCII local part, which only SMTPUTF8 (RFC 6531) "
+                "can carry, and the SMTP server (SMTP_HOST) does not offer SMTPUTF8: send "
+                "through a relay that offers it (Postfix: smtputf8_enable = yes), then "
+                "replay the dead letter; or ask the family for an address with an ASCII "
+                "part before the @")
         if not raw.endswith(b"\n"):
             raw += b"\n"  # the end mark must start a line of its own
-        await self.loop.call(_send_mail, self.client, sender, recipient, raw)
+        await self.loop.call(_send_mail, self.client, sender, recipient, raw, smtputf8)
 
     async def noop(self) -> None:
         await self.loop.call(_command, self.client.noop, "NOOP")
@@ -235,11 +250,17 @@ async def _hello(client: aiosmtplib.SMTP) -> None:
             raise SmtpSessionRefused("HELO", exc.code, exc.message) from None
 
 
-async def _send_mail(client: aiosmtplib.SMTP, sender: str, recipient: str, raw: bytes) -> None:
+async def _send_mail(client: aiosmtplib.SMTP, sender: str, recipient: str, raw: bytes,
+                     smtputf8: bool) -> None:
     octets = len(raw) + raw.count(b"\n")  # as sent: each line end becomes CRLF
-    size = [f"SIZE={octets}"] if client.supports_extension("size") else []
+    options = [f"SIZE={octets}"] if client.supports_extension("size") else []
+    encoding = "ascii"
+    if smtputf8:  # its To header is 8-bit: BODY=8BITMIME (RFC 6152) where it is offered
+        options += ["BODY=8BITMIME", "SMTPUTF8"] if client.supports_extension("8bitmime") \
+            else ["SMTPUTF8"]
+        encoding = "utf-8"
     try:
-        await client.mail(sender, options=size)
+        await client.mail(sender, options=options, encoding=encoding)
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code == 421:  # closing the channel (aiosmtplib has closed it too)
             raise ConnectionGone(f"421 {' '.join(exc.message.split())[:200]}") from None
@@ -247,7 +268,7 @@ async def _send_mail(client: aiosmtplib.SMTP, sender: str, recipient: str, raw: 
     except aiosmtplib.SMTPServerDisconnected as exc:
         raise ConnectionGone(str(exc) or type(exc).__name__) from exc
     try:
-        await client.rcpt(recipient)
+        await client.rcpt(recipient, encoding=encoding)
     except aiosmtplib.SMTPResponseException as exc:
         raise SmtpRecipientRefused("RCPT TO", exc.code, exc.message) from None
     try:
