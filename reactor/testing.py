@@ -31,23 +31,17 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
-import trio
-from psycopg.types.json import Jsonb
 
-from reactor.engine.app import App, load_app
-from reactor.engine.migrate import migrate
-from reactor.engine.pgcluster import (
-    PgCluster,
-    PgClusterError,
-    check_pg_cron,
-    find_pg_bin,
-    free_port,
-)
-
+# The engine (psycopg, trio, pydantic …) is imported by the fixtures and helpers when
+# they are used, not when pytest loads the plugin: every pytest run in an environment
+# where the wheel is installed loads it, most of them about something else.
 if TYPE_CHECKING:
+    import trio
+
+    from reactor.engine.app import App
     from reactor.engine.events import Event, Subscription
+    from reactor.engine.pgcluster import PgCluster
     from reactor.engine.runtime import Reactor
 
 __all__ = ["enqueue", "eventually", "of_type", "sql", "start_on_a_free_port", "wait_for_event",
@@ -64,6 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # -- clusters and databases -----------------------------------------------------------
 def pg_cron_installed() -> bool:
     """pg_cron's library is installed for the server found (PG_BIN or the newest)."""
+    from reactor.engine.pgcluster import PgClusterError, check_pg_cron, find_pg_bin
+
     try:
         check_pg_cron(find_pg_bin())
     except PgClusterError:
@@ -75,6 +71,8 @@ def start_on_a_free_port(cluster: PgCluster, tries: int = 5) -> PgCluster:
     """Start a cluster. Postgres cannot be handed a bound socket, so its port is chosen
     first and bound by postgres later: if another process took it meanwhile, choose
     again (the start failure says "Address already in use")."""
+    from reactor.engine.pgcluster import PgClusterError, free_port
+
     for attempt in range(tries):
         try:
             cluster.start()
@@ -89,11 +87,13 @@ def start_on_a_free_port(cluster: PgCluster, tries: int = 5) -> PgCluster:
 @pytest.fixture(scope="session")
 def reactor_cluster() -> Iterator[PgCluster]:
     """A throwaway cluster for the session (fsync off: nothing here must survive)."""
+    from reactor.engine.pgcluster import PgCluster, free_port
+
     cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-pg-")), free_port(),
                         pg_cron=pg_cron_installed())
-    cluster.init()
-    start_on_a_free_port(cluster)
     try:
+        cluster.init()
+        start_on_a_free_port(cluster)
         yield cluster
     finally:
         cluster.remove()
@@ -118,6 +118,9 @@ class _Templates:
 
     def for_app(self, path: str) -> str:
         if path not in self.names:
+            from reactor.engine.app import load_app
+            from reactor.engine.migrate import migrate
+
             name = TEMPLATE_PREFIX + uuid.uuid4().hex[:8]
             app = load_app(path)  # its settings are not needed to migrate
             migrate(self.cluster.create_database(name), app.migrations,
@@ -146,19 +149,24 @@ def reactor_database(reactor_cluster: PgCluster, reactor_templates: _Templates,
 
 
 @pytest.fixture
-def reactor_env(reactor_database: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def reactor_env(reactor_database: str, monkeypatch: pytest.MonkeyPatch,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment the app's settings come from in this test."""
     env = {"DATABASE_URL": reactor_database, "FEED_PORT": "0", "METRICS_PORT": "0",
            "FEED_HOST": "127.0.0.1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tempfile.mkdtemp(prefix="reactor-test-cwd-"))  # no stray .env
+    # An empty working directory for the test (no stray .env is read); pytest keeps and
+    # cleans its temp folders as for tmp_path.
+    monkeypatch.chdir(tmp_path_factory.mktemp("reactor-cwd"))
     return env
 
 
 @pytest.fixture
 def reactor_app(reactor_env: dict[str, str], reactor_app_path: str) -> App:
     """The app under test, its settings read from `reactor_env`."""
+    from reactor.engine.app import load_app
+
     app = load_app(reactor_app_path)
     app.settings  # noqa: B018 - read now, while the test's environment is set
     return app
@@ -182,6 +190,9 @@ async def running_reactor(reactor_app: App, nursery: trio.Nursery) -> AsyncItera
 # -- helpers ---------------------------------------------------------------------------
 async def sql(url: str, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
     """Run one statement in a worker thread (so a reactor in the test keeps running)."""
+    import psycopg
+    import trio
+
     def run() -> list[tuple[Any, ...]]:
         with psycopg.connect(url, autocommit=True) as conn:
             cur = conn.execute(query, params)
@@ -193,6 +204,8 @@ async def enqueue(url: str, queue: str, body: Any, *, delay_s: int = 0,
                   notify: bool = True) -> int:
     """Queue a message as an app does (public.enqueue: send + NOTIFY at commit), or with
     pgmq.send alone (`notify=False`: no wake-up, the poll must find it)."""
+    from psycopg.types.json import Jsonb
+
     if notify:
         [(msg_id,)] = await sql(url, "SELECT public.enqueue(%s, %s, %s)",
                                 (queue, Jsonb(body), delay_s))
@@ -206,6 +219,8 @@ async def eventually(condition: Callable[[], Any], within_s: float = 30,
                      every_s: float = 0.02) -> Any:
     """Poll `condition` (a coroutine function is awaited) until it is truthy; return it.
     Fails (trio.TooSlowError) after `within_s`."""
+    import trio
+
     async def check() -> Any:
         result = condition()
         return await result if inspect.isawaitable(result) else result
@@ -237,6 +252,8 @@ async def wait_for_event(sub: Subscription, predicate: Callable[[Event], bool],
     """Collect `count` events matching `predicate` from a subscription
     (`with reactor.bus.subscribe() as sub:`, opened before the cause); fail after
     `within_s`."""
+    import trio
+
     found: list[Event] = []
     with trio.fail_after(within_s):
         async for event in sub.receive:

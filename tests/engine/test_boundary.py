@@ -75,3 +75,15 @@ def test_a_processor_path_that_names_no_processor_is_one_clear_line(
     with pytest.raises(ConfigError, match=message):
         _ = App(name="x", settings=settings, migrations=Path("."),
                 queues=(Queue("x_queue", processor),)).processors
+
+
+def test_the_pytest_plugin_costs_nothing_until_its_fixtures_are_used() -> None:
+    """pytest loads reactor.testing in every run where the wheel is installed, most of
+    them about something else: loading it imports none of the engine (psycopg, trio,
+    pydantic …)."""
+    code = ("import sys, reactor.testing\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in "
+            "('psycopg', 'trio', 'pydantic', 'structlog') or n.startswith('reactor.engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"

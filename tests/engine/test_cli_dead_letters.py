@@ -101,3 +101,49 @@ def test_discard_needs_a_note_and_every_action_is_audited(
                   cwd=tmp_path)
     assert nothing.returncode == 1
     assert "no replayable dead letter whose reason contains 'relay down'" in nothing.stderr
+
+
+def test_a_blank_reason_a_huge_id_and_a_note_with_control_characters_are_refused(
+        database_url: str, db: psycopg.Connection, tmp_path: Path) -> None:
+    """B2, B4, R3: `--reason "  "` is no filter (it would replay everything): one line of
+    error; an id Postgres cannot hold is one line too; a note is one line of text."""
+    kept = [letter(db, {**MAIL, "n": i}, "SMTP relay down", 10 + i) for i in range(2)]
+    for args in (["replay", "email_queue", "--reason", "  "],
+                 ["discard", "email_queue", "--reason", "", "--note", "x"],
+                 ["list", "email_queue", "--reason", " "]):
+        blank = cli(database_url, "dlq", *args, cwd=tmp_path)
+        assert blank.returncode == 1, args
+        [line] = blank.stderr.splitlines()
+        assert line.startswith("reactor: the reason filter is blank"), line
+    huge = cli(database_url, "dlq", "replay", "email_queue", "--id", "9" * 30, cwd=tmp_path)
+    assert huge.returncode == 1
+    [line] = huge.stderr.splitlines()
+    assert "a whole number from 1 to 9223372036854775807" in line
+    for note in ("ok\x1b[2J", "two\nlines"):
+        bad = cli(database_url, "dlq", "replay", "email_queue", "--id", str(kept[0]),
+                  "--note", note, cwd=tmp_path)
+        assert bad.returncode == 1
+        assert "--note: a note is one line of plain text" in bad.stderr
+    assert [m["n"] for m in f.queued(db, "email_queue_dlq")] == [0, 1]
+    assert db.execute("SELECT count(*) FROM reactor.dead_letter_actions").fetchone() == (0,)
+
+
+def test_history_and_list_print_control_characters_escaped(
+        database_url: str, db: psycopg.Connection, tmp_path: Path) -> None:
+    """R3: what a client wrote (a reason, an audit row's client or note written before the
+    note was checked) is printed with its control characters escaped."""
+    letter(db, MAIL, "relay said \x1b[2Jno\x9b", 8)
+    db.execute("INSERT INTO reactor.dead_letter_actions (action, queue, dlq_ids, msg_ids, "
+               "client, note) VALUES ('discard', 'email_queue', '{1}', '{8}', %s, %s)",
+               ("1.2.3.4\x1b]0;owned\x07 via 127.0.0.1", "ok\x1b[1;1Hforged\nline"))
+    history = cli(database_url, "dlq", "history", "email_queue", cwd=tmp_path)
+    assert history.returncode == 0, history.stderr
+    [line] = history.stdout.splitlines()
+    assert line.endswith("by 1.2.3.4\\x1b]0;owned\\x07 via 127.0.0.1  "
+                         "note: ok\\x1b[1;1Hforged\\x0aline")
+    listed = cli(database_url, "dlq", "list", "email_queue", cwd=tmp_path)
+    assert "relay said \\x1b[2Jno\\x9b" in listed.stdout
+    as_json = cli(database_url, "dlq", "list", "email_queue", "--json", cwd=tmp_path)
+    assert json.loads(as_json.stdout)["error"] == "relay said \x1b[2Jno\x9b"
+    for out in (history.stdout, listed.stdout, as_json.stdout):
+        assert not any(ch in out for ch in "\x1b\x9b\x07")
