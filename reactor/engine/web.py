@@ -443,10 +443,13 @@ def create_app(ctx: WebContext) -> Starlette:
           one of FEED_ALLOWED_ORIGINS); a request without one is a tool's and follows
           the tool rule (FEED_TOKEN in an `Authorization` header, never the cookie).
         - Sec-Fetch-Site, where the browser sends it, must say same-origin: a page on
-          another port of 127.0.0.1 is "same-site" and would carry the cookie. So a page
-          served from one of FEED_ALLOWED_ORIGINS (another origin: its browser says
-          "same-site" or "cross-site") cannot act either, though it may read the feed;
-          only the dashboard's own page (same-origin) and tools can.
+          another port of 127.0.0.1 is "same-site" and would carry the cookie. So
+          FEED_ALLOWED_ORIGINS lets no other page act: a page of an allowed origin
+          that is not the dashboard's own is "same-site" or "cross-site" to its
+          browser and is refused here (it may read the feed, never act). What the
+          allowed origins are for is the dashboard's own page behind a proxy that
+          rewrites `Host`: its browser still says "same-origin", and its Origin
+          (not `Host`) is then the allowed one.
         - The body must be `application/json`: an HTML form cannot send that, and a
           cross-origin script cannot without a CORS preflight, which is never granted.
         """

@@ -124,7 +124,7 @@ def test_a_blank_reason_a_huge_id_and_a_note_with_control_characters_are_refused
                   "--note", note, cwd=tmp_path)
         assert bad.returncode == 1
         assert "--note: a note is one line of plain text" in bad.stderr
-    assert [m["n"] for m in f.queued(db, "email_queue_dlq")] == [0, 1]
+    assert [m["original"]["n"] for m in f.queued(db, "email_queue_dlq")] == [0, 1]
     assert db.execute("SELECT count(*) FROM reactor.dead_letter_actions").fetchone() == (0,)
 
 

@@ -198,6 +198,17 @@ def dlq_ids(conn: psycopg.Connection, queue: str) -> list[int]:
         f"SELECT msg_id FROM pgmq.q_{queue}_dlq ORDER BY msg_id").fetchall()]
 
 
+def answer(asked: list[str], *, accept: bool) -> Any:
+    """A handler for the page's confirm(): keeps its question, then accepts or dismisses."""
+    def handle(dialog: Any) -> None:
+        asked.append(dialog.message)
+        if accept:
+            dialog.accept()
+        else:
+            dialog.dismiss()
+    return handle
+
+
 def audit_rows(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
     return conn.execute("SELECT action, queue, dlq_ids, msg_ids, client, note "
                         "FROM reactor.dead_letter_actions ORDER BY id").fetchall()
@@ -258,6 +269,10 @@ def test_a_mail_dead_lettered_by_a_relay_outage_is_replayed_from_the_dashboard_o
                      " WHERE msg_id = %s", (dlq_id,))
         page.reload()
         expect(page.locator("#conn")).to_have_text("live", timeout=60_000)
+        expect(page.get_by_test_id("dl-filter-email_queue")).to_have_text(
+            "filter: none (every dead letter)")
+        asked: list[str] = []
+        page.once("dialog", answer(asked, accept=True))
         page.get_by_test_id("dl-replay-all-email_queue").click()
         expect(page.get_by_test_id("dl-status")).to_contain_text("replayed dlq #")
         [(again,)] = conn.execute("SELECT new_msg_ids[1] FROM reactor.dead_letter_actions "
@@ -265,6 +280,7 @@ def test_a_mail_dead_lettered_by_a_relay_outage_is_replayed_from_the_dashboard_o
         wait_until(lambda: conn.execute("SELECT 1 FROM pgmq.a_email_queue WHERE msg_id = %s",
                                         (again,)).fetchall(), within_s=60,
                    what="the second replay to be processed")
+        assert asked == ["Replay 1 dead letter: every dead letter of email_queue (no filter)?"]
         assert len(relay.mails()) == 1
         [delivered] = relay.mails()
         assert delivered["To"] == "anna.petrova@gmail.com"
@@ -374,3 +390,73 @@ def test_a_discard_from_the_dashboard_is_audited_and_a_foreign_page_triggers_not
                                      "127.0.0.1", "a test signup; never count it")]
         assert conn.execute("SELECT msg_id FROM pgmq.a_analytics_queue_dlq").fetchall() == [
             (letters[0],)]
+
+
+# The page's fetch, with every unfiltered listing held until the test lets it go: a slow
+# answer (a big DLQ) to the 10 s timer's request, arriving after the filtered one.
+HOLD_UNFILTERED = """() => {
+  window.realFetch = window.fetch; window.held = [];
+  window.fetch = (u, o) => u === "/api/dead-letters?limit=50"
+    ? new Promise(resolve => window.held.push(() => resolve(window.realFetch(u, o))))
+    : window.realFetch(u, o);
+}"""
+RELEASE = """() => { window.fetch = window.realFetch; for (const go of window.held) go(); }"""
+
+
+def test_bulk_actions_use_the_filter_they_show_ask_first_and_send_the_count(
+        database_url: str, tmp_path: Path, chromium: Any) -> None:
+    """B1: a stale, unfiltered listing never replaces the panels of the filter the box
+    shows; "replay all" names its filter beside the button, asks confirm() with the count
+    and the filter, sends the count (the server refuses a changed one) and clears the
+    note; a dismissed confirm does nothing."""
+    from playwright.sync_api import expect
+
+    queue = "analytics_queue"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        def letter(error: str, source: int) -> int:
+            return int(conn.execute("SELECT pgmq.send(%s, %s)", (f"{queue}_dlq", Jsonb({
+                "original": {"event": "x", "n": source}, "error": error, "attempts": 3,
+                "source_msg_id": source, "queue": queue}))).fetchall()[0][0])
+        timeout, other = letter("SMTP timeout", 1), letter("provider said no", 2)
+        with reactor_running(database_url, tmp_path, "bulk") as (_, http_port):
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{http_port}/")
+            panel = page.get_by_test_id(f"dl-panel-{queue}")
+            shown_filter = page.get_by_test_id(f"dl-filter-{queue}")
+            expect(panel).to_have_attribute("data-total", "2")
+            page.evaluate(HOLD_UNFILTERED)
+            page.evaluate("() => { deadLetters(); }")  # the timer fires, the answer is slow
+            page.get_by_test_id("dl-reason").fill("timeout")  # ... as the operator types
+            expect(panel).to_have_attribute("data-total", "1")
+            page.evaluate(RELEASE)  # the stale, unfiltered answer arrives: dropped
+            page.wait_for_function(  # (the 10 s timer may have had one dropped too)
+                "Number(document.getElementById('dl-panels').dataset.dropped) >= 1")
+            expect(panel).to_have_attribute("data-total", "1")
+            expect(shown_filter).to_have_text('filter: reason contains "timeout"')
+
+            asked: list[str] = []
+            page.get_by_test_id("dl-note").fill("relay fixed")
+            page.once("dialog", answer(asked, accept=True))
+            page.get_by_test_id(f"dl-replay-all-{queue}").click()
+            expect(page.get_by_test_id("dl-status")).to_contain_text(f"replayed dlq #{timeout}")
+            assert asked == [f'Replay 1 dead letter: the dead letters of {queue} whose reason '
+                             'contains "timeout"?']
+            assert dlq_ids(conn, queue) == [other]
+            expect(page.get_by_test_id("dl-note")).to_have_value("")  # R2
+
+            page.get_by_test_id("dl-reason").fill("")
+            expect(shown_filter).to_have_text("filter: none (every dead letter)")
+            expect(panel).to_have_attribute("data-total", "1")
+            page.get_by_test_id("dl-note").fill("spam")
+            page.once("dialog", answer(asked, accept=False))
+            page.get_by_test_id(f"dl-discard-all-{queue}").click()
+            expect(page.get_by_test_id("dl-status")).to_have_text("discard cancelled")
+            assert asked[-1] == ("Discard 1 dead letter: every dead letter of "
+                                 f"{queue} (no filter)?")
+            # A count the server no longer holds (as if the panel were old): refused.
+            page.once("dialog", answer([], accept=True))
+            page.evaluate(f"() => bulk('discard', '{queue}', null, 5)")
+            expect(page.get_by_test_id("dl-status")).to_contain_text("not the 5 you saw")
+            assert dlq_ids(conn, queue) == [other]
+            expect(page.get_by_test_id("dl-note")).to_have_value("spam")
+        assert [r[0] for r in audit_rows(conn)] == ["replay"]
