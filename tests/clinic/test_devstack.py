@@ -63,6 +63,15 @@ def test_dev_stack_demo_then_restart_reuses_the_data_and_reset_starts_over(
         assert "report_generation_queue" in text
         port = int((home / "pg-port").read_text())
         url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+        def demo_done() -> bool:
+            # The report's own mail is queued after its PDF: stop only when nothing of the
+            # demo is left to do, so that the next start has nothing to send.
+            with psycopg.connect(url) as conn:
+                return all(conn.execute(f"SELECT count(*) = 0 FROM pgmq.q_{queue}").fetchone()
+                           == (True,) for queue in ("email_queue", "report_generation_queue"))
+
+        wait_for(demo_done, "the demo's queues to empty", log)
         with psycopg.connect(url) as conn:
             statuses: dict[int, str] = dict(
                 conn.execute("SELECT amount::int, status FROM public.payments"))
