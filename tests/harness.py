@@ -214,11 +214,12 @@ def read_line(stream: IO[Any], within_s: float = 30) -> str:
     return line.decode()
 
 
-def scalar(url: str, query: str) -> Any:
-    """The one value of a one-row, one-column query (sync tests)."""
+def scalar(url: str, query: str) -> int:
+    """The one number of a one-row, one-column query, e.g. a count (sync tests)."""
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(query.encode()).fetchone()
-    return row[0] if row else None
+    assert row is not None
+    return int(row[0])
 
 
 def log_lines(log: Path) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from reactor.engine.pgcluster import PgCluster
-from tests.engine.http.test_feed import stalled_client
+from tests.engine.http.feed_client import stalled_client
 from tests.harness import (
     eventually,
     log_lines,
@@ -246,7 +246,7 @@ async def test_every_connection_slot_taken_while_the_reactors_backends_are_kille
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}")
     await trio.to_thread.run_sync(private_cluster.restart)
-    assert scalar(url, "SHOW max_connections") == str(MAX_CONNECTIONS)
+    assert scalar(url, "SHOW max_connections") == MAX_CONNECTIONS
     total = 200
     processor = scripted_processor(concurrency=8, expected=total)
     async with running_reactor(url, {"analytics_queue": processor}, LISTENER_PROBE_S=1,

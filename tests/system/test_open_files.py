@@ -24,14 +24,7 @@ import pytest
 
 from tests import factories as f
 from tests.conftest import SmtpServer
-from tests.harness import ports, reactor_process, wait_healthy, wait_until
-
-
-def scalar(url: str, query: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(query).fetchone()
-    assert row is not None
-    return int(row[0])
+from tests.harness import ports, reactor_process, scalar, wait_healthy, wait_until
 
 
 def cut_every_connection_and_enqueue(url: str, event: str) -> None:

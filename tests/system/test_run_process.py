@@ -21,14 +21,7 @@ from reactor.engine.startup import refusal, url_problem
 from reactor.engine.web import serve_http
 from reactor.testing import start_on_a_free_port
 from tests import factories as f
-from tests.harness import log_lines, ports, reactor_command, reactor_process, wait_until
-
-
-def scalar(url: str, query: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(query).fetchone()
-    assert row is not None
-    return int(row[0])
+from tests.harness import log_lines, ports, reactor_command, reactor_process, scalar, wait_until
 
 
 @pytest.mark.process

@@ -11,7 +11,6 @@ from datetime import timedelta
 import psycopg
 
 from tests import factories as f
-from tests.clinic.schema.test_triggers import dead_letters
 
 
 def test_a_variable_json_cannot_hold_is_refused_not_raised(db: psycopg.Connection) -> None:
@@ -21,7 +20,7 @@ def test_a_variable_json_cannot_hold_is_refused_not_raised(db: psycopg.Connectio
                      "VALUES ('a@example.com', repeat('x', 268435456)) RETURNING id").fetchone()
     assert row is not None
     appointment = f.appointment(db, row[0], starts_in=timedelta(days=2))
-    [letter] = dead_letters(db, "email_queue")
+    [letter] = f.queued(db, "email_queue_dlq")
     assert str(letter["error"]).startswith("refused at enqueue: the message could not be built: ")
     assert "too long" in str(letter["error"])
     assert letter["refused_by"] == f"handle_new_appointment() for appointment {appointment}"
@@ -46,4 +45,4 @@ def test_a_bulk_import_writes_in_one_transaction_good_or_bad_addresses(
             SELECT xmin FROM pgmq.q_analytics_queue) AS rows""").fetchone()
     assert written == (6000, 1)  # 2,000 bookings and events, 1,000 mails, 1,000 refused
     assert len(f.queued(db, "email_queue")) == 1000
-    assert len(dead_letters(db, "email_queue")) == 1000
+    assert len(f.queued(db, "email_queue_dlq")) == 1000

@@ -53,3 +53,16 @@ def ws_handshake(port: int, *, host: str = "127.0.0.1", path: str = "/events",
 
 async def handshake(port: int, **kwargs: Any) -> str:
     return await trio.to_thread.run_sync(lambda: ws_handshake(port, **kwargs))
+
+
+def stalled_client(port: int) -> socket.socket:
+    """A websocket client that completes the handshake and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)  # every read here has a deadline
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock

@@ -13,7 +13,13 @@ from trio_websocket import open_websocket_url
 
 from reactor.engine.events import EventBus
 from reactor.engine.feed import Access, serve_feed
-from tests.engine.http.feed_client import handshake, next_events, raw_request, url
+from tests.engine.http.feed_client import (
+    handshake,
+    next_events,
+    raw_request,
+    stalled_client,
+    url,
+)
 from tests.harness import (
     eventually,
     of_type,
@@ -75,19 +81,6 @@ async def test_the_replay_ring_keeps_jobs_not_depth_ticks(database_url: str) -> 
     assert events.index(depths[-1]) < events.index(
         next(e for e in events if e["type"] == "job.succeeded"))
     assert any(e["msg_id"] == msg_id for e in events if e["type"] == "job.succeeded")
-
-
-def stalled_client(port: int) -> socket.socket:
-    """A websocket client that completes the handshake and then never reads."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(30)  # every read here has a deadline
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n")
-    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
-    return sock
 
 
 async def test_a_stalled_client_is_dropped_and_the_reactor_keeps_its_pace(
