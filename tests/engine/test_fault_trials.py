@@ -93,24 +93,19 @@ def _stop(proc: Any) -> int:
 def test_a_feed_client_that_never_reads_during_a_20000_job_burst(
         database_url: str, tmp_path: Path) -> None:
     """A websocket client completes the handshake and never reads while 20,000 jobs
-    (40,000 feed events) go by: it is dropped, the burst drains at the pace of one
-    without it, the reactor's memory stays bounded, and every job is done once."""
+    (40,000 feed events) go by: it is dropped, the burst drains, the reactor's memory
+    stays bounded, and every job is done once. (Its pace is printed, never asserted:
+    benchmarks live in bench/.)"""
     total = 20_000
     log = tmp_path / "reactor.log"
     with reactor_process(database_url, log, **FAST) as proc:
         port = ports(proc, log)
         wait_healthy(port.http, proc, log)
-        # Without the stalled client first: the pace to compare with.
-        started = time.monotonic()
-        _enqueue_analytics(database_url, total, "alone")
-        wait_until(lambda: _drained(database_url, total), 180, "the first burst drained",
-                   every_s=0.5)
-        alone_s = time.monotonic() - started
         sock = stalled_client(port.feed)
         try:
             started = time.monotonic()
             _enqueue_analytics(database_url, total, "stalled")
-            wait_until(lambda: _drained(database_url, 2 * total), 180,
+            wait_until(lambda: _drained(database_url, total), 180,
                        "the burst drained with a client that never reads", every_s=0.5)
             stalled_s = time.monotonic() - started
             dropped = wait_until(
@@ -123,13 +118,12 @@ def test_a_feed_client_that_never_reads_during_a_20000_job_burst(
         finally:
             sock.close()
         assert _stop(proc) == 0
-    _analytics_done_once(database_url, 2 * total)
+    _analytics_done_once(database_url, total)
     assert len(dropped) == 1
     assert "too slow" in dropped[0]["reason"]
-    assert stalled_s < 3 * alone_s + 30, (stalled_s, alone_s)  # generous: the same pace
     assert peak_mb < 500, f"peak RSS {peak_mb:.0f} MB"
-    print(f"20,000-job burst: {alone_s:.1f} s alone, {stalled_s:.1f} s with a client that "
-          f"never reads (dropped); peak RSS {peak_mb:.0f} MB; lost 0, doubled 0")
+    print(f"20,000-job burst: {stalled_s:.1f} s with a client that never reads (dropped); "
+          f"peak RSS {peak_mb:.0f} MB; lost 0, doubled 0")
 
 
 # -- 2. an ACCESS EXCLUSIVE lock on one queue's table for 20 s --------------------------------
