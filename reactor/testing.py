@@ -16,17 +16,24 @@ Fixtures:
 - `running_reactor` (async, pytest-trio): the app running in the test's nursery,
   stopped gracefully after the test.
 
-Helpers: `enqueue`, `sql`, `eventually`, `wait_until`, `wait_for_event`, `of_type`.
-Every wait has a budget and fails with what it waited for; none sleeps a fixed time.
+Helpers: `enqueue`, `sql`, `eventually`, `wait_until`, `wait_for_event`, `of_type`,
+`patience`. Every wait has a budget and fails with what it waited for; none sleeps a
+fixed time. A budget only says when to give up and report: each is multiplied by
+`REACTOR_TEST_PATIENCE` (default 3), so a loaded machine (CI beside other jobs, a CPU
+hog) makes a green run slower, never red.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import queue
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,10 +51,25 @@ if TYPE_CHECKING:
     from reactor.engine.pgcluster import PgCluster
     from reactor.engine.runtime import Reactor
 
-__all__ = ["enqueue", "eventually", "of_type", "sql", "start_on_a_free_port", "wait_for_event",
-           "wait_until"]
+__all__ = ["enqueue", "eventually", "of_type", "patience", "sql", "start_on_a_free_port",
+           "wait_for_event", "wait_until"]
 
 TEMPLATE_PREFIX = "reactor_template_"
+PATIENCE_VAR = "REACTOR_TEST_PATIENCE"
+
+
+def patience(seconds: float) -> float:
+    """The budget of a wait on this machine: `seconds` times `REACTOR_TEST_PATIENCE`
+    (default 3). For waits on an event (a child ready, rows written), and for the slack
+    beside a bound the product promises, never for that bound itself."""
+    text = os.environ.get(PATIENCE_VAR, "3")
+    try:
+        factor = float(text)
+    except ValueError:
+        raise pytest.UsageError(f"{PATIENCE_VAR}={text!r}: give a number, e.g. 3") from None
+    if not factor >= 1:
+        raise pytest.UsageError(f"{PATIENCE_VAR}={text!r}: give a number of 1 or more")
+    return seconds * factor
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,11 +132,24 @@ def reactor_app_path(pytestconfig: pytest.Config) -> str:
 
 
 class _Templates:
-    """One migrated template database per app (module:factory) in a session."""
+    """One migrated template database per app (module:factory) in a session, and the
+    tests' own databases cloned from it.
+
+    A clone (CREATE DATABASE … TEMPLATE) takes 0.1–0.3 s of the server's work. One thread
+    makes the next clone while a test runs, and drops the finished tests' databases, so a
+    test takes a ready one and the copying overlaps the tests' waits instead of adding to
+    them. A clone the thread failed to make is made by the test itself.
+    """
+
+    SPARES = 1  # clones made ahead, per app
 
     def __init__(self, cluster: PgCluster) -> None:
         self.cluster = cluster
         self.names: dict[str, str] = {}
+        self._ready: dict[str, queue.SimpleQueue[str]] = {}
+        self._coming: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reactor-clones")
 
     def for_app(self, path: str) -> str:
         if path not in self.names:
@@ -128,24 +163,62 @@ class _Templates:
             self.names[path] = name
         return self.names[path]
 
+    def clone(self, path: str) -> str:
+        """The name of a fresh database migrated for the app at `path`, the test's own."""
+        template = self.for_app(path)
+        ready = self._ready.setdefault(path, queue.SimpleQueue())
+        try:
+            name = ready.get_nowait()
+        except queue.Empty:
+            name = self._make(template)
+        with self._lock:
+            ahead = ready.qsize() + self._coming.get(path, 0)
+            if ahead < self.SPARES:
+                self._coming[path] = self._coming.get(path, 0) + 1
+                self._worker.submit(self._make_ahead, path, template)
+        return name
+
+    def release(self, name: str) -> None:
+        """Drop a test's database (in the background: the next test need not wait)."""
+        self._worker.submit(self.cluster.drop_database, name)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def _make(self, template: str) -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        self.cluster.create_database(name, template=template)
+        return name
+
+    def _make_ahead(self, path: str, template: str) -> None:
+        try:
+            self._ready[path].put(self._make(template))
+        except Exception:  # noqa: S110 - the next test makes its own, and sees why
+            pass
+        finally:
+            with self._lock:
+                self._coming[path] -= 1
+
 
 @pytest.fixture(scope="session")
-def reactor_templates(reactor_cluster: PgCluster) -> _Templates:
-    return _Templates(reactor_cluster)
+def reactor_templates(reactor_cluster: PgCluster) -> Iterator[_Templates]:
+    templates = _Templates(reactor_cluster)
+    try:
+        yield templates
+    finally:
+        templates.close()
 
 
 @pytest.fixture
 def reactor_database(reactor_cluster: PgCluster, reactor_templates: _Templates,
                      reactor_app_path: str) -> Iterator[str]:
-    """The URL of a migrated database of this test's own (CREATE DATABASE … TEMPLATE:
+    """The URL of a migrated database of this test's own (a clone of the app's template:
     isolated, and fast)."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    url = reactor_cluster.create_database(
-        name, template=reactor_templates.for_app(reactor_app_path))
+    name = reactor_templates.clone(reactor_app_path)
     try:
-        yield url
+        yield reactor_cluster.url(name)
     finally:
-        reactor_cluster.drop_database(name)
+        reactor_templates.release(name)
 
 
 @pytest.fixture
@@ -218,14 +291,14 @@ async def enqueue(url: str, queue: str, body: Any, *, delay_s: int = 0,
 async def eventually(condition: Callable[[], Any], within_s: float = 30,
                      every_s: float = 0.02) -> Any:
     """Poll `condition` (a coroutine function is awaited) until it is truthy; return it.
-    Fails (trio.TooSlowError) after `within_s`."""
+    Fails (trio.TooSlowError) after `patience(within_s)`."""
     import trio
 
     async def check() -> Any:
         result = condition()
         return await result if inspect.isawaitable(result) else result
 
-    with trio.fail_after(within_s):
+    with trio.fail_after(patience(within_s)):
         while not (result := await check()):  # noqa: ASYNC110 - polling outside state
             await trio.sleep(every_s)
     return result
@@ -233,11 +306,13 @@ async def eventually(condition: Callable[[], Any], within_s: float = 30,
 
 def wait_until(condition: Callable[[], Any], within_s: float = 30, what: str = "",
                every_s: float = 0.05) -> Any:
-    """Poll `condition` until it is truthy (sync tests); fail naming `what` after `within_s`."""
-    deadline = time.monotonic() + within_s
+    """Poll `condition` until it is truthy (sync tests); fail naming `what` after
+    `patience(within_s)`."""
+    budget = patience(within_s)
+    deadline = time.monotonic() + budget
     while not (result := condition()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what or condition}")
+            raise AssertionError(f"timed out after {budget:g}s waiting for {what or condition}")
         time.sleep(every_s)
     return result
 
@@ -251,11 +326,11 @@ async def wait_for_event(sub: Subscription, predicate: Callable[[Event], bool],
                          count: int = 1, within_s: float = 30.0) -> list[Event]:
     """Collect `count` events matching `predicate` from a subscription
     (`with reactor.bus.subscribe() as sub:`, opened before the cause); fail after
-    `within_s`."""
+    `patience(within_s)`."""
     import trio
 
     found: list[Event] = []
-    with trio.fail_after(within_s):
+    with trio.fail_after(patience(within_s)):
         async for event in sub.receive:
             if predicate(event):
                 found.append(event)

@@ -114,11 +114,12 @@ def database_url(request: pytest.FixtureRequest, db_flavor: str) -> Iterator[str
             supabase.drop(name)
         return
     pg_cluster: PgCluster = request.getfixturevalue("pg_cluster")
-    url = pg_cluster.create_database(name, template=request.getfixturevalue("template_db"))
+    templates = request.getfixturevalue("reactor_templates")
+    name = templates.clone(DEFAULT_APP)
     try:
-        yield url
+        yield pg_cluster.url(name)
     finally:
-        pg_cluster.drop_database(name)
+        templates.release(name)
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ from reactor.engine.runtime import Reactor
 from reactor.testing import enqueue, wait_for_event
 from reactor.testing import eventually as eventually
 from reactor.testing import of_type as of_type
+from reactor.testing import patience as patience
 from reactor.testing import sql as sql
 from reactor.testing import wait_until as wait_until
 
@@ -200,11 +201,12 @@ def read_line(stream: IO[Any], within_s: float = 30) -> str:
     into a buffer that the next call would not see."""
     fd = stream.fileno()
     line = b""
-    deadline = time.monotonic() + within_s
+    budget = patience(within_s)
+    deadline = time.monotonic() + budget
     while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"no complete line within {within_s}s (got {line!r})")
+            raise AssertionError(f"no complete line within {budget:g}s (got {line!r})")
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
             chunk = os.read(fd, 1)
@@ -256,7 +258,8 @@ def reactor_command(*args: str, cwd: Path | None = None, timeout_s: float = 60,
     `dlq replay`), with only PATH and `env`/`more_env` in its environment; output captured."""
     return subprocess.run([sys.executable, "-m", "reactor", *args], capture_output=True,
                           text=True, env={"PATH": os.environ["PATH"], **(env or {}), **more_env},
-                          cwd=cwd or tempfile.gettempdir(), check=False, timeout=timeout_s)
+                          cwd=cwd or tempfile.gettempdir(), check=False,
+                          timeout=patience(timeout_s))
 
 
 @dataclass(frozen=True)

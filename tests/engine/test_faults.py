@@ -40,6 +40,7 @@ from tests.harness import (
     eventually,
     log_lines,
     of_type,
+    patience,
     ports,
     reactor_process,
     running_reactor,
@@ -314,10 +315,10 @@ def test_sigterm_during_the_largest_report_exits_within_the_grace(
                                for e in log_lines(log)), what="the report job to start")
         sent_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=grace_s + 20)
+        code = proc.wait(timeout=grace_s + patience(20))
         exit_s = time.monotonic() - sent_at
     assert code == 0, log.read_text()[-2000:]
-    assert exit_s < grace_s + 5, f"exited {exit_s:.1f} s after SIGTERM"
+    assert exit_s < grace_s + patience(2), f"exited {exit_s:.1f} s after SIGTERM"
     print(f"SIGTERM during the largest report: exit 0 after {exit_s:.1f} s "
           f"(SHUTDOWN_GRACE_S={grace_s:g})")
 
@@ -425,7 +426,8 @@ async def test_mail_waiting_for_a_pooled_connection_claims_nothing_and_stops_in_
         stopped_at = trio.current_time()
         reactor.stop()
     took_s = trio.current_time() - stopped_at
-    assert took_s < 1 + 3 + 3, f"stopping took {took_s:.1f} s"  # grace + one conversation
+    # grace + one conversation + the slack a loaded machine needs
+    assert took_s < 1 + 3 + patience(2), f"stopping took {took_s:.1f} s"
     ledger = await sql(database_url, "SELECT status FROM public.email_ledger")
     assert ledger == [("sent",)]  # the one conversation under way finished and was recorded
     assert len(relay.mails()) == 1

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 
 from reactor.clinic.settings import Settings
 from reactor.engine.pgcluster import free_port
-from tests.harness import CHECKOUT, wait_healthy
+from tests.harness import CHECKOUT, wait_healthy, wait_until
 
 HOME = CHECKOUT  # the checkout
 DEPLOY = HOME / "deploy"
@@ -78,11 +77,11 @@ def test_dockerfile_command_and_healthcheck_work(database_url: str, tmp_path: Pa
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while subprocess.run(check, env=env, capture_output=True, check=False).returncode != 0:
+        def healthy() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+            return subprocess.run(check, env=env, capture_output=True,
+                                  check=False).returncode == 0
+        wait_until(healthy, 30, "the image's HEALTHCHECK command to pass", every_s=0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
