@@ -18,11 +18,11 @@ system-deps:
 
 ## The whole suite against a throwaway Postgres (includes the ~1 min pg_cron test).
 test: install system-deps
-	$(BIN)/pytest -n 3 -m "not container"
+	$(BIN)/pytest -n 4 --dist worksteal -m "not container"
 
 ## Everything but the tests that wait on pg_cron's minute tick.
 test-fast: install system-deps
-	$(BIN)/pytest -n 3 -m "not slow and not container"
+	$(BIN)/pytest -n 4 --dist worksteal -m "not slow and not container"
 
 ## The image: deploy/Dockerfile built and run with podman against a throwaway Postgres
 ## (docs/operations.md, "The container image"). Skips where podman cannot run.
