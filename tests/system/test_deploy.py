@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 
 from reactor.clinic.settings import Settings
 from reactor.engine.pgcluster import free_port
-from tests.harness import CHECKOUT, wait_healthy, wait_until
+from tests.harness import CHECKOUT, patience, wait_healthy, wait_until
 
 HOME = CHECKOUT  # the checkout
 DEPLOY = HOME / "deploy"
@@ -31,12 +32,20 @@ def run_until_healthy(argv: list[str], env: dict[str, str], port: int, cwd: Path
     log = cwd / "reactor.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, cwd=cwd)
+    stop_after(proc, log, lambda: wait_healthy(port, proc, log))
+
+
+def stop_after(proc: subprocess.Popen[bytes], log: Path, check: Callable[[], None]) -> None:
+    """Run `check` on a started reactor, then SIGTERM it: it must exit 0. If the check
+    fails, that failure is the one reported (the process is killed, not judged)."""
     try:
-        wait_healthy(port, proc, log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
+        check()
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=patience(30)) == 0, log.read_text()[-2000:]
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -76,15 +85,12 @@ def test_dockerfile_command_and_healthcheck_work(database_url: str, tmp_path: Pa
     log = tmp_path / "reactor.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=tmp_path)
-    try:
-        def healthy() -> bool:
-            assert proc.poll() is None, log.read_text()
-            return subprocess.run(check, env=env, capture_output=True,
-                                  check=False).returncode == 0
-        wait_until(healthy, 30, "the image's HEALTHCHECK command to pass", every_s=0.2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+
+    def healthy() -> bool:
+        assert proc.poll() is None, log.read_text()
+        return subprocess.run(check, env=env, capture_output=True, check=False).returncode == 0
+    stop_after(proc, log, lambda: wait_until(healthy, 30, "the image's HEALTHCHECK command to "
+                                             "pass", every_s=0.2))
 
 
 def test_systemd_unit_commands_start_and_answer_healthz(database_url: str,
