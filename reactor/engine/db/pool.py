@@ -17,7 +17,7 @@ work (a PDF) on a worker thread too: this package is the one place that touches
 threads.
 
 Why the pool is written here (issue 26), and is not:
-- psycopg_pool's `ConnectionPool` (in the lock through psycopg's `pool` extra,
+- psycopg_pool's `ConnectionPool` (in the lock because pgmq asks for psycopg[pool];
   unused): its `getconn`/`putconn` wait on a `threading.Condition`, so the
   trio-native hot path would either block the trio thread while the pool opens
   a connection, or hop to a thread for every take, which is what `fetch` exists
