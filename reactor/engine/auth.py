@@ -13,11 +13,29 @@ The dashboard's API also takes its sign-in cookie (`Access.issue_session`,
 `Access.session_ok`), and `check_feed_exposure` refuses at start-up a
 FEED_HOST off loopback without a token. The feed (reactor.engine.feed) and the
 HTTP port (reactor.engine.web) apply these checks; neither decides on its own.
+
+Signing is itsdangerous' `TimestampSigner` (HMAC-SHA256, the time of signing in the
+value, `max_age` checked when read, a time in the future refused): the sign-in
+cookie is signed with FEED_TOKEN (it survives a restart and dies when the token
+changes; 12 hours), a ticket with a key of this process only, salted with the
+page's origin (30 s). What no library does stays here: a ticket opens one
+connection (`_TicketBook`, the nonces spent until they expire).
+
+The Host check is written here, not Starlette's `TrustedHostMiddleware`, which
+cannot express the rules of docs/operations.md: it guards every route of the app
+it wraps, where /healthz and /webhooks/* answer any name; it refuses with a
+plain-text 400 "Invalid host header", where the rule is 421 naming the fix
+(FEED_ALLOWED_HOSTS); it compares the name as sent (`[::1]` with its brackets,
+`localhost.` with its dot), where `host_name` normalises both; and the feed's
+websocket handshake is served by trio-websocket, not Starlette, so the check
+would be written twice. Starlette's `SessionMiddleware` is not the sign-in
+cookie either: its Secure flag is fixed when the app is built, where the
+cookie's follows each request's scheme (`https`, or `X-Forwarded-Proto` from a
+proxy), and it keys every session with one secret given at build time.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import ipaddress
@@ -27,6 +45,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from itsdangerous import BadSignature, TimestampSigner
 
 from reactor.engine.settings import ConfigError
 
@@ -117,11 +137,14 @@ class _TicketBook:
 # Tickets live seconds and never leave this process: a per-process key is enough.
 _TICKET_KEY = secrets.token_bytes(32)
 _TICKETS = _TicketBook()
+# What a sign-in cookie carries besides its time and signature (it names no one).
+_SESSION_VALUE = b"dashboard"
 
 
-def _sign(key: bytes, text: str) -> str:
-    mac = hmac.new(key, text.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+def _ticket_signer(origin: str) -> TimestampSigner:
+    """Signs tickets for pages of `origin` only (the origin is the salt)."""
+    return TimestampSigner(_TICKET_KEY, salt="reactor-feed-ticket|" + origin.lower(),
+                           digest_method=hashlib.sha256)
 
 
 @dataclass(frozen=True)
@@ -189,40 +212,33 @@ class Access:
     # -- tickets (feed) and sessions (dashboard cookie) ----------------------------------
     def issue_ticket(self, origin: str) -> str:
         """A one-use pass for one websocket from a page of `origin`."""
-        expires = int(time.time() + TICKET_TTL_S)
-        nonce = secrets.token_urlsafe(12)
-        payload = f"{expires}.{nonce}"
-        return f"{payload}.{_sign(_TICKET_KEY, payload + '|' + origin.lower())}"
+        return _ticket_signer(origin).sign(secrets.token_urlsafe(12)).decode()
 
     def spend_ticket(self, ticket: str, origin: str) -> bool:
         """Valid, unexpired, issued to this origin, and not used before."""
         try:
-            expires_s, nonce, mac = ticket.split(".")
-            expires = int(expires_s)
-        except ValueError:
+            nonce, signed_at = _ticket_signer(origin).unsign(
+                ticket, max_age=int(TICKET_TTL_S), return_timestamp=True)
+        except BadSignature:  # forged, for another origin, expired, or malformed
             return False
-        if expires < time.time():
-            return False
-        expected = _sign(_TICKET_KEY, f"{expires_s}.{nonce}|{origin.lower()}")
-        if not hmac.compare_digest(mac.encode(), expected.encode()):
-            return False
-        return _TICKETS.spend(nonce, expires)
+        return _TICKETS.spend(nonce.decode(), signed_at.timestamp() + TICKET_TTL_S)
 
-    def _session_key(self) -> bytes:
-        # Derived from the token: sessions survive a restart and die when the token changes.
-        return hashlib.sha256(b"reactor-dashboard-session|" + (self.token or "").encode()).digest()
+    def _session_signer(self) -> TimestampSigner:
+        # Keyed by the token: sessions survive a restart and die when the token changes.
+        return TimestampSigner(self.token or "", salt="reactor-dashboard-session",
+                               digest_method=hashlib.sha256)
 
     def issue_session(self) -> str:
-        expires = str(int(time.time() + SESSION_TTL_S))
-        return f"{expires}.{_sign(self._session_key(), expires)}"
+        return self._session_signer().sign(_SESSION_VALUE).decode()
 
     def session_ok(self, cookie: str | None) -> bool:
         if not cookie or not self.token:
             return False
-        expires, _, mac = cookie.partition(".")
-        if not expires.isdigit() or int(expires) < time.time():
+        try:
+            value = self._session_signer().unsign(cookie, max_age=int(SESSION_TTL_S))
+        except BadSignature:  # forged, signed with another token, expired, or malformed
             return False
-        return hmac.compare_digest(mac.encode(), _sign(self._session_key(), expires).encode())
+        return hmac.compare_digest(value, _SESSION_VALUE)
 
     # -- the feed handshake -----------------------------------------------------------------
     def feed_refusal(self, headers: Mapping[str, str], query: Mapping[str, str],

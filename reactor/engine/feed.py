@@ -9,6 +9,11 @@ one-use tickets, FEED_TOKEN); the same rules guard the HTTP port.
 Handshakes that do not finish within FEED_HANDSHAKE_TIMEOUT_S are closed, and
 at most FEED_MAX_CONNECTIONS connections are open at once. A client that
 cannot keep up is dropped, told why, and never slows the reactor.
+
+Served with `trio.serve_tcp` and trio-websocket's `wrap_server_stream`, not its
+`serve_websocket`: that one bounds the handshake (`connect_timeout`) but has no
+cap on open connections, and the cap must answer 503 before a handshake is
+parsed, so the cap and the handshake deadline are both here (`connection`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ SameSite=Strict) and without one it serves direct loopback callers only, never
 a request that came through a proxy. The page opens the feed with a one-use
 ticket, so the token is never in a URL. Everything returned is masked like the
 logs; /healthz tells anyone only "ok"/"unhealthy" and reason classes.
+
+Hand-written here though a library seems to cover it (each docstring says more):
+`read_body`, not Starlette's `RequestBodyLimitMiddleware` (it has no deadline for
+a body that trickles in, answers in plain text, and binds the limit to the Route,
+not the read); `DrainUnreadBody`, which no library does; `LogRouteErrors`, because
+Starlette's `ServerErrorMiddleware` sends the 500 before anything is logged; the
+Host allowlist, not `TrustedHostMiddleware` (reactor.engine.auth says why).
 """
 
 from __future__ import annotations
@@ -115,6 +122,18 @@ async def read_body(request: Request, limit: int, *,
     connection for ever by sending a byte a minute. Every route that reads a body
     reads it here.
 
+    Written here, not Starlette's `Route(max_body_size=...)` (its
+    `RequestBodyLimitMiddleware`, 1.6+), which does the 413 part only: a body that
+    trickles in stays welcome for ever (the 408 deadline is what no library here
+    does: Hypercorn's keep-alive timer stops once a request's head is in, and its
+    `read_timeout` bounds each read, which a byte a second resets); its refusal is a
+    plain-text "Content Too Large" raised from inside `receive` as a private
+    exception class, which a route cannot turn into the JSON error naming the limit
+    that every route here answers; and its limit is declared on the Route, where
+    here it is given at the read, so an app's route (the clinic's webhook) that
+    reads through `read_body` is bounded whether or not its Route says so. The
+    size check is the four lines of the loop below.
+
     Raises:
         BodyRefused: over the limit (declared or sent: 413) or not there in time (408).
     """
@@ -184,6 +203,8 @@ class DrainUnreadBody:
     and no timer applies (it is not idle). So while the last part of a response is
     being sent, whatever the client still sends is read and dropped, until
     Hypercorn says the request is over; then the connection closes as usual.
+    Neither Hypercorn (0.18: no option drains or discards an unread body) nor
+    Starlette (its middlewares read a body only for the route) does this.
     """
 
     def __init__(self, app: Any) -> None:

@@ -118,3 +118,13 @@ async def test_many_tasks_fetching_at_once_share_at_most_pool_size_connections(
             for _ in range(40):
                 nursery.start_soon(many)
     assert 1 <= len(pids) <= 3
+
+
+async def test_run_and_fetch_share_one_pool_of_sessions(database_url: str) -> None:
+    """One pool (issue 26): a session that served `run` in a worker thread serves `fetch`
+    on the trio thread next, and back; the pool never holds more than its size."""
+    async with Database(database_url, 1).opened() as db:
+        [(pid,)] = await db.fetch(b"SELECT pg_backend_pid()")
+        assert await db.run(lambda c: c.execute("SELECT pg_backend_pid()").fetchone()) == (pid,)
+        assert await db.fetch(b"SELECT pg_backend_pid()") == [(pid,)]
+        assert await _reactor_backends(database_url) == 1

@@ -1,13 +1,16 @@
 """psycopg under trio: the one package that touches threads (also for CPU-bound work).
 
-psycopg's async API waits with asyncio, so the reactor uses two kinds of connection:
-- sync connections for most statements: they run in worker threads
-  (`trio.to_thread.run_sync`) on a small pool, and the LISTEN connection is
-  awaited with `trio.lowlevel.wait_readable(fileno)` and drained without blocking;
+psycopg's async API waits with asyncio, so each pooled connection (one pool,
+`Database`) has two faces:
+- a sync `psycopg.Connection` for most statements: `Database.run` lends it to a
+  worker thread (`trio.to_thread.run_sync`);
 - for the drainers' hot statement (archive the finished, read the next batch) a
-  psycopg AsyncConnection whose waits are trio's (`Database.fetch`): no thread
-  hop, which on a quiet machine costs more than the statement itself (a worker
-  thread and then the trio thread must both be woken: ~0.6 ms of a ~2 ms wake-up).
+  psycopg AsyncConnection over the same libpq connection, whose waits are trio's
+  (`Database.fetch`): no thread hop, which on a quiet machine costs more than the
+  statement itself (a worker thread and then the trio thread must both be woken:
+  ~0.6 ms of a ~2 ms wake-up).
+The LISTEN connection is its own, outside the pool: awaited with
+`trio.lowlevel.wait_readable(fileno)` and drained without blocking.
 
 Everything here must also work through a transaction pooler (PgBouncer or
 Supabase's Supavisor in transaction mode), where consecutive statements of
@@ -30,8 +33,8 @@ The modules, by responsibility:
   with the URL's password scrubbed out;
 - `connection`: how every connection connects (`connect_sync`, `CONNECT`), the
   trio-driven connection (`TrioConnection`) and `Prepared`;
-- `pool`: `Database` (the pools of thread-driven and trio-native connections,
-  the deadline) and `in_worker_thread`;
+- `pool`: `Database` (the one pool, both faces of its connections, the deadline)
+  and `in_worker_thread`;
 - `listen`: `ListenConnection`.
 This module re-exports what the rest of the reactor imports from
 `reactor.engine.db`.

@@ -1,6 +1,6 @@
 """How the reactor connects to Postgres, and a psycopg connection driven from trio.
 
-Every connection, sync or trio-native, connects the same way (`CONNECT`: UTF-8,
+Every connection connects the same way (`connect_sync`, `CONNECT`: UTF-8,
 keepalives, a connect timeout; ISO dates where the database sets another style)
 and relies on no session state, so it works through a transaction pooler (see the
 package docstring, reactor.engine.db). `TrioConnection` is psycopg's

@@ -1,16 +1,38 @@
-"""`Database`: bounded pools of connections, used from trio, each call within a deadline.
+"""`Database`: one bounded pool of connections used from trio, each call within a deadline.
 
-Two kinds of connection (why: the package docstring, reactor.engine.db), one
-limiter over both:
-- sync connections for most statements (`Database.run`): they run in worker
-  threads (`trio.to_thread.run_sync`);
-- trio-native connections (`TrioConnection`) for the drainers' hot statement
-  (`Database.fetch`, `Database.fetch_prepared`): no thread hop.
+One pool, one limiter: every connection of `Database` is a `_Session`, one libpq
+connection with psycopg's two faces of it. `run(fn)` lends its sync face
+(`psycopg.Connection`) to `fn` in a worker thread (`trio.to_thread.run_sync`);
+`fetch`/`fetch_prepared`, the drainers' and the mail ledger's hot statements, use
+its trio-native face (`TrioConnection`, made on the session's first such use): no
+thread hop. A session serves one caller at a time, whichever face; idle ones wait
+in one list; at most DB_POOL_SIZE are lent at once (one `trio.CapacityLimiter`),
+so the reactor holds DB_POOL_SIZE connections and the listener's.
 The statement timeout is enforced from this side (a deadline per call; past it
 the query is cancelled on the server and the call fails), never with
 `SET statement_timeout`, which a transaction pooler would lose or leak. A broken
-or interrupted connection is never reused. `in_worker_thread` runs CPU-bound work
-(a PDF) on a worker thread too: this package is the one place that touches threads.
+or interrupted session is never reused; one that met a read-only database is
+closed with every idle one (`_forget_idle`). `in_worker_thread` runs CPU-bound
+work (a PDF) on a worker thread too: this package is the one place that touches
+threads.
+
+Why the pool is written here (issue 26), and is not:
+- psycopg_pool's `ConnectionPool` (in the lock because pgmq asks for psycopg[pool];
+  unused): its `getconn`/`putconn` wait on a `threading.Condition`, so the
+  trio-native hot path would either block the trio thread while the pool opens
+  a connection, or hop to a thread for every take, which is what `fetch` exists
+  to avoid (~0.6 ms of a ~2 ms wake-up, docs/design-notes.md). Kept for `run`
+  only, it would be a second holder of connections with its own bound beside
+  the trio-native ones (up to twice DB_POOL_SIZE, as before this change), and
+  its deadline, cancel-on-abandon and read-only reset would still be ours.
+  `AsyncConnectionPool` is asyncio's: it does not run under trio.
+- trio-native only (no worker thread for `run`): `run(fn)` hands `fn` a sync
+  `psycopg.Connection`; that is the engine's API to its apps (28 `db.run`
+  callers in the engine, the clinic and examples/webhooks), and the ~38
+  functions they pass (queues, dead_letters, status, waits, migrate) are the
+  very ones the sync CLI runs (`with_db`). Making them async would fork each
+  into a sync and an async copy, or move the CLI onto trio: not done here. The
+  sessions are shared instead, so `run` costs a thread hop, never a connection.
 """
 
 from __future__ import annotations
@@ -20,7 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -29,14 +51,10 @@ from psycopg import errors as pgerrors
 from psycopg import pq
 from psycopg.abc import QueryNoTemplate
 from psycopg.adapt import Transformer
-from psycopg.conninfo import make_conninfo
 
 from reactor.engine.db.connection import (
-    CONNECT,
-    ISO_DATES,
     Prepared,
     TrioConnection,
-    _needs_iso_dates,
     _rows_of,
     _simple_rows,
     connect_sync,
@@ -60,26 +78,61 @@ STATEMENT_TIMEOUT_S = 30.0
 CANCEL_WAIT_S = 5.0
 
 
-ConnT = TypeVar("ConnT", psycopg.Connection, TrioConnection)
+@dataclass(eq=False)
+class _Session:
+    """One connection of the pool: a libpq connection and psycopg's two faces of it.
+
+    `conn` connects (`connect_sync`: the settings every connection of the reactor's
+    has) and serves `run` in a worker thread; `native`, made on the trio thread at
+    the first `fetch`, wraps the same libpq connection. Both are autocommit and
+    never prepare on their own; closing either closes the session.
+    """
+
+    conn: psycopg.Connection
+    native: TrioConnection | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    def reusable(self) -> bool:
+        """Open, sound and idle (no transaction left open, no statement running)."""
+        conn = self.conn
+        return not (conn.closed or conn.broken) and (
+            conn.info.transaction_status == pq.TransactionStatus.IDLE)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    async def trio_face(self) -> TrioConnection:
+        """The trio-native face of this session (made once; no I/O)."""
+        if self.native is None:
+            native = TrioConnection(self.conn.pgconn)
+            await native.set_autocommit(True)  # a check of the state only: nothing is sent
+            native.prepare_threshold = None  # poolers (see reactor.engine.db's docstring)
+            native.prepared_names = set()
+            native.loader = Transformer(native)
+            self.native = native
+        return self.native
 
 
 @dataclass(eq=False)
-class _Lease(Generic[ConnT]):
-    """A connection lent to one worker thread; the thread hands it back here.
+class _Lease:
+    """A session lent to one worker thread; the thread hands it back here.
 
     If the caller is cancelled while the thread still runs (deadline passed, or
-    shutdown), the call is abandoned: the thread closes the connection when it
+    shutdown), the call is abandoned: the thread closes the session when it
     ends, and it never returns to the pool.
     """
 
-    conn: ConnT | None
+    session: _Session | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     abandoned: bool = False
     finished: bool = False
 
 
 class Database:
-    """A bounded pool of sync connections used from trio through worker threads.
+    """One bounded pool of connections, used from trio (see the module docstring).
 
     A broken connection is dropped and replaced on next use, so a database
     restart costs the callers one error each, never a dead pool.
@@ -90,9 +143,9 @@ class Database:
         self.url = url
         self.size = size
         self.statement_timeout_s = statement_timeout_s
-        self._idle: list[psycopg.Connection] = []
-        # The trio-native connections of `fetch` (one per drainer in practice).
-        self._native_idle: list[TrioConnection] = []
+        # Idle sessions. Popped by the trio thread (fetch) and by worker threads (run):
+        # list.pop and list.append are atomic.
+        self._idle: list[_Session] = []
         self._limiter = trio.CapacityLimiter(size)
         self._closed = False
         # Off once a prepared statement went missing between two of our statements: the
@@ -108,9 +161,9 @@ class Database:
             psycopg.Error: any other database error, as raised.
         """
         async with self._limiter:
-            # The worker thread takes an idle connection itself: if the thread never
-            # starts (cancelled before it was scheduled), no connection is left behind.
-            lease: _Lease[psycopg.Connection] = _Lease(None)
+            # The worker thread takes an idle session itself: if the thread never
+            # starts (cancelled before it was scheduled), no session is left behind.
+            lease = _Lease(None)
             try:
                 with trio.move_on_after(self.statement_timeout_s) as deadline:
                     return await trio.to_thread.run_sync(self._call, lease, fn,
@@ -128,51 +181,56 @@ class Database:
             finally:
                 self._give_back(lease, timed_out=deadline.cancelled_caught)
 
-    def _give_back(self, lease: _Lease[psycopg.Connection], *, timed_out: bool) -> None:
+    def _give_back(self, lease: _Lease, *, timed_out: bool) -> None:
         with lease.lock:
             if not lease.finished:
                 # Still running in its thread (we were cancelled): the thread closes it.
                 lease.abandoned = True
-                conn = lease.conn
-                if timed_out and conn is not None:
-                    _cancel_in_background(partial(conn.cancel_safe, timeout=CANCEL_WAIT_S))
+                session = lease.session
+                if timed_out and session is not None:
+                    _cancel_in_background(partial(session.conn.cancel_safe,
+                                                  timeout=CANCEL_WAIT_S))
                 return
-        conn = lease.conn
-        if conn is None:
+        session = lease.session
+        if session is None:
             return
-        if self._closed or conn.closed:
-            conn.close()
+        if self._closed or session.closed:
+            session.close()
         else:
-            self._idle.append(conn)
+            self._idle.append(session)
 
-    def _call(self, lease: _Lease[psycopg.Connection], fn: Callable[[psycopg.Connection], T]) -> T:
+    def _call(self, lease: _Lease, fn: Callable[[psycopg.Connection], T]) -> T:
         # In the worker thread: connect lazily, and never hand back a broken connection.
         try:
+            session = lease.session = self._pop_idle()
+            if session is None:
+                session = lease.session = _Session(connect_sync(self.url))
             try:
-                lease.conn = self._idle.pop()  # atomic under the GIL
-            except IndexError:
-                lease.conn = None
-            conn = lease.conn
-            if conn is None or conn.closed:
-                lease.conn = None
-                conn = lease.conn = connect_sync(self.url)
-            try:
-                return fn(conn)
+                return fn(session.conn)
             except BaseException as exc:
-                idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-                if conn.broken or conn.closed or not idle or _stuck_read_only(exc):
-                    conn.close()
-                    lease.conn = None
+                if not session.reusable() or _stuck_read_only(exc):
+                    session.close()
+                    lease.session = None
                 raise
         finally:
             with lease.lock:
                 lease.finished = True
-                if lease.abandoned and lease.conn is not None:
-                    lease.conn.close()
+                if lease.abandoned and lease.session is not None:
+                    lease.session.close()
+
+    def _pop_idle(self) -> _Session | None:
+        """An idle session that is still open (from any thread), or None."""
+        while True:
+            try:
+                session = self._idle.pop()
+            except IndexError:
+                return None
+            if not session.closed:
+                return session
 
     async def fetch(self, query: QueryNoTemplate, params: Mapping[str, Any] | None = None
                     ) -> list[tuple[Any, ...]]:
-        """Run one statement on a trio-native connection (no thread hop); its rows.
+        """Run one statement on a session's trio-native face (no thread hop); its rows.
 
         For the hot path only: a statement that the server answers quickly and
         whose result is small (the drainers' archive-and-read). The rules are
@@ -217,7 +275,7 @@ class Database:
                 conn.prepared_names.clear()
                 return await _simple_rows(conn, statement.text)
         except psycopg.Error:
-            conn.pgconn.finish()  # see fetch_prepared
+            conn.pgconn.finish()  # see fetch_prepared (the session is closed with it)
             raise
 
     def _stop_preparing(self, exc: psycopg.Error) -> None:
@@ -243,7 +301,7 @@ class Database:
 
     async def _on_native(self, run: Callable[[TrioConnection], Awaitable[list[tuple[Any, ...]]]]
                          ) -> list[tuple[Any, ...]]:
-        """Run `run(conn)` on an idle trio-native connection, within the deadline (fetch)."""
+        """Run `run(conn)` on an idle session's trio-native face, within the deadline."""
         # A free token is taken without first yielding to the scheduler (which `async with`
         # would): one scheduling round less on every wake-up; the statement's own waits
         # are the checkpoints.
@@ -252,13 +310,13 @@ class Database:
         except trio.WouldBlock:
             await self._limiter.acquire()
         try:
-            conn: TrioConnection | None = None
+            session: _Session | None = None
             cut = True  # until the server has answered (rows or an error)
             stale = False  # a session that keeps refusing what a new one may accept
             try:
                 with trio.move_on_after(self.statement_timeout_s):
-                    conn = await self._native()
-                    rows = await run(conn)
+                    session = await self._session()
+                    rows = await run(await session.trio_face())
                     cut = False
                     return rows
                 raise DatabaseUnavailable(
@@ -274,94 +332,75 @@ class Database:
                     raise
                 raise DatabaseUnavailable(describe_db_error(exc, self.url), reason) from exc
             finally:
-                if conn is not None:
-                    await self._give_back_native(conn, interrupted=cut, reusable=not stale)
+                if session is not None:
+                    await self._give_back_native(session, interrupted=cut, reusable=not stale)
         finally:
             self._limiter.release()
 
-    async def _native(self) -> TrioConnection:
-        """An idle trio-native connection, or a new one (connected in a worker thread:
-        libpq resolves host names with a blocking call)."""
-        while self._native_idle:
-            conn = self._native_idle.pop()
-            if not conn.closed:
-                return conn
-        lease: _Lease[TrioConnection] = _Lease(None)
+    async def _session(self) -> _Session:
+        """An idle session, or a new one (connected in a worker thread: libpq resolves
+        host names with a blocking call)."""
+        session = self._pop_idle()
+        if session is not None:
+            return session
+        lease = _Lease(None)
         handed_over = False
         try:
-            conn = await trio.to_thread.run_sync(self._connect_native, lease,
-                                                 abandon_on_cancel=True)
+            session = await trio.to_thread.run_sync(self._connect, lease,
+                                                    abandon_on_cancel=True)
             handed_over = True
-            return conn
+            return session
         finally:
             with lease.lock:
                 if not lease.finished:
                     lease.abandoned = True  # the thread closes what it opens
-                elif not handed_over and lease.conn is not None:
+                elif not handed_over and lease.session is not None:
                     # Connected just as the caller was cancelled: nobody else will close it.
-                    lease.conn.pgconn.finish()
+                    lease.session.close()
 
-    def _connect_native(self, lease: _Lease[TrioConnection]) -> TrioConnection:
-        # In a worker thread. The connection keeps the settings of connect_sync.
+    def _connect(self, lease: _Lease) -> _Session:
+        # In a worker thread.
         try:
-            conninfo = make_conninfo(self.url, application_name="reactor", **CONNECT)
-            pgconn = pq.PGconn.connect(conninfo.encode())
-            if pgconn.status != pq.ConnStatus.OK:
-                message = pgconn.get_error_message()
-                pgconn.finish()
-                raise psycopg.OperationalError(f"connection failed: {message}")
-            if _needs_iso_dates(pgconn):  # (blocking: this is a worker thread)
-                result = pgconn.exec_(ISO_DATES)
-                if result.status != pq.ExecStatus.COMMAND_OK:
-                    message = pgconn.get_error_message()
-                    pgconn.finish()
-                    raise psycopg.OperationalError(f"could not set DateStyle ISO: {message}")
-            pgconn.nonblocking = 1
-            conn = lease.conn = TrioConnection(pgconn)
-            conn._autocommit = True  # idle and fresh: no statement needed to say so
-            conn.prepared_names = set()
-            conn.loader = Transformer(conn)
-            conn.prepare_threshold = None  # poolers (see reactor.engine.db's docstring)
-            return conn
+            session = lease.session = _Session(connect_sync(self.url))
+            return session
         finally:
             with lease.lock:
                 lease.finished = True
-                if lease.abandoned and lease.conn is not None:
-                    lease.conn.pgconn.finish()
+                if lease.abandoned and lease.session is not None:
+                    lease.session.close()
 
-    async def _give_back_native(self, conn: TrioConnection, *, interrupted: bool,
+    async def _give_back_native(self, session: _Session, *, interrupted: bool,
                                 reusable: bool = True) -> None:
-        """Keep a connection that is idle, sound and `reusable`; otherwise close it.
+        """Keep a session that is idle, sound and `reusable`; otherwise close it.
 
         One cut off mid-statement (deadline, shutdown) is cancelled on the server
         first, and that is waited for (shielded, at most CANCEL_WAIT_S): when the
         caller goes on, the statement is no longer running, so it cannot take
         messages the caller releases next.
         """
-        idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
-        if reusable and not (self._closed or conn.closed or conn.broken or not idle
-                             or interrupted):
-            self._native_idle.append(conn)
+        if reusable and not (self._closed or interrupted) and session.reusable():
+            self._idle.append(session)
             return
-        if conn.closed:
+        if session.closed:
             return
         try:
-            if conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
+            if session.conn.info.transaction_status == pq.TransactionStatus.ACTIVE:
                 with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_WAIT_S):
-                    await trio.to_thread.run_sync(_cancel_quietly, conn.cancel,
+                    await trio.to_thread.run_sync(_cancel_quietly, session.conn.cancel,
                                                   abandon_on_cancel=True)
         finally:
-            conn.pgconn.finish()
+            session.close()
 
     def _forget_idle(self) -> None:
-        """Close every idle connection of both pools: their sessions may be stuck as they
-        were opened (read-only, see errors._stuck_read_only); the next calls open fresh ones."""
+        """Close every idle session: they may be stuck as they were opened (read-only, see
+        errors._stuck_read_only); the next calls open fresh ones."""
         idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-        native, self._native_idle = self._native_idle, []
-        for trio_conn in native:
-            trio_conn.pgconn.finish()
+        while True:
+            try:  # a worker thread may pop from `idle` meanwhile: one at a time, never skipped
+                session = idle.pop()
+            except IndexError:
+                return
+            session.close()
 
     async def aclose(self) -> None:
         self._closed = True

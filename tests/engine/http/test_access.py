@@ -5,6 +5,7 @@ settings, and a public address refused without a token."""
 from __future__ import annotations
 
 import gc
+import time
 
 import httpx
 import pytest
@@ -156,3 +157,34 @@ def test_feed_refuses_a_public_address_without_a_token(database_url: str) -> Non
     with pytest.raises(ConfigError, match=r"FEED_HOST=0\.0\.0\.0 would expose"):
         Reactor(build(settings_for(database_url, FEED_HOST="0.0.0.0")))
     Reactor(build(settings_for(database_url, FEED_HOST="0.0.0.0", FEED_TOKEN="x" * 32)))
+
+
+def test_tickets_and_sign_in_cookies_refuse_forgery_replay_and_age(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signed with itsdangerous since issue 26, by the same rules: a ticket opens one
+    connection, from its own origin, for 30 s; a cookie lasts 12 hours, for the token it
+    was issued under; a changed byte, a time in the future or a malformed value is no
+    pass."""
+    own, other = "http://127.0.0.1:8766", "http://evil.example"
+    access = Access(token="t0ken-123")
+    now = time.time()
+    ticket, cookie = access.issue_ticket(own), access.issue_session()
+    tampered = ticket[:-2] + ("A" if ticket[-2] != "A" else "B") + ticket[-1]
+    for forged in ["", "x", "a.b.c", "ж.ж.ж", tampered, access.issue_ticket(other)]:
+        assert not access.spend_ticket(forged, own), forged
+    assert access.spend_ticket(ticket, own)
+    assert not access.spend_ticket(ticket, own)  # replayed
+    assert access.session_ok(cookie)
+    assert not Access(token="another").session_ok(cookie)
+    assert not Access().session_ok(cookie)
+    for forged in ["", "dashboard", "1.2", cookie + "x", "admin" + cookie[9:]]:
+        assert not access.session_ok(forged), forged
+    late = access.issue_ticket(own)
+    monkeypatch.setattr(time, "time", lambda: now + 31)
+    assert not access.spend_ticket(late, own)  # expired
+    assert access.session_ok(cookie)
+    future = access.issue_session()
+    monkeypatch.setattr(time, "time", lambda: now + 12 * 3600 + 1)
+    assert not access.session_ok(cookie)  # expired
+    monkeypatch.setattr(time, "time", lambda: now)
+    assert not access.session_ok(future)  # signed in the future
