@@ -4,7 +4,7 @@
     python -m bench.workers bare URL N [durable|async]        the bare LISTEN + pgmq loop
     python -m bench.workers pgqueuer URL N BATCH              PgQueuer, drain mode
     python -m bench.workers reactor-latency URL N OUT
-    python -m bench.workers bare-latency URL N OUT
+    python -m bench.workers bare-latency URL N OUT [durable|async]
     python -m bench.workers pgqueuer-latency URL N OUT BATCH
     python -m bench.workers reactor-replica URL               drain until told to stop
     python -m bench.workers produce URL pgmq|pgqueuer RATE N START OUT
@@ -254,7 +254,7 @@ def bare(url: str, n: str, commit: str = "durable") -> None:
     say("CPU", cpu_s() - cpu0)
 
 
-def bare_latency(url: str, n: str, out: str) -> None:
+def bare_latency(url: str, n: str, out: str, commit: str = "durable") -> None:
     starts: dict[int, float] = {}
     seen = 0
 
@@ -268,7 +268,7 @@ def bare_latency(url: str, n: str, out: str) -> None:
             else:
                 starts[msg_id] = now
 
-    _bare_loop(url, int(n) + 1, on_read=on_read)
+    _bare_loop(url, int(n) + 1, commit, on_read=on_read)
     Path(out).write_text(json.dumps(starts), encoding="utf-8")
 
 
