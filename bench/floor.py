@@ -53,7 +53,7 @@ from bench.peers import DRAIN_TIMEOUT_S, PGQUEUER, _finished, install_pgqueuer
 __all__ = ["floor", "replicas"]
 
 THROUGHPUT_JOBS = 50_000
-WAKE_JOBS = 1000
+WAKE_JOBS = 600
 WAKE_GAP_S = 0.02
 LOAD_S = 10.0
 LOAD_PRODUCERS = 4
