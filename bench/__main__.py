@@ -246,6 +246,7 @@ SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
     "peers": peers.throughput,
     "wake": peers.latency,
     "floor": floor.floor,
+    "floor-latency": floor.floor_latency,
     "replicas": floor.replicas,
     "mail": mail.mail,
     "pdf": resources.pdf,
@@ -257,8 +258,9 @@ SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
     "memory": resources.memory,
     "profile": profile.profile,
 }
-# Not in a plain `make bench`: profiling is for whoever changes the drainer.
-LONG = {"profile"}
+# Not in a plain `make bench`: profiling is for whoever changes the drainer; floor-latency
+# is a part of floor.
+LONG = {"profile", "floor-latency"}
 
 
 def table(results: list[Result]) -> str:
