@@ -7,6 +7,9 @@ Prints Markdown tables to paste into docs/benchmarks.md. Scenarios:
 
 - peers: jobs/s of PgQueuer, the bare pgmq loop and the reactor (bench/peers.py)
 - wake: commit → handler start, one job every 20 ms, PgQueuer vs the reactor
+- floor: against the bare LISTEN + pgmq loop: throughput, CPU per 1,000 jobs, idle
+  wake and latency under load (bench/floor.py)
+- replicas: 1, 2 and 4 reactor processes on one database, every job exactly once
 - mail: the email pipeline against a 40 ms relay and a local sink (bench/mail.py)
 - pdf: render time of the standard and the largest report
 - idle: CPU of `reactor run` with nothing to do
@@ -33,7 +36,7 @@ from typing import Any, ClassVar
 import psycopg
 import trio
 
-from bench import mail, peers, profile, resources
+from bench import floor, mail, peers, profile, resources
 from bench.common import MissingDependency
 from reactor.clinic.analytics import AnalyticsProcessor
 from reactor.clinic.app import build
@@ -242,6 +245,9 @@ def machine() -> str:
 SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
     "peers": peers.throughput,
     "wake": peers.latency,
+    "floor": floor.floor,
+    "floor-latency": floor.floor_latency,
+    "replicas": floor.replicas,
     "mail": mail.mail,
     "pdf": resources.pdf,
     "idle": resources.idle_cpu,
@@ -252,8 +258,9 @@ SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
     "memory": resources.memory,
     "profile": profile.profile,
 }
-# Not in a plain `make bench`: profiling is for whoever changes the drainer.
-LONG = {"profile"}
+# Not in a plain `make bench`: profiling is for whoever changes the drainer; floor-latency
+# is a part of floor.
+LONG = {"profile", "floor-latency"}
 
 
 def table(results: list[Result]) -> str:

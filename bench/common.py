@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["QUEUE", "Child", "MissingDependency", "Result", "Spread", "fill_pgmq",
+__all__ = ["QUEUE", "Child", "MissingDependency", "Result", "Spread", "cpu_s", "fill_pgmq",
            "fill_pgqueuer", "pct", "require", "reset_pgmq", "reset_pgqueuer", "rss_kib",
            "spread"]
 
@@ -107,6 +107,14 @@ def rss_kib(pid: int | None = None) -> int:
     raise RuntimeError("no VmRSS in /proc/PID/status")
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """CPU time (user + system, every thread) of pid, default this process, in seconds:
+    utime + stime of /proc/<pid>/stat (fields 14 and 15, in clock ticks)."""
+    stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text(encoding="ascii")
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Child:
     """A bench process (python -m bench.workers …) that talks in lines on stdout.
 
@@ -115,9 +123,11 @@ class Child:
     """
 
     def __init__(self, *argv: str, env: dict[str, str] | None = None,
-                 quiet: bool = False) -> None:
-        """quiet: its stderr (e.g. a log line per job) goes to /dev/null."""
-        self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT,
+                 quiet: bool = False, cwd: Path | None = None) -> None:
+        """quiet: its stderr (e.g. a log line per job) goes to /dev/null. cwd: another
+        checkout of the repository to run (its `reactor` and `bench` are imported:
+        `python -m` puts the working directory first on the path)."""
+        self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=cwd or ROOT,
                                      stdout=subprocess.PIPE, stdin=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL if quiet else None,
                                      text=True, env={**os.environ, **(env or {})})

@@ -52,8 +52,8 @@ PGQ_BEST = Worker(f"{PGQUEUER}, batch_size=1000, asyncpg + uvloop", "pgqueuer", 
                   "pgqueuer")
 PGQ_DEFAULT = Worker(f"{PGQUEUER}, batch_size=10 (its default)", "pgqueuer", ("10",),
                      "pgqueuer", every_size=False)
-BARE = Worker("bare loop: pgmq.read(q, 30, 100) + pgmq.archive(q, ids), one psycopg "
-              "connection, no dispatch", "bare", (), "pgmq")
+BARE = Worker("bare loop: LISTEN, pgmq.read(q, 30, 100) + pgmq.archive(q, ids), one "
+              "psycopg connection, no dispatch", "bare", (), "pgmq")
 BARE_ASYNC = Worker("the same bare loop with synchronous_commit=off (the reactor's "
                     "bookkeeping commits so)", "bare", ("async",), "pgmq")
 REACTOR = Worker("reactor, defaults (MAX_TASKS_PER_CYCLE=100, LOG_LEVEL=info)", "reactor",
@@ -165,7 +165,8 @@ def latency(url: str, n: int = 2000, gap_s: float = 0.02, runs: int = 3) -> list
     cases = [(PGQ_BEST.label, "pgqueuer-latency", ("1000",)),
              (PGQ_DEFAULT.label, "pgqueuer-latency", ("10",)),
              ("reactor, defaults, WORKER_INTERVAL_MS=60000",
-              "reactor-latency", ())]
+              "reactor-latency", ()),
+             ("bare LISTEN + pgmq loop", "bare-latency", ())]
     p50: dict[str, list[float]] = {}
     p99: dict[str, list[float]] = {}
     for _ in range(runs):

@@ -1,17 +1,25 @@
 """The workers the peers scenario races, each run in a process of its own.
 
     python -m bench.workers reactor URL N [KEY=VALUE ...]     drain N no-op jobs
-    python -m bench.workers bare URL N [durable|async]        the bare pgmq loop
+    python -m bench.workers bare URL N [durable|async]        the bare LISTEN + pgmq loop
     python -m bench.workers pgqueuer URL N BATCH              PgQueuer, drain mode
     python -m bench.workers reactor-latency URL N OUT
+    python -m bench.workers bare-latency URL N OUT [durable|async]
     python -m bench.workers pgqueuer-latency URL N OUT BATCH
+    python -m bench.workers reactor-replica URL               drain until told to stop
+    python -m bench.workers produce URL pgmq|pgqueuer RATE N START OUT
     python -m bench.workers memory URL N1 N2                  RSS after N1 and N2 jobs
 
 Throughput workers print `READY <unix time>` taken before they connect (the
-start of the clock) and exit when the queue is drained; the parent reads the
-end of the clock from the database (the last archive or completion log row).
-Latency workers print `WARM` once they have handled a first job, record the
-wall-clock start of every later job and write `{id: start}` as JSON to OUT.
+start of the clock), then `CPU <seconds>` (user + system CPU of the process,
+/proc/self/stat, from READY until the jobs are drained and recorded) and exit;
+the parent reads the end of the clock from the database (the last archive or
+completion log row). Latency workers print `WARM` once they have handled a
+first job, record the wall-clock start of every later job and write
+`{id: start}` as JSON to OUT. A producer sends N jobs at RATE a second from
+the unix time START, each in a transaction of its own (pgmq.send and
+pg_notify for pgmq, PgQueuer's INSERT and its trigger's NOTIFY), and writes
+`{id: commit time}` to OUT.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any, ClassVar
 import psycopg
 import trio
 
-from bench.common import QUEUE, rss_kib
+from bench.common import QUEUE, cpu_s, rss_kib
 
 __all__ = ["main"]
 
@@ -49,13 +57,17 @@ def reactor_app(url: str, extra: dict[str, str]) -> Any:
 
 
 def reactor_runner(url: str, target: int, extra: dict[str, str], *,
-                   on_job: Any = None, marks: tuple[int, ...] = ()) -> Callable[[], None]:
+                   on_job: Any = None, marks: tuple[int, ...] = (),
+                   until: Callable[[], Any] | None = None,
+                   counted: list[int] | None = None) -> Callable[[], None]:
     """A function that drains `target` jobs with a no-op processor (default
     concurrency), then stops. Everything is imported and built here, so the
     clock started after this measures the work, not Python's imports.
 
     on_job(msg_id, count) is called at the start of every job; at each count in
-    marks the process prints `RSS <count> <KiB>`.
+    marks the process prints `RSS <count> <KiB>`. With `until` (an async function)
+    it drains until that returns instead of until `target` jobs, and appends the
+    number of handler calls to `counted`.
     """
     from reactor.engine.logs import configure_logging
     from reactor.engine.processor import Job, MessageModel, Processor
@@ -92,8 +104,10 @@ def reactor_runner(url: str, target: int, extra: dict[str, str], *,
         reactor = Reactor(app, processors={QUEUE: Noop})
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(reactor.run, handle_signals=False))
-            await Noop.done.wait()
+            await (Noop.done.wait() if until is None else until())
             reactor.stop()  # archives what finished, then returns
+        if counted is not None:
+            counted.append(Noop.count)
 
     return partial(trio.run, main)
 
@@ -160,7 +174,9 @@ def reactor_throughput(url: str, n: str, *pairs: str) -> None:
         say("HOLD")
         sys.stdin.readline()
     say("READY", repr(time.time()))
+    cpu0 = cpu_s()
     run()
+    say("CPU", cpu_s() - cpu0)
     if read_counts is not None:
         say("COUNTS", *(f"{k}={v}" for k, v in read_counts().items()))
 
@@ -178,25 +194,109 @@ def reactor_latency(url: str, n: str, out: str) -> None:
     Path(out).write_text(json.dumps(starts), encoding="utf-8")
 
 
+def reactor_replica(url: str, *pairs: str) -> None:
+    """One of several reactor processes on one database: `READY` once built, drains
+    from `go` (a line on stdin) until `stop`, then prints `DONE <handler calls> <CPU s>`
+    (CPU from go to the end of its last archive)."""
+    extra = dict(pair.split("=", 1) for pair in pairs)
+    counted: list[int] = []
+
+    async def until_stop() -> None:
+        await trio.to_thread.run_sync(sys.stdin.readline)
+
+    run = reactor_runner(url, 0, extra, until=until_stop, counted=counted)
+    say("READY", repr(time.time()))
+    sys.stdin.readline()  # go
+    cpu0 = cpu_s()
+    run()
+    say("DONE", counted[0], cpu_s() - cpu0)
+
+
 def memory(url: str, n1: str, n2: str) -> None:
     reactor_runner(url, int(n2), {}, marks=(int(n1), int(n2)))()
 
 
 # -- the bare pgmq loop ----------------------------------------------------------------------
-def bare(url: str, n: str = "", commit: str = "durable") -> None:
-    """pgmq.read(q, 30, 100) + pgmq.archive(q, ids) on one connection, no dispatch;
-    stops when the queue is empty (n is not needed). commit=async turns
+def _bare_loop(url: str, target: int, commit: str = "durable",
+               on_read: Callable[[list[int]], None] | None = None) -> None:
+    """The floor: one psycopg connection that LISTENs on the reactor's channel, reads
+    100 messages with pgmq.read(q, 30, 100), archives them with one
+    pgmq.archive(q, ids[]), and, when a read finds nothing, waits for the next
+    notification. Returns once `target` messages are archived. No dispatch, no
+    bookkeeping: what any pgmq consumer has to do. commit=async turns
     synchronous_commit off for the session, as the reactor's archive+read does."""
-    del n
-    say("READY", repr(time.time()))
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("LISTEN reactor_wakeup")
         if commit == "async":  # what the reactor does for its own bookkeeping
             conn.execute("SET synchronous_commit = off")
-        while True:
+        done = 0
+        while done < target:
             rows = conn.execute("SELECT * FROM pgmq.read(%s, 30, 100)", (QUEUE,)).fetchall()
             if not rows:
-                break
-            conn.execute("SELECT pgmq.archive(%s, %s::bigint[])", (QUEUE, [r[0] for r in rows]))
+                # Notifications that came while it was busy are returned at once (the
+                # read after them finds nothing and it waits again); a timeout only
+                # guards against a lost one.
+                for _ in conn.notifies(timeout=5.0, stop_after=1):
+                    pass
+                continue
+            ids = [r[0] for r in rows]
+            if on_read is not None:
+                on_read(ids)
+            conn.execute("SELECT pgmq.archive(%s, %s::bigint[])", (QUEUE, ids))
+            done += len(ids)
+
+
+def bare(url: str, n: str, commit: str = "durable") -> None:
+    """Drain n committed messages with the bare LISTEN + pgmq loop."""
+    say("READY", repr(time.time()))
+    cpu0 = cpu_s()
+    _bare_loop(url, int(n), commit)
+    say("CPU", cpu_s() - cpu0)
+
+
+def bare_latency(url: str, n: str, out: str, commit: str = "durable") -> None:
+    starts: dict[int, float] = {}
+    seen = 0
+
+    def on_read(ids: list[int]) -> None:
+        nonlocal seen
+        now = time.time()
+        for msg_id in ids:
+            seen += 1
+            if seen == 1:
+                say("WARM")
+            else:
+                starts[msg_id] = now
+
+    _bare_loop(url, int(n) + 1, commit, on_read=on_read)
+    Path(out).write_text(json.dumps(starts), encoding="utf-8")
+
+
+# -- the producers of the latency-under-load runs --------------------------------------------
+def produce(url: str, store: str, rate: str, n: str, start: str, out: str) -> None:
+    """n jobs at `rate` a second from unix time `start` (late ones go at once: the rate
+    achieved is what the parent reports), one transaction each. Its commits do not wait
+    for the WAL flush (synchronous_commit off for the producer's session only): with
+    fsync on, this VM's disk flushes a few hundred commits a second, which would cap
+    the offered load far below 1,500 jobs/s; the workers' own commits keep their
+    settings (durable for the bare loop and PgQueuer)."""
+    send = (f"SELECT pgmq.send('{QUEUE}', '{{}}'::jsonb), "
+            f"pg_notify('reactor_wakeup', '{QUEUE}')") if store == "pgmq" else (
+        "INSERT INTO pgqueuer (priority, entrypoint, payload, status) "
+        "VALUES (0, 'noop', NULL, 'queued') RETURNING id")
+    gap = 1.0 / float(rate)
+    t0 = float(start)
+    committed: dict[int, float] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = off")
+        for i in range(int(n)):
+            delay = t0 + i * gap - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            row = conn.execute(send).fetchone()
+            assert row is not None
+            committed[int(row[0])] = time.time()
+    Path(out).write_text(json.dumps(committed), encoding="utf-8")
 
 
 # -- PgQueuer ----------------------------------------------------------------------------------
@@ -244,7 +344,9 @@ def pgqueuer_throughput(url: str, n: str, batch: str) -> None:
     import uvloop  # noqa: F401
 
     say("READY", repr(time.time()))
+    cpu0 = cpu_s()
     _uvloop_run(_pgqueuer(url, int(batch), None))
+    say("CPU", cpu_s() - cpu0)
 
 
 def pgqueuer_latency(url: str, n: str, out: str, batch: str) -> None:
@@ -285,6 +387,9 @@ KINDS: dict[str, Callable[..., None]] = {
     "reactor-latency": reactor_latency,
     "memory": memory,
     "bare": bare,
+    "bare-latency": bare_latency,
+    "reactor-replica": reactor_replica,
+    "produce": produce,
     "pgqueuer": pgqueuer_throughput,
     "pgqueuer-latency": pgqueuer_latency,
 }

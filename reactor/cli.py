@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace, app: App) -> int:
             structlog.get_logger("reactor").info(
                 "reactor.listening", feed_port=reactor.feed_port, http_port=reactor.http_port)
 
-    reactor.bus.sinks.append(report_ports)
+    reactor.bus.add_sink(report_ports)  # no job event concerns it
     try:
         trio.run(reactor.run)
     except* (SchemaNotReady, DatabaseRefused, MigrationError) as group:

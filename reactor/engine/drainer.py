@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timezone, tzinfo
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
@@ -39,7 +40,7 @@ import trio
 
 from reactor.engine import queues
 from reactor.engine.db import Database, DatabaseUnavailable, describe_db_error
-from reactor.engine.events import EventBus
+from reactor.engine.events import EventBus, Succeeded
 from reactor.engine.health import Health
 from reactor.engine.processor import (
     Deferred,
@@ -64,6 +65,8 @@ DB_BACKOFF_MAX_S = 10.0
 MIN_IDLE_S = 0.05
 # Finished messages are archived at least this often while others still run.
 FLUSH_EVERY_S = 1.0
+# A worker takes up to this many waiting jobs in a row before it yields to the scheduler.
+WORKER_RUN = 16
 # On the way out, the last bookkeeping may take this long before it is given up
 # (what it would have recorded is redelivered later: effects are idempotent).
 FINAL_FLUSH_S = 5.0
@@ -97,7 +100,7 @@ def clean_error(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Job:
     """One delivery, from the read until its outcome is settled."""
 
@@ -221,14 +224,30 @@ class Drainer:
 
         Timeouts are enforced by `_watch` cancelling this worker's scope, not by
         a cancel scope per job: that costs more than a small job itself.
+
+        After a job, the next one waiting in the channel is taken at once, up to
+        WORKER_RUN jobs, before the worker goes back to the scheduler: a receive
+        that waits is a round of trio's scheduler, as costly as a small job. A
+        job that awaits anything yields as before; a cancelled worker takes no
+        more jobs.
         """
+        receive = self._receive
         while True:
             with trio.CancelScope() as scope:
-                async for job in self._receive:
-                    if job.settled:  # orphaned before it started (see _dispatch)
-                        continue
-                    job.worker = scope
-                    await self._process(job)
+                async for job in receive:
+                    if not job.settled:  # else orphaned before it started (see _dispatch)
+                        job.worker = scope
+                        await self._process(job)
+                    for _ in range(WORKER_RUN - 1):
+                        if scope.cancel_called:
+                            break
+                        try:
+                            job = receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        if not job.settled:
+                            job.worker = scope
+                            await self._process(job)
                 return  # the channel was closed
             # Only _watch cancels this scope, and the timed-out job has settled itself.
 
@@ -396,8 +415,8 @@ class Drainer:
                                                 error=letter.error or "", stamp=stamp))
             self._letters.pop(0)
             self.bus.publish("job.dead_lettered", self.queue, letter.message.msg_id,
-                             letter.message.attempt, letter.duration_ms, letter.error,
-                             dlq_msg_id=dlq_msg_id, wait_ms=letter.wait_ms,
+                             letter.message.attempt, _r3(letter.duration_ms), letter.error,
+                             dlq_msg_id=dlq_msg_id, wait_ms=_r3(letter.wait_ms),
                              settle_ms=_since(letter.started, trio.current_time()))
         while self._requeues:
             again = self._requeues[0]
@@ -407,9 +426,9 @@ class Drainer:
             self._requeues.pop(0)
             if again.deferred:
                 self.bus.publish("job.deferred", self.queue, again.message.msg_id,
-                                 again.message.attempt, again.duration_ms, again.error,
+                                 again.message.attempt, _r3(again.duration_ms), again.error,
                                  retry_in_s=again.delay_s, requeued_as=new_id,
-                                 wait_ms=again.wait_ms,
+                                 wait_ms=_r3(again.wait_ms),
                                  settle_ms=_since(again.started, trio.current_time()))
             else:
                 self._publish_retry(again)
@@ -447,10 +466,14 @@ class Drainer:
             raise
 
     def _publish_succeeded(self, succeeded: list[_Finished]) -> None:
+        """job.succeeded for the jobs of one archive: one call for the batch (the bus
+        builds an event per job only when someone would see it)."""
+        if not succeeded:
+            return
         now = trio.current_time()
-        for f in succeeded:
-            self.bus.publish("job.succeeded", self.queue, f.msg_id, f.attempt, f.duration_ms,
-                             wait_ms=f.wait_ms, settle_ms=_since(f.started, now))
+        self.bus.publish_succeeded(self.queue, [
+            Succeeded(f.msg_id, f.attempt, f.duration_ms, f.wait_ms, (now - f.started) * 1000)
+            for f in succeeded])
 
     async def _flush_final(self) -> None:
         """On the way out: record what settled, release what never started."""
@@ -467,8 +490,8 @@ class Drainer:
         job.started = trio.current_time()
         if message.attempt == 1:
             # Two clocks (the database's enqueue time, ours now): never below zero.
-            job.wait_ms = round(max(0.0, time.time() - message.enqueued_at.timestamp())
-                                * 1000, 3)
+            # (Rounded only where an event is built: round(x, 3) costs ~1 us.)
+            job.wait_ms = max(0.0, time.time() - _epoch_s(message.enqueued_at)) * 1000
         job.deadline = job.started + self.processor.timeout_s
         if self.bus.wanted("job.started"):  # nobody counts it: skipped when unseen
             self.bus.publish("job.started", self.queue, message.msg_id, message.attempt)
@@ -550,7 +573,8 @@ class Drainer:
 
     def _publish_retry(self, o: Outcome) -> None:
         self.bus.publish("job.retrying", self.queue, o.message.msg_id, o.message.attempt,
-                         o.duration_ms, o.error, retry_in_s=o.delay_s, wait_ms=o.wait_ms,
+                         _r3(o.duration_ms), o.error, retry_in_s=o.delay_s,
+                         wait_ms=_r3(o.wait_ms),
                          settle_ms=_since(o.started, trio.current_time()))
 
     def _settle_release(self, job: _Job) -> None:
@@ -588,13 +612,39 @@ class Drainer:
 
 
 class _Finished(NamedTuple):
-    """A job that succeeded, waiting for its archive: what its job.succeeded reports."""
+    """A job that succeeded, waiting for its archive: what its job.succeeded reports
+    (milliseconds, not rounded)."""
 
     msg_id: int
     attempt: int
     duration_ms: float
     wait_ms: float | None
     started: float  # trio.current_time() when its handler started
+
+
+# Time zones whose offset never changed: a datetime in one is a fixed distance from the
+# epoch expressed in the same zone, and two datetimes that share a tzinfo subtract
+# without asking it for offsets (0.4 us against 1.7 for datetime.timestamp() here, a
+# cost every first delivery paid). The connections' zone is the server's TimeZone,
+# UTC unless configured otherwise; any other zone takes timestamp().
+_FIXED_ZONES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "Etc/Universal", "Etc/Zulu", "UCT",
+                          "Universal", "Zulu", "GMT", "Etc/GMT"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_epochs: dict[tzinfo, datetime] = {}
+
+
+def _epoch_s(at: datetime) -> float:
+    """`at.timestamp()`, faster where `at`'s zone has a fixed offset."""
+    zone = at.tzinfo
+    if zone is None:
+        return at.timestamp()
+    epoch = _epochs.get(zone)
+    if epoch is None:
+        fixed = isinstance(zone, timezone) or getattr(zone, "key", None) in _FIXED_ZONES
+        if not fixed:
+            return at.timestamp()
+        epoch = _epochs[zone] = _EPOCH.astimezone(zone)
+    return (at - epoch).total_seconds()
 
 
 def _started(job: _Job) -> float:
@@ -607,5 +657,11 @@ def _since(started: float | None, now: float) -> float | None:
 
 
 def _ms(job: _Job) -> float:
+    """How long the delivery has run, ms (not rounded: see _r3)."""
     started = job.started if job.started is not None else job.read_at
-    return round((trio.current_time() - started) * 1000, 3)
+    return (trio.current_time() - started) * 1000
+
+
+def _r3(ms: float | None) -> float | None:
+    """A duration as events carry it (rounded to the microsecond)."""
+    return None if ms is None else round(ms, 3)

@@ -15,17 +15,18 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import structlog
 import trio
 
 from reactor.engine.logs import level_enabled, mask_emails_in
 
-__all__ = ["EVENT_TYPES", "NOT_REPLAYED", "Event", "EventBus", "Subscription"]
+__all__ = ["EVENT_TYPES", "NOT_REPLAYED", "Event", "EventBus", "Subscription", "Succeeded",
+           "SucceededSink"]
 
 EVENT_TYPES: Final = (
     "reactor.started", "reactor.stopping", "listener.connected", "listener.lost", "wakeup",
@@ -53,6 +54,33 @@ NOT_REPLAYED: Final = frozenset({"queue.depth", "wakeup"})
 Event = dict[str, Any]
 
 
+class Succeeded(NamedTuple):
+    """One job that succeeded and was archived, as `EventBus.publish_succeeded` takes it:
+    the fields of its `job.succeeded` event, in milliseconds, not yet rounded."""
+
+    msg_id: int
+    attempt: int
+    duration_ms: float
+    wait_ms: float | None
+    settle_ms: float | None
+
+
+# The batch form of a sink (see EventBus.add_sink): (queue, ts, the jobs of one archive).
+SucceededSink = Callable[[str, float, Sequence[Succeeded]], None]
+
+
+def _ms3(value: float | None) -> float | None:
+    # round(x, 3) is correctly rounded through the float's decimal digits: ~1 us a call
+    # here, so the hot path keeps raw floats and only a built event is rounded.
+    return None if value is None else round(value, 3)
+
+
+def _succeeded_event(event_id: int, ts: float, queue: str, job: Succeeded) -> Event:
+    return {"id": event_id, "ts": ts, "type": "job.succeeded", "queue": queue,
+            "msg_id": job.msg_id, "attempt": job.attempt, "duration_ms": _ms3(job.duration_ms),
+            "error": None, "wait_ms": _ms3(job.wait_ms), "settle_ms": _ms3(job.settle_ms)}
+
+
 @dataclass(eq=False)
 class Subscription:
     """A subscriber's bounded buffer; `dropped` says why it was cut off."""
@@ -72,17 +100,34 @@ class EventBus:
 
     ring_size: int = 1000
     # Called synchronously for every event (the metrics); must be cheap and never raise.
+    # A sink added with `add_sink` may have a batch form for job.succeeded.
     sinks: list[Callable[[Event], None]] = field(default_factory=list)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _subscribers: set[Subscription] = field(default_factory=set)
-    recent: deque[Event] = field(init=False)
+    # The replay ring: events, or a job.succeeded not built yet (see publish_succeeded).
+    _ring: deque[Event | tuple[int, float, str, Succeeded]] = field(init=False)
     # The latest queue.depth event of each queue (current state, not history).
     depths: dict[str, Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.recent = deque(maxlen=self.ring_size)
+        self._ring = deque(maxlen=self.ring_size)
+        self._paired: list[tuple[Callable[[Event], None], SucceededSink | None]] = []
         self.dropped_count = 0
         self._log = structlog.get_logger("reactor")
+
+    @property
+    def recent(self) -> list[Event]:
+        """The replay ring, oldest first (what happened: jobs, lifecycle, health)."""
+        return [e if isinstance(e, dict) else _succeeded_event(*e) for e in self._ring]
+
+    def add_sink(self, each: Callable[[Event], None],
+                 succeeded: SucceededSink | None = None) -> None:
+        """A sink for every event, and its batch form for job.succeeded (`succeeded`:
+        None when it has nothing to do with those). While every sink has come this
+        way, nobody subscribes and the log does not write job.succeeded, a batch of
+        them costs no event each: `publish_succeeded` hands it to the batch forms."""
+        self.sinks.append(each)
+        self._paired.append((each, succeeded))
 
     def wanted(self, type_: str) -> bool:
         """Whether anyone would see an event of this type that no sink counts (job.started):
@@ -104,7 +149,7 @@ class EventBus:
             if queue is not None:
                 self.depths[queue] = event
         elif type_ not in NOT_REPLAYED:
-            self.recent.append(event)
+            self._ring.append(event)
         for sink in self.sinks:
             sink(event)
         level = _LOG_LEVEL.get(type_, "info")
@@ -121,6 +166,29 @@ class EventBus:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.discard(sub)
         return event
+
+    def publish_succeeded(self, queue: str, jobs: Sequence[Succeeded]) -> None:
+        """job.succeeded for each of `jobs` (archived together): one event each when
+        anyone would see it (a subscriber, the log, a sink without a batch form);
+        otherwise the sinks count the batch at once and the replay ring keeps each
+        job's id and fields, built into an event only if a feed client replays it."""
+        if not jobs:
+            return
+        if (self._subscribers or level_enabled(_LOG_LEVEL["job.succeeded"])
+                or len(self._paired) != len(self.sinks)
+                or any(each is not paired for each, (paired, _) in zip(self.sinks, self._paired,
+                                                                    strict=True))):
+            for job in jobs:
+                self.publish("job.succeeded", queue, job.msg_id, job.attempt,
+                             _ms3(job.duration_ms), wait_ms=_ms3(job.wait_ms),
+                             settle_ms=_ms3(job.settle_ms))
+            return
+        ts = time.time()
+        ids, ring = self._ids, self._ring
+        ring.extend((next(ids), ts, queue, job) for job in jobs)
+        for _, succeeded in self._paired:
+            if succeeded is not None:
+                succeeded(queue, ts, jobs)
 
     def _drop(self, sub: Subscription, reason: str) -> None:
         self.dropped_count += 1

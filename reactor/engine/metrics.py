@@ -1,19 +1,84 @@
-"""Prometheus metrics, fed by the event bus (one sink, called for every event)."""
+"""Prometheus metrics, fed by the event bus (one sink, called for every event, and its
+batch form for the jobs of one archive)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, utils
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
-from reactor.engine.events import Event
+from reactor.engine.events import Event, Succeeded
 from reactor.engine.health import Health
 from reactor.engine.waits import WAIT_BUCKETS_S
+
+# How prometheus_client writes a bucket's bound (`le`); untyped there.
+_le = cast(Callable[[float], str], utils.floatToGoString)
 
 __all__ = ["Metrics"]
 
 _OUTCOMES = {"job.succeeded": "succeeded", "job.retrying": "retried",
              "job.dead_lettered": "dead_lettered"}
+
+
+class _Series:
+    """One queue's histogram: a count per bucket (the last one: above every bound) and the
+    sum. Plain Python numbers: the trio thread alone writes them."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds, total = self.counts, self.bounds, 0.0
+        for value in values:
+            counts[bisect.bisect_left(bounds, value)] += 1
+            total += value
+        self.total += total
+
+
+class _Histogram(Collector):
+    """A histogram by queue, exported as prometheus_client's Histogram exports one
+    (`_bucket{le,queue}`, `_count`, `_sum`; no `_created`), through the public
+    Collector API. prometheus_client's own takes a lock per bucket and per sum at
+    every observation (~1.5 us here, three histograms a job); this one counts a
+    batch of jobs in a loop of list increments."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        self._les = [_le(b) for b in self.bounds] + ["+Inf"]
+        self._series: dict[str, _Series] = {}
+        registry.register(self)
+
+    def labels(self, queue: str) -> _Series:
+        series = self._series.get(queue)
+        if series is None:
+            series = self._series[queue] = _Series(self.bounds)
+        return series
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, "histogram")
+        for queue, series in list(self._series.items()):
+            cumulative = 0
+            for le, count in zip(self._les, list(series.counts), strict=True):
+                cumulative += count
+                metric.add_sample(f"{self.name}_bucket", {"le": le, "queue": queue},
+                                  float(cumulative))
+            metric.add_sample(f"{self.name}_count", {"queue": queue}, float(cumulative))
+            metric.add_sample(f"{self.name}_sum", {"queue": queue}, series.total)
+        yield metric
 
 
 class Metrics:
@@ -28,17 +93,17 @@ class Metrics:
         r = self.registry
         self.jobs = Counter("reactor_jobs", "Jobs finished, by queue and outcome",
                             ["queue", "outcome"], registry=r)
-        self.duration = Histogram(
-            "reactor_job_duration_seconds", "Handler run time", ["queue"], registry=r,
+        self.duration = _Histogram(
+            "reactor_job_duration_seconds", "Handler run time", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         # What families feel: enqueue to start (first deliveries), and start to settled
         # (the outcome in the database: archived, retry recorded, dead-lettered).
-        self.wait = Histogram("reactor_job_wait_seconds",
-                              "Enqueue to start of a message's first delivery", ["queue"],
-                              registry=r, buckets=WAIT_BUCKETS_S)
-        self.settle = Histogram(
+        self.wait = _Histogram("reactor_job_wait_seconds",
+                               "Enqueue to start of a message's first delivery",
+                               registry=r, buckets=WAIT_BUCKETS_S)
+        self.settle = _Histogram(
             "reactor_job_settle_seconds", "Start of a delivery to its outcome in the database",
-            ["queue"], registry=r,
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.oldest_visible = Gauge(
             "reactor_queue_oldest_visible_age_seconds",
@@ -70,10 +135,7 @@ class Metrics:
         app_events = Counter("reactor_app_events", "Events the app's processors published, "
                              "by type (e.g. payment.mismatch)", ["type"], registry=r)
         self._app_events = {kind: app_events.labels(kind) for kind in app_event_kinds}
-        self._children: dict[tuple[str, str], Counter] = {}
-        self._durations: dict[str, Histogram] = {}  # labels() looks up under a lock: cache
-        self._waits: dict[str, Histogram] = {}
-        self._settles: dict[str, Histogram] = {}
+        self._children: dict[tuple[str, str], Counter] = {}  # labels() locks: cache
 
     def watch_queues(self, queues: list[str]) -> None:
         """Export the per-queue series at 0 from the start, for the queues this reactor
@@ -84,16 +146,9 @@ class Metrics:
                 if key not in self._children:
                     self._children[key] = self.jobs.labels(queue, outcome)
             self.deferred.labels(queue)
-            self._histogram(self._waits, self.wait, queue)
-            self._histogram(self._settles, self.settle, queue)
+            self.wait.labels(queue)
+            self.settle.labels(queue)
             self.oldest_visible.labels(queue).set(0)
-
-    @staticmethod
-    def _histogram(cache: dict[str, Histogram], family: Histogram, queue: str) -> Histogram:
-        child = cache.get(queue)
-        if child is None:
-            child = cache[queue] = family.labels(queue)
-        return child
 
     def observe(self, event: Event) -> None:
         """The bus sink."""
@@ -107,10 +162,7 @@ class Metrics:
                 child = self._children[key] = self.jobs.labels(queue, outcome)
             child.inc()
             if event["duration_ms"] is not None:
-                histogram = self._durations.get(queue)
-                if histogram is None:
-                    histogram = self._durations[queue] = self.duration.labels(queue)
-                histogram.observe(event["duration_ms"] / 1000)
+                self.duration.labels(queue).observe(event["duration_ms"] / 1000)
             self._timings(event, queue)
         elif kind == "queue.depth":
             self.depth.labels(queue).set(event.get("depth") or 0)
@@ -129,14 +181,28 @@ class Metrics:
         elif (app_event := self._app_events.get(kind)) is not None:
             app_event.inc()
 
+    def observe_succeeded(self, queue: str, ts: float, jobs: Sequence[Succeeded]) -> None:
+        """The bus sink's batch form: the jobs of one archive, counted at once."""
+        del ts
+        key = (queue, "succeeded")
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.jobs.labels(queue, "succeeded")
+        child.inc(len(jobs))
+        self.duration.labels(queue).observe_many(job.duration_ms / 1000 for job in jobs)
+        self.wait.labels(queue).observe_many(job.wait_ms / 1000 for job in jobs
+                                             if job.wait_ms is not None)
+        self.settle.labels(queue).observe_many(job.settle_ms / 1000 for job in jobs
+                                               if job.settle_ms is not None)
+
     def _timings(self, event: Event, queue: str) -> None:
         """Enqueue to start (first deliveries) and start to settled, of a settled delivery."""
         wait_ms = event.get("wait_ms")
         if wait_ms is not None:
-            self._histogram(self._waits, self.wait, queue).observe(wait_ms / 1000)
+            self.wait.labels(queue).observe(wait_ms / 1000)
         settle_ms = event.get("settle_ms")
         if settle_ms is not None:
-            self._histogram(self._settles, self.settle, queue).observe(settle_ms / 1000)
+            self.settle.labels(queue).observe(settle_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -39,6 +39,26 @@ class MessageModel(BaseModel):
 
 M = TypeVar("M", bound=MessageModel)
 
+# Per model class: the one instance every JSON object validates to, for a model that
+# accepts anything (no fields, extra keys ignored, no validator, no post-init), or None.
+_ANYTHING: dict[type[BaseModel], BaseModel | None] = {}
+
+
+def _accepts_anything(model: type[BaseModel]) -> BaseModel | None:
+    """For a model whose every JSON object validates to the same empty instance, that
+    instance (made once, by pydantic); else None: its bodies are validated one by one."""
+    try:
+        return _ANYTHING[model]
+    except KeyError:
+        pass
+    decorators = model.__pydantic_decorators__
+    plain = (not model.model_fields and model.model_config.get("extra") == "ignore"
+             and model.model_config.get("frozen") is True
+             and not decorators.model_validators and not decorators.root_validators
+             and model.__pydantic_post_init__ is None)
+    shared = _ANYTHING[model] = model.model_validate({}) if plain else None
+    return shared
+
 
 @dataclass(frozen=True, slots=True)
 class Job(Generic[M]):
@@ -119,6 +139,9 @@ class Processor(Generic[M]):
         body: Any = delivery.body
         if not isinstance(body, dict):
             raise PermanentError(f"message is not a JSON object (got {type(body).__name__})")
+        shared = _accepts_anything(self.model)
+        if shared is not None:  # a model that accepts any object: nothing to validate
+            return Job(shared, delivery)  # type: ignore[arg-type]
         try:
             return Job(self.model.model_validate(body), delivery)
         except ValidationError as exc:

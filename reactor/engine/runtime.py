@@ -96,10 +96,10 @@ class Reactor:
         self.access = Access.from_settings(settings)
         self.metrics = Metrics(lambda: self.bus.subscriber_count, app.event_kinds,
                                health=self.health)
-        self.bus.sinks.append(self.metrics.observe)
+        self.bus.add_sink(self.metrics.observe, self.metrics.observe_succeeded)
         self.metrics.watch_queues(sorted(self.drainers))
         self.waits = WaitRecorder()
-        self.bus.sinks.append(self.waits.observe)
+        self.bus.add_sink(self.waits.observe, self.waits.observe_succeeded)
         self.feed_port = 0
         self.http_port = 0
         self._services: trio.Nursery | None = None

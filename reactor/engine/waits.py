@@ -14,13 +14,14 @@ A reactor killed without a chance to write loses at most WAITS_EVERY_S of counts
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from typing import Any, Final
 
 import psycopg
 
 from reactor.engine import queries
 from reactor.engine.db import Database, DatabaseUnavailable
-from reactor.engine.events import Event
+from reactor.engine.events import Event, Succeeded
 
 __all__ = ["WAITS_EVERY_S", "WAIT_BUCKETS_S", "WINDOW_S", "WaitRecorder", "percentiles",
            "quantile", "recent_percentiles"]
@@ -52,6 +53,19 @@ class WaitRecorder:
         if counts is None:
             counts = self._pending[(event["queue"], minute)] = [0] * (len(WAIT_BUCKETS_S) + 1)
         counts[bisect.bisect_left(WAIT_BUCKETS_S, wait_ms / 1000)] += 1
+
+    def observe_succeeded(self, queue: str, ts: float, jobs: Sequence[Succeeded]) -> None:
+        """The bus sink's batch form: the jobs of one archive (job.succeeded at `ts`)."""
+        if not queue:
+            return
+        minute = int(ts // 60 * 60)
+        counts = self._pending.get((queue, minute))
+        if counts is None:
+            counts = self._pending[(queue, minute)] = [0] * (len(WAIT_BUCKETS_S) + 1)
+        bounds = WAIT_BUCKETS_S
+        for job in jobs:
+            if job.wait_ms is not None:
+                counts[bisect.bisect_left(bounds, job.wait_ms / 1000)] += 1
 
     async def write(self, db: Database) -> None:
         """Add what was counted to reactor.queue_waits; on failure keep it for next time."""
