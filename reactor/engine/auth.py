@@ -221,7 +221,9 @@ class Access:
                 ticket, max_age=int(TICKET_TTL_S), return_timestamp=True)
         except BadSignature:  # forged, for another origin, expired, or malformed
             return False
-        return _TICKETS.spend(nonce.decode(), signed_at.timestamp() + TICKET_TTL_S)
+        # itsdangerous counts the age in whole seconds and passes `age <= max_age`: the
+        # signature holds until the second after the TTL, and so must the memory of its use.
+        return _TICKETS.spend(nonce.decode(), signed_at.timestamp() + int(TICKET_TTL_S) + 1)
 
     def _session_signer(self) -> TimestampSigner:
         # Keyed by the token: sessions survive a restart and die when the token changes.

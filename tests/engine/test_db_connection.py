@@ -128,3 +128,27 @@ async def test_run_and_fetch_share_one_pool_of_sessions(database_url: str) -> No
         assert await db.run(lambda c: c.execute("SELECT pg_backend_pid()").fetchone()) == (pid,)
         assert await db.fetch(b"SELECT pg_backend_pid()") == [(pid,)]
         assert await _reactor_backends(database_url) == 1
+
+
+async def test_a_session_left_in_a_transaction_by_run_is_never_lent_again(
+        database_url: str) -> None:
+    """Review of the one pool: `run(fn)` is the apps' API, and an `fn` that leaves a
+    transaction open (or autocommit off) must not hand it to the next caller: a fetch's
+    write would run inside it, report success, and be rolled back unseen."""
+    await sql(database_url, "CREATE TABLE public.review_t (x int)")
+
+    def leave_open(conn: psycopg.Connection) -> None:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO public.review_t VALUES (1)")
+
+    def autocommit_off(conn: psycopg.Connection) -> None:
+        conn.autocommit = False
+
+    async with Database(database_url, 1).opened() as db:
+        await db.fetch(b"SELECT 1")  # the session has its trio face
+        for careless in (leave_open, autocommit_off):
+            await db.run(careless)
+            await db.fetch(b"INSERT INTO public.review_t VALUES (2)")
+            await db.run(lambda c: c.execute("INSERT INTO public.review_t VALUES (3)"))
+    assert await sql(database_url, "SELECT x, count(*) FROM public.review_t GROUP BY x "
+                                   "ORDER BY x") == [(2, 2), (3, 2)]

@@ -96,9 +96,10 @@ class _Session:
         return self.conn.closed
 
     def reusable(self) -> bool:
-        """Open, sound and idle (no transaction left open, no statement running)."""
+        """Open, sound, idle (no transaction left open, no statement running) and in
+        autocommit, as every caller of either face expects it."""
         conn = self.conn
-        return not (conn.closed or conn.broken) and (
+        return not (conn.closed or conn.broken) and conn.autocommit and (
             conn.info.transaction_status == pq.TransactionStatus.IDLE)
 
     def close(self) -> None:
@@ -206,12 +207,18 @@ class Database:
             if session is None:
                 session = lease.session = _Session(connect_sync(self.url))
             try:
-                return fn(session.conn)
+                result = fn(session.conn)
             except BaseException as exc:
                 if not session.reusable() or _stuck_read_only(exc):
                     session.close()
                     lease.session = None
                 raise
+            if not session.reusable():
+                # `fn` left a transaction open (or autocommit off): lent on, the next
+                # caller's statements would run inside it and be rolled back unseen.
+                session.close()
+                lease.session = None
+            return result
         finally:
             with lease.lock:
                 lease.finished = True

@@ -179,6 +179,15 @@ def test_tickets_and_sign_in_cookies_refuse_forgery_replay_and_age(
     assert not Access().session_ok(cookie)
     for forged in ["", "dashboard", "1.2", cookie + "x", "admin" + cookie[9:]]:
         assert not access.session_ok(forged), forged
+    # A spent ticket stays spent to the last moment its signature passes (review: it was
+    # forgotten a second early, and could be replayed at will in that second).
+    spent = access.issue_ticket(own)
+    signed = float(int(time.time()))
+    assert access.spend_ticket(spent, own)
+    for after_s in (29.5, 30.0, 30.5, 30.99):
+        monkeypatch.setattr(time, "time", lambda after_s=after_s: signed + after_s)
+        assert not access.spend_ticket(spent, own), after_s
+    monkeypatch.setattr(time, "time", lambda: now)
     late = access.issue_ticket(own)
     monkeypatch.setattr(time, "time", lambda: now + 31)
     assert not access.spend_ticket(late, own)  # expired
