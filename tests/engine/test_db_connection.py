@@ -152,3 +152,35 @@ async def test_a_session_left_in_a_transaction_by_run_is_never_lent_again(
             await db.run(lambda c: c.execute("INSERT INTO public.review_t VALUES (3)"))
     assert await sql(database_url, "SELECT x, count(*) FROM public.review_t GROUP BY x "
                                    "ORDER BY x") == [(2, 2), (3, 2)]
+
+
+async def test_runs_cut_by_their_callers_leave_no_connection_beyond_the_pool(
+        database_url: str) -> None:
+    """Review of the one pool: a `run` cut by its caller's own scope (a job's timeout,
+    shutdown), not the pool's deadline, had its statement left running in an abandoned
+    thread, holding a connection outside DB_POOL_SIZE (12 backends for a pool of 2).
+    Now the server is asked to stop it, whoever cut it."""
+    await sql(database_url, "CREATE TABLE public.review_locked (x int)")
+    with psycopg.connect(database_url, autocommit=True) as locker:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE public.review_locked IN ACCESS EXCLUSIVE MODE")
+        async with Database(database_url, 2).opened() as db:
+
+            async def cut_by_its_caller() -> None:
+                with trio.move_on_after(0.3):
+                    await db.run(lambda c: c.execute("SELECT count(*) FROM "
+                                                     "public.review_locked"))
+
+            for _ in range(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cut_by_its_caller)
+                    nursery.start_soon(cut_by_its_caller)
+            # Each cut statement is cancelled on the server; its thread then closes it.
+            await eventually(lambda: _waiting_on_the_lock(database_url), within_s=20)
+        locker.execute("ROLLBACK")
+
+
+async def _waiting_on_the_lock(url: str) -> bool:
+    [(waiting,)] = await sql(url, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                  "application_name = 'reactor' AND wait_event_type = 'Lock'")
+    return bool(waiting == 0)

@@ -166,7 +166,7 @@ class Database:
             # starts (cancelled before it was scheduled), no session is left behind.
             lease = _Lease(None)
             try:
-                with trio.move_on_after(self.statement_timeout_s) as deadline:
+                with trio.move_on_after(self.statement_timeout_s):
                     return await trio.to_thread.run_sync(self._call, lease, fn,
                                                          abandon_on_cancel=True)
                 raise DatabaseUnavailable(
@@ -180,15 +180,18 @@ class Database:
                     raise
                 raise DatabaseUnavailable(describe_db_error(exc, self.url), reason) from exc
             finally:
-                self._give_back(lease, timed_out=deadline.cancelled_caught)
+                self._give_back(lease)
 
-    def _give_back(self, lease: _Lease, *, timed_out: bool) -> None:
+    def _give_back(self, lease: _Lease) -> None:
         with lease.lock:
             if not lease.finished:
-                # Still running in its thread (we were cancelled): the thread closes it.
+                # Still running in its thread (we were cancelled: our deadline, the
+                # caller's own, or shutdown): the server is asked to stop the statement
+                # whoever cut it, so the thread ends soon and closes the session; left
+                # to run, abandoned threads held connections beyond DB_POOL_SIZE (review).
                 lease.abandoned = True
                 session = lease.session
-                if timed_out and session is not None:
+                if session is not None:
                     _cancel_in_background(partial(session.conn.cancel_safe,
                                                   timeout=CANCEL_WAIT_S))
                 return
