@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -363,21 +363,29 @@ def discard(conn: psycopg.Connection, selection: Selection, *, client: str, note
     if note_text is None:
         raise ValueError("a discard needs a note: say why these messages will never be sent")
     queue = selection.queue
-    taken: list[DeadLetter] = []
     with _atomic(conn):
         _check_total(conn, selection, expected_total)
         letters = select(conn, selection, limit + 1)
         more = len(letters) > limit
-        for letter in letters[:limit]:
-            row = conn.execute(queries.ARCHIVE_ONE, {"queue": dlq_name(queue),
-                                                     "msg_id": letter.dlq_id}).fetchone()
-            if row and row[0]:
-                taken.append(letter)
+        taken = _take_each(conn, queries.ARCHIVE_ONE, queue, letters[:limit])
         audit_id, at = (_record(conn, "discard", selection, taken, None, client, note_text)
                         if taken else (None, None))
     return ActionResult("discard", queue, audit_id, at, [d.dlq_id for d in taken],
                         [d.msg_id for d in taken], None, client, note_text,
                         selection.describe(), [], more)
+
+
+def _take_each(conn: psycopg.Connection, statement: LiteralString, queue: str,
+               letters: list[DeadLetter]) -> list[DeadLetter]:
+    """Run `statement` (archive or delete one) on each letter of `queue`'s DLQ; the
+    letters it took (one another action took first is left out)."""
+    taken = []
+    for letter in letters:
+        row = conn.execute(statement, {"queue": dlq_name(queue),
+                                       "msg_id": letter.dlq_id}).fetchone()
+        if row and row[0]:
+            taken.append(letter)
+    return taken
 
 
 def purge(conn: psycopg.Connection, queue: str, *, client: str,
@@ -387,12 +395,7 @@ def purge(conn: psycopg.Connection, queue: str, *, client: str,
     selection = Selection(queue)
     with _atomic(conn):
         letters = select(conn, selection, 1_000_000)
-        taken = []
-        for letter in letters:
-            row = conn.execute(queries.DELETE_ONE, {"queue": dlq_name(queue),
-                                                    "msg_id": letter.dlq_id}).fetchone()
-            if row and row[0]:
-                taken.append(letter)
+        taken = _take_each(conn, queries.DELETE_ONE, queue, letters)
         audit_id, at = (_record(conn, "purge", selection, taken, None, client, note)
                         if taken else (None, None))
     return ActionResult("purge", queue, audit_id, at, [d.dlq_id for d in taken],
