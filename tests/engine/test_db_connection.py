@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 import trio
 
 from reactor.engine.db import Database, DatabaseUnavailable
+from reactor.testing import patience
 from tests.harness import eventually, sql
 
 BOTH_FLAVOURS = pytest.mark.parametrize("db_flavor", ["plain", "supabase"], indirect=True)
@@ -184,3 +188,36 @@ async def _waiting_on_the_lock(url: str) -> bool:
     [(waiting,)] = await sql(url, "SELECT count(*) FROM pg_stat_activity WHERE "
                                   "application_name = 'reactor' AND wait_event_type = 'Lock'")
     return bool(waiting == 0)
+
+
+def test_out_of_descriptors_a_connect_fails_as_a_database_error_to_wait_out(
+        database_url: str) -> None:
+    """A flood of clients can leave the process no descriptor for psycopg's own wait on
+    a new connection (an OSError, not a psycopg.Error). The listener and the pools wait
+    out database errors and reconnect; an OSError escaped them and ended `reactor run`
+    (seen once the flood had cut every connection). Run in a child whose descriptors
+    are used up for real."""
+    child = textwrap.dedent("""
+        import os, resource, sys
+        import psycopg
+        from reactor.engine.db import connect_sync
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        held = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        os.close(held.pop())  # one left: libpq's socket, none for psycopg's selector
+        try:
+            connect_sync(sys.argv[1])
+        except psycopg.OperationalError as exc:
+            print("OperationalError:", exc)
+        """)
+    done = subprocess.run([sys.executable, "-c", child, database_url], capture_output=True,
+                          text=True, timeout=patience(30), check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OperationalError: cannot open a connection: Too many "
+                                  "open files"), done.stdout
+    assert "raise LimitNOFILE" in done.stdout

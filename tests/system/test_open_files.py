@@ -215,9 +215,11 @@ def test_a_flood_beyond_a_low_hard_limit_cuts_the_reactor_off_only_while_it_last
             wait_until(lambda: "Too many open files" in log.read_text(), within_s=60,
                        what="the reactor out of descriptors")
             cut_every_connection_and_enqueue(database_url, "during_flood")
-        wait_until(lambda: scalar(database_url, "SELECT count(*) FROM public.analytics_events "
-                                                "WHERE event = 'during_flood'"),
-                   within_s=60, what="the message sent during the flood")
+        def handled() -> int:
+            assert proc.poll() is None, f"reactor run ended:\n{log.read_text()[-3000:]}"
+            return scalar(database_url, "SELECT count(*) FROM public.analytics_events "
+                                        "WHERE event = 'during_flood'")
+        wait_until(handled, within_s=60, what="the message sent during the flood")
         wait_healthy(http, proc, log)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

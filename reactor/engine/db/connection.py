@@ -56,8 +56,16 @@ def connect_sync(url: str, application_name: str = "reactor") -> psycopg.Connect
     """Open an autocommit connection with keepalives; no session settings (but ISO dates,
     if the database sets another style) and no prepared statements, so it works through
     a transaction pooler (see reactor.engine.db)."""
-    conn = psycopg.connect(url, autocommit=True, prepare_threshold=None,
-                           application_name=application_name, **CONNECT)
+    try:
+        conn = psycopg.connect(url, autocommit=True, prepare_threshold=None,
+                               application_name=application_name, **CONNECT)
+    except OSError as exc:
+        # psycopg waits for the connection on a selector of its own: out of descriptors
+        # (a flood of clients, a low LimitNOFILE) that raises OSError, not psycopg.Error.
+        # It is a condition to wait out like any failed connect, not a crash.
+        raise psycopg.OperationalError(
+            f"cannot open a connection: {exc.strerror or exc} (the process is out of file "
+            "descriptors: raise LimitNOFILE or find what holds them)") from exc
     if _needs_iso_dates(conn.pgconn):
         try:
             conn.execute(ISO_DATES)
