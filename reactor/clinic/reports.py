@@ -33,7 +33,6 @@ from reactor.clinic.services.pdf import (
     find_fonts,
     prepare_fonts,
     private_cache_dir,
-    render_report,
 )
 from reactor.clinic.settings import ReportSettings, Settings
 from reactor.engine import queues
@@ -158,13 +157,20 @@ class ReportProcessor(Processor[ReportMessage]):
             raise PermanentError(f"checkup {msg.assessment_id} belongs to another user")
         data = report_data(str(msg.assessment_id), results, full_name, completed_at)
         check_report_size(data)
-        assert self.fonts is not None, "ReportProcessor used outside running()"
+        fonts = self.fonts
+        assert fonts is not None, "ReportProcessor used outside running()"
+
+        def render() -> bytes:
+            # fpdf2 and babel load with the first report, in this worker thread: a
+            # reactor that renders none never spends their 0.6 s of import.
+            from reactor.clinic.services.pdf.layout import render_report
+            return render_report(data, locale=locale, fonts=fonts, templates_dir=TEMPLATES_DIR,
+                                 app_name=self.report.app_name,
+                                 timezone=self.report.app_timezone)
+
         # Abandoned on timeout or shutdown: the render is a pure computation, and the
         # caps above bound how long the thread goes on after that.
-        pdf = await in_worker_thread(lambda: render_report(
-            data, locale=locale, fonts=self.fonts, templates_dir=TEMPLATES_DIR,  # type: ignore[arg-type]
-            app_name=self.report.app_name, timezone=self.report.app_timezone),
-            abandon_on_cancel=True)
+        pdf = await in_worker_thread(render, abandon_on_cancel=True)
         relative = f"{user_id}/{msg.assessment_id}.pdf"
         await self._store(relative, pdf)
         if self.report.supabase_url and self.storage_key:

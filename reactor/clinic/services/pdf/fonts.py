@@ -107,8 +107,6 @@ def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
     record but 0-6 from what it embeds anyway, and each table left out is work saved
     when each document subsets the font again.
     """
-    from fontTools import subset
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(cache_dir)  # what a crash mid-write left
     prepared = []
@@ -117,6 +115,8 @@ def prepare_fonts(fonts: Fonts, cache_dir: Path) -> Fonts:
         target = cache_dir / (f"{source.stem}-{stat.st_size}-{int(stat.st_mtime)}"
                               f"-v{_PREPARED_VERSION}.ttf")
         if not target.exists():
+            from fontTools import subset  # 0.3 s to import: only when a cache is cold
+
             options = subset.Options()
             options.layout_features = []  # fpdf2 draws glyphs without shaping
             options.hinting = False

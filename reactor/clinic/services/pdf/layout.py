@@ -26,43 +26,19 @@ from __future__ import annotations
 import threading
 import tomllib
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from babel.dates import format_date
 from fpdf import FPDF
 from fpdf.enums import XPos, YPos
 
+from reactor.clinic.services.pdf.data import ReportData
 from reactor.clinic.services.pdf.fonts import Fonts, log_missing_glyphs, present
 
-__all__ = ["Band", "ReportData", "Score", "render_report"]
-
-Band = Literal["low", "moderate", "high"]
-
-
-@dataclass(frozen=True)
-class Score:
-    domain: str
-    score: float
-    max: float
-    band: Band
-
-
-@dataclass(frozen=True)
-class ReportData:
-    """What a report shows: `assessments.results` plus who and when."""
-
-    assessment_id: str
-    child_name: str | None
-    parent_name: str | None
-    completed_at: datetime | None
-    scores: list[Score] = field(default_factory=list)
-    summary: str | None = None
-    recommendations: list[str] = field(default_factory=list)
-
+__all__ = ["render_report"]
 
 _LOCK = threading.Lock()          # guards _wording (not the renders)
 _CACHE_SIZE = 8                   # wording files kept; LRU beyond that
