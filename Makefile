@@ -13,16 +13,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+## Test processes: two per core (a test waits on its children and Postgres about half the
+## time), at least 4, at most 8 (each has its own throwaway clusters). `make test WORKERS=N`.
+WORKERS ?= $(shell n=$$(nproc); w=$$((n * 2)); [ $$w -lt 4 ] && w=4; [ $$w -gt 8 ] && w=8; echo $$w)
+
 system-deps:
 	scripts/install-system-deps
 
 ## The whole suite against a throwaway Postgres (includes the ~1 min pg_cron test).
 test: install system-deps
-	$(BIN)/pytest -n 4 --dist worksteal -m "not container"
+	$(BIN)/pytest -n $(WORKERS) --dist worksteal -m "not container"
 
 ## Everything but the tests that wait on pg_cron's minute tick.
 test-fast: install system-deps
-	$(BIN)/pytest -n 4 --dist worksteal -m "not slow and not container"
+	$(BIN)/pytest -n $(WORKERS) --dist worksteal -m "not slow and not container"
 
 ## The image: deploy/Dockerfile built and run with podman against a throwaway Postgres
 ## (docs/operations.md, "The container image"). Skips where podman cannot run.
