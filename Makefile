@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 ## Test processes: two per core (a test waits on its children and Postgres about half the
 ## time), at least 4, at most 8 (each has its own throwaway clusters). `make test WORKERS=N`.
-WORKERS ?= $(shell n=$$(nproc); w=$$((n * 2)); [ $$w -lt 4 ] && w=4; [ $$w -gt 8 ] && w=8; echo $$w)
+## (getconf, not nproc: nproc follows OMP_NUM_THREADS.)
+WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); w=$$((n * 2)); \
+	[ $$w -lt 4 ] && w=4; [ $$w -gt 8 ] && w=8; echo $$w)
 
 system-deps:
 	scripts/install-system-deps

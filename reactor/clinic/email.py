@@ -46,6 +46,7 @@ from reactor.clinic.services.mailer import (
     address_problem,
     build_message,
     check_mail_settings,
+    header_safe,
     open_mailer,
 )
 from reactor.clinic.services.templates import EmailRenderer
@@ -84,17 +85,6 @@ ATTACHMENT_TYPES: Final = frozenset({"application/pdf", "text/plain", "text/csv"
 # character (CR, LF, NUL, bidi overrides), nothing that ends or splits a parameter.
 _NAME_FORBIDDEN: Final = frozenset('"\\/;:*?<>|')
 MAX_FILENAME = 120
-
-
-def header_safe(value: str, *, allow_tab: bool = False) -> str | None:
-    """Why `value` cannot go into a mail header (a control character: CR, LF, NUL, ...;
-    a Unicode line or paragraph separator), else None."""
-    for char in value:
-        if char == "\t" and allow_tab:
-            continue
-        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
-            return f"must not contain control characters (found {char!r})"
-    return None
 
 
 def _check_filename(value: str) -> str:

@@ -30,6 +30,7 @@ from reactor.clinic.services.pdf import (
     Fonts,
     ReportData,
     Score,
+    check_pdf_libraries,
     find_fonts,
     prepare_fonts,
     private_cache_dir,
@@ -124,6 +125,7 @@ class ReportProcessor(Processor[ReportMessage]):
         super().__init__(ctx)
         self.report = settings = self.settings
         self.source_fonts = find_fonts(settings.report_font_dir)  # ConfigError if missing
+        check_pdf_libraries()  # present, though imported only by the first report
         self.fonts: Fonts | None = None
         key = settings.supabase_service_role_key
         self.storage_key = key.get_secret_value() if key else None
@@ -161,7 +163,7 @@ class ReportProcessor(Processor[ReportMessage]):
         assert fonts is not None, "ReportProcessor used outside running()"
 
         def render() -> bytes:
-            # fpdf2 and babel load with the first report, in this worker thread: a
+            # fpdf2 and fontTools load with the first report, in this worker thread: a
             # reactor that renders none never spends their 0.6 s of import.
             from reactor.clinic.services.pdf.layout import render_report
             return render_report(data, locale=locale, fonts=fonts, templates_dir=TEMPLATES_DIR,

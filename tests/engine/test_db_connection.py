@@ -7,6 +7,7 @@ connections than the pool's size however many tasks fetch at once.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import subprocess
@@ -19,7 +20,7 @@ import psycopg
 import pytest
 import trio
 
-from reactor.engine.db import Database, DatabaseUnavailable
+from reactor.engine.db import Database, DatabaseUnavailable, connect_sync
 from reactor.testing import patience
 from tests.harness import eventually, sql
 
@@ -221,3 +222,18 @@ def test_out_of_descriptors_a_connect_fails_as_a_database_error_to_wait_out(
     assert done.stdout.startswith("OperationalError: cannot open a connection: Too many "
                                   "open files"), done.stdout
     assert "raise LimitNOFILE" in done.stdout
+
+
+def test_a_connect_out_of_memory_is_not_blamed_on_descriptors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only EMFILE and ENFILE name LimitNOFILE: another OSError of psycopg's wait (ENOMEM,
+    ENOSPC from the kernel's epoll limits) says what it is, as a database error still."""
+    def refuse(*args: Any, **kwargs: Any) -> psycopg.Connection:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+    monkeypatch.setattr(psycopg, "connect", refuse)
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect_sync("postgresql://u@127.0.0.1/db")
+    assert str(info.value) == "cannot open a connection: Cannot allocate memory"
+    cause = info.value.__cause__
+    assert isinstance(cause, OSError)
+    assert cause.__traceback__ is None  # it held the half-open socket while callers back off

@@ -11,6 +11,7 @@ as a server-side prepared statement, named after a hash of its text.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -61,11 +62,15 @@ def connect_sync(url: str, application_name: str = "reactor") -> psycopg.Connect
                                application_name=application_name, **CONNECT)
     except OSError as exc:
         # psycopg waits for the connection on a selector of its own: out of descriptors
-        # (a flood of clients, a low LimitNOFILE) that raises OSError, not psycopg.Error.
-        # It is a condition to wait out like any failed connect, not a crash.
+        # (a flood of clients, a low LimitNOFILE) or memory, that raises OSError, not
+        # psycopg.Error. A condition to wait out like any failed connect, not a crash.
+        # Without its traceback, which holds the half-open connection's socket while the
+        # caller backs off.
+        hint = (" (the process is out of file descriptors: raise LimitNOFILE or find what "
+                "holds them)" if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
         raise psycopg.OperationalError(
-            f"cannot open a connection: {exc.strerror or exc} (the process is out of file "
-            "descriptors: raise LimitNOFILE or find what holds them)") from exc
+            f"cannot open a connection: {exc.strerror or exc}{hint}"
+        ) from exc.with_traceback(None)
     if _needs_iso_dates(conn.pgconn):
         try:
             conn.execute(ISO_DATES)

@@ -700,6 +700,12 @@ def test_the_helo_name_defaults_to_the_senders_domain(env: dict[str, str],
     ({"SMTP_FROM": "Family <a@example.com>"}, "SMTP_FROM is not an email address"),
     ({"SMTP_FROM": "a@example.com", "SMTP_REPLY_TO": "support"},
      "SMTP_REPLY_TO is not an email address"),
+    # The From line is written as given: a character that breaks a header line (\x1c is
+    # a line boundary to str.splitlines, as \x0b and \x0c are) is refused at start.
+    ({"SMTP_FROM": "a@example.com", "SMTP_FROM_NAME": "Clinic\x1cBot"},
+     "SMTP_FROM_NAME must not contain control characters (found '\\x1c')"),
+    ({"SMTP_FROM": "a@example.com", "SMTP_FROM_NAME": "Clinic\x00"},
+     "SMTP_FROM_NAME must not contain control characters"),
 ])
 def test_a_helo_name_that_is_not_fully_qualified_is_refused(env: dict[str, str],
                                                             expected: str) -> None:

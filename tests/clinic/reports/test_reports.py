@@ -7,6 +7,7 @@ import hashlib
 import io
 import struct
 import subprocess
+import sys
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -198,6 +199,16 @@ def test_a_missing_font_stops_start_up_naming_the_fix(database_url: str,
                                                       tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="apt-get install -y fonts-dejavu-core"):
         Reactor(build(settings_for(database_url, REPORT_FONT_DIR=str(tmp_path))))
+
+
+def test_a_missing_pdf_library_stops_start_up_naming_the_package(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fpdf2 is imported by the first report only: a reactor installed without it would
+    start and fail every report. It is looked up (not imported) at start instead."""
+    monkeypatch.setitem(sys.modules, "fpdf", None)  # how Python marks a module absent
+    with pytest.raises(ConfigError, match="reports need the fpdf2 package, which is not "
+                                          "installed: reinstall reactor"):
+        Reactor(build(settings_for(database_url)))
 
 
 def test_optional_parts_may_be_missing(tmp_path: Path) -> None:

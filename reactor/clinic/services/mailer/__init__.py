@@ -30,6 +30,7 @@ from reactor.clinic.services.mailer.mime import (
     OutgoingMail,
     ascii_filename,
     build_message,
+    header_safe,
 )
 from reactor.clinic.services.mailer.outbox import FileMailer
 from reactor.clinic.services.mailer.pool import SmtpMailer, open_mailer
@@ -46,5 +47,5 @@ from reactor.clinic.services.mailer.smtp import (
 
 __all__ = ["Attachment", "DeliveryUnknown", "FileMailer", "Mailer", "OutgoingMail",
            "SmtpConnection", "SmtpDeferred", "SmtpMailer", "WireAddress", "address_problem",
-           "ascii_filename", "build_message", "check_mail_settings", "classify", "helo_name",
-           "open_mailer", "wire_address"]
+           "ascii_filename", "build_message", "check_mail_settings", "classify", "header_safe",
+           "helo_name", "open_mailer", "wire_address"]

@@ -58,7 +58,7 @@ from reactor.clinic.services.templates import RenderedEmail
 from reactor.engine.errors import PermanentError
 
 __all__ = ["MAX_ENCODED_WORD", "MAX_LINE", "Attachment", "OutgoingMail", "ascii_filename",
-           "build_message"]
+           "build_message", "header_safe"]
 
 # RFC 5322 §2.1.1: header lines SHOULD stay within 78 characters; RFC 2047 §2: an
 # encoded word is at most 75. Spam filters score mails that ignore either.
@@ -137,12 +137,25 @@ def _encoded(name: str, text: str, address: str | None = None) -> _Written:
     return _Written(name, header.encode(linesep="\n"))
 
 
+def header_safe(value: str, *, allow_tab: bool = False) -> str | None:
+    """Why `value` cannot go into a mail header (a control character: CR, LF, NUL, ...;
+    a Unicode line or paragraph separator), else None."""
+    for char in value:
+        if char == "\t" and allow_tab:
+            continue
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            return f"must not contain control characters (found {char!r})"
+    return None
+
+
 def _line(name: str, value: str) -> _Written | str:
     """A header the package would only parse and write back the same: an ASCII value that
     fits one line (what email.utils makes: a date, a Message-ID, an address), stored as
     written. Parsing and refolding such a header took a third of a mail's build. Any
-    other value goes to the package as it is."""
-    if value.isascii() and "=?" not in value and len(name) + 2 + len(value) <= MAX_LINE:
+    other value (empty, a tab, a control character: the package's own checks refuse
+    what would break the line) goes to the package as it is."""
+    if (value and value.isascii() and value.isprintable() and "=?" not in value
+            and len(name) + 2 + len(value) <= MAX_LINE):
         return _Written(name, value)
     return value
 

@@ -26,6 +26,7 @@ import aiosmtplib
 import trio
 
 from reactor.clinic.services.asyncio_thread import AsyncioThread
+from reactor.clinic.services.mailer.mime import header_safe
 from reactor.clinic.settings import ConfigError, MailSettings
 from reactor.engine.errors import PermanentError, RetryableError
 
@@ -354,6 +355,10 @@ def check_mail_settings(settings: MailSettings) -> None:
     if settings.smtp_reply_to is not None and not _ADDRESS.match(settings.smtp_reply_to):
         raise ConfigError("SMTP_REPLY_TO is not an email address: set it to the address "
                           "that answers replies, e.g. support@example.com, or leave it unset")
+    name_problem = header_safe(settings.smtp_from_name or "")
+    if name_problem:
+        raise ConfigError(f"SMTP_FROM_NAME {name_problem}: write the sender's name on one "
+                          "line of printable characters, e.g. Family Mind")
     if settings.smtp_from is not None and not _ADDRESS.match(settings.smtp_from):
         raise ConfigError("SMTP_FROM is not an email address: set it to the sender address, "
                           "e.g. noreply@example.com (the display name goes in SMTP_FROM_NAME)")

@@ -14,9 +14,9 @@ The modules, by responsibility:
 - `layout`: how it shows it (`render_report`, on fpdf2 and babel);
 - `fonts`: finding and preparing the fonts (`find_fonts`, `prepare_fonts`).
 This module re-exports what the rest of the app imports from
-`reactor.clinic.services.pdf`. `render_report` loads `layout` on first use: fpdf2,
-fontTools and babel take 0.6 s of CPU to import, which a reactor that renders no
-report (a replica at start, every CLI command) need not spend.
+`reactor.clinic.services.pdf`. `render_report` loads `layout` on first use: fpdf2 and
+fontTools take 0.6 s of CPU to import, which a reactor that renders no report (a
+replica at start, every CLI command) need not spend.
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from reactor.clinic.services.pdf.data import Band, ReportData, Score
 from reactor.clinic.services.pdf.fonts import _UNICODES as _UNICODES
-from reactor.clinic.services.pdf.fonts import Fonts, find_fonts, prepare_fonts, private_cache_dir
+from reactor.clinic.services.pdf.fonts import (
+    Fonts,
+    check_pdf_libraries,
+    find_fonts,
+    prepare_fonts,
+    private_cache_dir,
+)
 
 if TYPE_CHECKING:
     from reactor.clinic.services.pdf.layout import render_report as render_report
@@ -36,5 +42,5 @@ else:
             return render_report
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["Band", "Fonts", "ReportData", "Score", "find_fonts", "prepare_fonts",
-           "private_cache_dir", "render_report"]
+__all__ = ["Band", "Fonts", "ReportData", "Score", "check_pdf_libraries", "find_fonts",
+           "prepare_fonts", "private_cache_dir", "render_report"]

@@ -11,6 +11,7 @@ cost in proportion to the glyphs the file holds (DejaVu's ~6,000 against the
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import os
@@ -47,6 +48,16 @@ class Fonts:
     # What prepared fonts were cut from: made again from it if a temp cleaner removes them
     # under a long-running reactor (`present`).
     source: Fonts | None = None
+
+
+def check_pdf_libraries() -> None:
+    """Refuse to start without fpdf2 or fontTools: they are imported only by the first
+    report (or a cold font cache), and a missing one would fail every report then.
+    Looking them up imports nothing."""
+    for module, package in (("fpdf", "fpdf2"), ("fontTools", "fonttools")):
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"reports need the {package} package, which is not installed: "
+                              f"reinstall reactor (pip install reactor) or pip install {package}")
 
 
 def find_fonts(font_dir: Path) -> Fonts:
