@@ -171,16 +171,17 @@ async def test_higher_priority_first_within_a_batch(database_url: str) -> None:
 async def test_long_job_keeps_its_lease_and_no_replica_takes_it(database_url: str) -> None:
     processor = scripted_processor()
     processors = {processor.queue: processor}
-    # The job lasts 2.5 leases (3 s each, renewed every 1 s); the second replica polls
-    # every 100 ms all the while.
-    async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=3,
+    # The job lasts 2.5 leases (6 s each, renewed every 2 s); the second replica polls
+    # every 100 ms all the while. A renewal may come 4 s late before the lease lapses: a
+    # 3 s lease lapsed once when a loaded machine starved this test's process for 2 s.
+    async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=6,
                                WORKER_INTERVAL_MS=100) as first:
         with first.bus.subscribe() as sub:
-            msg_id = await send(database_url, processor.queue, {"sleep_s": 7.5})
+            msg_id = await send(database_url, processor.queue, {"sleep_s": 15})
             await wait_for(sub, of_type("job.started", msg_id))
-            async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=3,
+            async with running_reactor(database_url, processors, VISIBILITY_TIMEOUT_S=6,
                                        WORKER_INTERVAL_MS=100):
-                await wait_for(sub, of_type("job.succeeded", msg_id), within_s=30)
+                await wait_for(sub, of_type("job.succeeded", msg_id), within_s=45)
     assert processor.seen == [(msg_id, 1)]  # the second replica never got it
     assert len(processor.per_instance) == 1
 
