@@ -106,7 +106,10 @@ async def test_a_finished_job_on_a_quiet_analyzed_queue_is_not_run_again(
     ids = [await send(database_url, QUEUE, {"n": n}, notify=False) for n in range(3)]
     await sql(database_url, "ANALYZE pgmq.q_analytics_queue")  # small and analyzed: quiet
     processor = scripted_processor(concurrency=1)
-    async with running_reactor(database_url, _only(processor), VISIBILITY_TIMEOUT_S=2) as reactor:
+    # A lease of 6 s: a finished job left in the queue is delivered again once it runs out
+    # (what this test would catch), while a starved test process (2 s on a loaded
+    # machine) cannot make a job that was archived in time look run twice.
+    async with running_reactor(database_url, _only(processor), VISIBILITY_TIMEOUT_S=6) as reactor:
         await eventually(lambda: len(processor.finished) >= 3, within_s=20)
         with reactor.bus.subscribe() as sub:
             for _ in range(4):  # a few messages at once, as an app sends them
@@ -114,8 +117,8 @@ async def test_a_finished_job_on_a_quiet_analyzed_queue_is_not_run_again(
                                  "jsonb_build_object('n', i)) FROM generate_series(1, 3) AS i")
                 ids += [int(msg_id) for (msg_id,) in rows]
                 await wait_for(sub, of_type("job.succeeded"), count=3, within_s=20)
-        # Every finished job is archived (the queue empties), and none runs twice: a lease of
-        # 2 s that ran out on a message left in the queue would deliver it again.
+        # Every finished job is archived (the queue empties), and none runs twice: a lease
+        # that ran out on a message left in the queue would deliver it again.
 
         async def archived_or_run_again() -> bool:
             return len(processor.seen) > len(ids) or await _count(
