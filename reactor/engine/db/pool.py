@@ -253,6 +253,12 @@ class Database:
         """
         return await self._on_native(partial(_rows_of, query=query, params=params))
 
+    async def fetch_bound(self, query: bytes) -> list[tuple[Any, ...]]:
+        """`fetch` for a statement with every value bound in: sent as it is (the simple
+        query protocol), its rows loaded by psycopg's loaders, with no cursor and no
+        parameters to dump. A busy drainer's archive-and-take (queues.Take.archive_of)."""
+        return await self._on_native(partial(_simple_rows, query=query))
+
     async def fetch_prepared(self, statement: Prepared) -> list[tuple[Any, ...]]:
         """`fetch` for a statement run prepared (prepared on first use on each connection).
 

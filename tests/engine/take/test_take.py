@@ -6,9 +6,10 @@ per call), so it must read what pgmq.read reads on both table layouts (pgmq >= 1
 with last_read_at, Supabase's 1.4.4-1.5.x without), archive what finished whatever
 plan the planner picks, take each message once however many replicas race for it,
 never wait for a durable commit, and refuse nothing silently on a read-only database.
-Every form of the take is covered: the archive-and-take (`Take.with_archive`), the
-take alone of a part batch (`Take.alone`) and the prepared whole-batch wake-up take
-(`Take.wake`; its own file is test_prepared_take.py).
+Every form of the take is covered: the archive-and-take (`Take.with_archive`, with its
+parameters for a part batch, bound in as one statement for a whole one:
+`Take.archive_of`), the take alone of a part batch (`Take.alone`) and the prepared
+whole-batch wake-up take (`Take.wake`; its own file is test_prepared_take.py).
 """
 
 from __future__ import annotations
@@ -173,19 +174,31 @@ async def test_the_take_archives_what_finished_when_nothing_else_is_visible(
 
 
 @BOTH_FLAVOURS
+@pytest.mark.parametrize("qty", [BATCH, 10], ids=["bound", "parameters"])
 async def test_a_finished_message_whose_lease_ran_out_is_archived_not_taken_again(
-        database_url: str) -> None:
+        database_url: str, qty: int) -> None:
     """The statement that archives a message must not take it again, even when its lease
-    ran out while it ran (an outage): it is excluded from the take."""
+    ran out while it ran (an outage): it is excluded from the take, in both forms of the
+    archive-and-take (a whole batch: every value bound in; a part one: parameters)."""
     msg_id = await send(database_url, QUEUE, {"event": "long"})
     async with Database(database_url, 2).opened() as db:
         statement = await _statement(db)
-        [message] = await queues.archive_then_read(db, statement, QUEUE, [], 30, 10)
+        [message] = await queues.archive_then_read(db, statement, QUEUE, [], 30, qty)
         await sql(database_url, "UPDATE pgmq.q_analytics_queue SET vt = now() - interval '1s'")
         assert await queues.archive_then_read(db, statement, QUEUE, [message.msg_id],
-                                              30, 10) == []
+                                              30, qty) == []
     assert await sql(database_url, "SELECT msg_id, read_ct FROM pgmq.a_analytics_queue") == [
         (msg_id, 1)]
+
+
+async def test_the_bound_archive_takes_integer_ids_only(database_url: str) -> None:
+    """The finished ids are written into the statement's text: anything but an integer
+    is refused before a statement is sent (they are msg_ids read from pgmq, bigint)."""
+    async with Database(database_url, 2).opened() as db:
+        statement = await _statement(db)
+    assert statement.archive_of([1, 22, 333]).count(b"'{1,22,333}'::int8[]") == 3
+    with pytest.raises(TypeError):
+        statement.archive_of(["1) OR true --"])  # type: ignore[list-item]
 
 
 # -- 3. replicas racing ---------------------------------------------------------------------------
