@@ -174,10 +174,8 @@ def set_vt(conn: psycopg.Connection, queue: str, ids: list[int], seconds: int) -
         conn.execute(queries.SET_VT_MANY, {"queue": queue, "ids": ids, "vt": seconds})
 
 
-# A msg_id pgmq never hands out (its ids start at 1): marks where a batch's ids go in
-# the archive-and-take statement bound for a drainer (Take.archive_parts).
-_IDS_MARK = -7_777_777_777_777
-_IDS_MARKED = b"'{%d}'::int8[]" % _IDS_MARK
+# Where the finished ids go in the archive-and-take (queries.TAKE: `%(ids)s::bigint[]`).
+_IDS = b"%(ids)s"
 
 
 class Take(NamedTuple):
@@ -199,9 +197,13 @@ class Take(NamedTuple):
     def archive_of(self, ids: list[int]) -> bytes:
         """`with_archive` for the finished `ids`, every value bound in: a busy drainer's
         statement, sent with no cursor and no parameter to dump (psycopg's cursor and
-        array dumper cost a tenth of its CPU per job). `%d` takes integers only."""
-        ids_literal = b"'{" + b",".join([b"%d" % i for i in ids]) + b"}'::int8[]"
-        return ids_literal.join(self.archive_parts)
+        array dumper cost a tenth of its CPU per job). The ids are written into the
+        text: ints only (msg_ids as psycopg loads them), not a bool, float or subclass
+        that `%d` would write as another number."""
+        for msg_id in ids:
+            if type(msg_id) is not int:
+                raise TypeError(f"a msg_id must be an int, not {type(msg_id).__name__}")
+        return (b"'{" + b",".join([b"%d" % i for i in ids]) + b"}'").join(self.archive_parts)
 
 
 def take_statement(conn: psycopg.Connection, queue: str, *, vt: int, batch: int) -> Take:
@@ -215,12 +217,10 @@ def take_statement(conn: psycopg.Connection, queue: str, *, vt: int, batch: int)
     # Bound on the client, as literals (quoted by psycopg for this connection): the
     # values are the drainer's own settings and a validated queue name.
     client = psycopg.ClientCursor(conn)
-    bound = client.mogrify(alone, _take_params(queue, vt, batch))
-    marked = client.mogrify(with_archive, {**_take_params(queue, vt, batch), "ids": [_IDS_MARK]})
-    parts = tuple(marked.encode().split(_IDS_MARKED))
-    if len(parts) != with_archive.count(b"%(ids)s") + 1:
-        raise AssertionError(f"cannot bind the take of {queue}: ids marked {len(parts) - 1} "
-                             "times in the statement")
+    params = _take_params(queue, vt, batch)
+    bound = client.mogrify(alone, params)
+    # Each piece between two `%(ids)s` bound alone: the ids' literal goes between them.
+    parts = tuple(client.mogrify(piece, params).encode() for piece in with_archive.split(_IDS))
     return Take(with_archive, alone, Prepared.of(bound.encode()), vt, batch, parts)
 
 

@@ -34,8 +34,6 @@ from tests.pgbouncer import pgbouncer, same_database
 QUEUE = "analytics_queue"
 VT, BATCH = 30, 100
 BOTH_FLAVOURS = pytest.mark.parametrize("db_flavor", ["plain", "supabase"], indirect=True)
-# The take of a whole batch runs prepared; a smaller one runs as a plain statement.
-PREPARED_OR_NOT = pytest.mark.parametrize("qty", [BATCH, 10], ids=["prepared", "unprepared"])
 
 
 async def _statement(db: Database, batch: int = BATCH) -> queues.Take:
@@ -60,16 +58,18 @@ def _connect(url: str, autocommit: bool) -> psycopg.Connection[tuple[Any, ...]]:
 # -- 1. what the take reads, on both table layouts --------------------------------------------
 @BOTH_FLAVOURS
 @pytest.mark.parametrize("last_read_at", [True, False], ids=["pgmq-1.8", "pgmq-1.5"])
+@pytest.mark.parametrize("rest", ["prepared", "bound"])
 async def test_the_take_reads_every_kind_of_message_as_pgmq_read_does_on_both_table_layouts(
-        database_url: str, last_read_at: bool) -> None:
+        database_url: str, last_read_at: bool, rest: str) -> None:
     """On a queue table with last_read_at (pgmq >= 1.8) and without (Supabase's
     1.4.4-1.5.x; then no form of the take names the column): an ordinary body, a body
     over MAX_MESSAGE_BYTES (not sent: its size), a message with a failure row of an
     earlier queue incarnation (its msg_id reused: not counted) and one with its own
     (counted) come out of the take as they come out of queues.read (pgmq.read, where the
     installed pgmq has the column), oldest first and no more than asked for (a part
-    batch, then the prepared whole batch), and the table is left as pgmq.read leaves it:
-    read_ct 1, leased, last_read_at set where the column is."""
+    batch, then a whole batch: prepared, or as the archive-and-take bound for a busy
+    drainer with nothing in its archive list), and the table is left as pgmq.read
+    leaves it: read_ct 1, leased, last_read_at set where the column is."""
     if not last_read_at:
         await sql(database_url, "ALTER TABLE pgmq.q_analytics_queue DROP COLUMN last_read_at")
     huge = queues.MAX_MESSAGE_BYTES + 1000
@@ -108,12 +108,17 @@ async def test_the_take_reads_every_kind_of_message_as_pgmq_read_does_on_both_ta
             assert await table_state(by_read) == expected_state
         statement = await _statement(db)
         if not last_read_at:
-            forms = (statement.with_archive, statement.alone, statement.wake.text)
+            forms = (statement.with_archive, statement.alone, statement.wake.text,
+                     *statement.archive_parts)
             assert not any(b"last_read_at" in form for form in forms)
         by_take = await four()
         taken = await queues.archive_then_read(db, statement, QUEUE, [], VT, 2)
         assert [m.msg_id for m in taken] == by_take[:2]  # oldest first, up to qty
-        taken += await _wake_take(db, statement)  # the rest, by the prepared take
+        if rest == "prepared":
+            taken += await _wake_take(db, statement)
+        else:  # the installed pgmq.archive needs the column: an empty list archives nothing
+            rows = await db.fetch_bound(statement.archive_of([]))
+            taken += queues._taken(QUEUE, rows)
     if last_read_at:
         assert shape(taken, by_take) == shape(read, by_read)
     assert shape(taken, by_take) == [
@@ -196,9 +201,14 @@ async def test_the_bound_archive_takes_integer_ids_only(database_url: str) -> No
     is refused before a statement is sent (they are msg_ids read from pgmq, bigint)."""
     async with Database(database_url, 2).opened() as db:
         statement = await _statement(db)
-    assert statement.archive_of([1, 22, 333]).count(b"'{1,22,333}'::int8[]") == 3
-    with pytest.raises(TypeError):
-        statement.archive_of(["1) OR true --"])  # type: ignore[list-item]
+    assert statement.archive_of([1, 22, 333]).count(b"'{1,22,333}'::bigint[]") == 3
+
+    class Sly(int):
+        def __str__(self) -> str:
+            return "1) OR true --"
+    for wrong in ["1) OR true --", True, 2.9, Sly(3)]:
+        with pytest.raises(TypeError, match="a msg_id must be an int"):
+            statement.archive_of([1, wrong])  # type: ignore[list-item]
 
 
 # -- 3. replicas racing ---------------------------------------------------------------------------
@@ -460,20 +470,26 @@ async def test_through_pgbouncer_a_take_leaves_no_setting_on_the_server_connecti
             statement = await _statement(db)
             first = await queues.archive_then_read(db, statement, QUEUE, [], 30, 2)
             rest = await queues.archive_then_read(db, statement, QUEUE, [ids[0]], 30, 10)
-            assert await queues.archive_then_read(db, statement, QUEUE, [], 30, 10) == []
+            # A whole batch's archive-and-take, every value bound in (the simple protocol).
+            assert await queues.archive_then_read(db, statement, QUEUE, ids[1:], 30,
+                                                  BATCH) == []
         assert [m.msg_id for m in first + rest] == ids
+        assert await sql(url, "SELECT msg_id FROM pgmq.a_analytics_queue ORDER BY 1") == [
+            (i,) for i in ids]
         assert await sql(url, "SHOW synchronous_commit") == [("on",)]
         assert await sql(url, "SELECT count(DISTINCT pid) FROM pg_stat_activity "
                               "WHERE datname = current_database() "
                               "AND application_name <> 'pgbouncer'") == [(1,)]
 
 
-@PREPARED_OR_NOT
+@pytest.mark.parametrize(("qty", "finished"), [(BATCH, []), (10, []), (BATCH, [10**9])],
+                         ids=["prepared", "unprepared", "bound"])
 async def test_a_take_on_a_read_only_database_is_an_outage_and_takes_nothing(
-        database_url: str, qty: int) -> None:
-    """A database flipped read-only (a standby after failover) refuses the take, prepared
-    or not, every time: the drainers' error for waiting it out (database_read_only), the
-    message untouched, preparing not given up; writable again, the take works."""
+        database_url: str, qty: int, finished: list[int]) -> None:
+    """A database flipped read-only (a standby after failover) refuses the take, prepared,
+    with parameters or bound with a (harmless) archive list, every time: the drainers'
+    error for waiting it out (database_read_only), the message untouched, preparing not
+    given up; writable again, the take works."""
     name = pgsql.Identifier(database_name(database_url))
     msg_id = await send(database_url, QUEUE, {"event": "later"}, notify=False)
     await sql(database_url, pgsql.SQL(
@@ -482,7 +498,7 @@ async def test_a_take_on_a_read_only_database_is_an_outage_and_takes_nothing(
         statement = await _statement(db)
         for _ in range(2):  # the second on a fresh connection (the first one was dropped)
             with pytest.raises(DatabaseUnavailable) as refused:
-                await queues.archive_then_read(db, statement, QUEUE, [], VT, qty)
+                await queues.archive_then_read(db, statement, QUEUE, finished, VT, qty)
             assert refused.value.reason == "database_read_only"
         assert db.prepared_statements
     assert await sql(database_url, "SELECT msg_id, read_ct FROM pgmq.q_analytics_queue") == [
@@ -490,5 +506,5 @@ async def test_a_take_on_a_read_only_database_is_an_outage_and_takes_nothing(
     await sql(database_url + "?options=-c%20default_transaction_read_only%3Doff",
               pgsql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(name))
     async with Database(database_url, 1).opened() as db:
-        taken = await queues.archive_then_read(db, statement, QUEUE, [], VT, qty)
+        taken = await queues.archive_then_read(db, statement, QUEUE, finished, VT, qty)
         assert [m.msg_id for m in taken] == [msg_id]
