@@ -57,7 +57,7 @@ def check_pdf_libraries() -> None:
     for module, package in (("fpdf", "fpdf2"), ("fontTools", "fonttools")):
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"reports need the {package} package, which is not installed: "
-                              f"reinstall reactor (pip install reactor) or pip install {package}")
+                              f"reinstall reactor from its wheel, or pip install {package}")
 
 
 def find_fonts(font_dir: Path) -> Fonts:
