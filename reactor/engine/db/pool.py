@@ -391,8 +391,10 @@ class Database:
 
         One cut off mid-statement (deadline, shutdown) is cancelled on the server
         first, and that is waited for (shielded, at most CANCEL_WAIT_S): when the
-        caller goes on, the statement is no longer running, so it cannot take
-        messages the caller releases next.
+        caller goes on, the server has taken the cancel request, and the statement's
+        backend stops at its next interrupt check (a moment later, when it is next
+        scheduled), its transaction rolled back: it cannot take messages the caller
+        releases next.
         """
         if reusable and not (self._closed or interrupted) and session.reusable():
             self._idle.append(session)
