@@ -58,7 +58,10 @@ async def test_watch_prints_events_as_json_lines(database_url: str) -> None:
 @pytest.mark.process
 async def test_watch_queue_shows_only_that_queue(database_url: str) -> None:
     async with running_reactor(database_url) as reactor:
-        proc = watch_process(reactor.feed_port, "--json", "--queue", "email_queue")
+        # Jobs only: the reactor's own events (email_queue's depth) may come first on a
+        # slow machine. The other two jobs pass that filter and not --queue.
+        proc = watch_process(reactor.feed_port, "--json", "--queue", "email_queue",
+                             "--type", "job.")
         try:
             await eventually(lambda: reactor.bus.subscriber_count >= 1)
             reactor.bus.publish("job.succeeded", "analytics_queue", 1, 1, 1.0)
@@ -92,7 +95,10 @@ async def test_watch_replay_first_shows_the_last_events(database_url: str) -> No
 async def test_watch_token_is_sent_in_a_header_and_a_wrong_one_is_named(
         database_url: str) -> None:
     async with running_reactor(database_url, FEED_TOKEN="t0ken-for-watch") as reactor:
-        proc = watch_process(reactor.feed_port, "--json", "--token", "t0ken-for-watch")
+        # Only job.succeeded: the reactor's own events (a queue depth, a health change)
+        # may come first when the machine is slow (soak run 4 saw one).
+        proc = watch_process(reactor.feed_port, "--json", "--token", "t0ken-for-watch",
+                             "--type", "job.succeeded")
         try:
             await eventually(lambda: reactor.bus.subscriber_count >= 1)
             reactor.bus.publish("job.succeeded", "email_queue", 7, 1, 1.0)
@@ -113,10 +119,12 @@ async def test_watch_token_is_sent_in_a_header_and_a_wrong_one_is_named(
 @pytest.mark.process
 async def test_watch_is_quiet_when_nothing_changes(database_url: str) -> None:
     async with running_reactor(database_url) as reactor:
-        proc = watch_process(reactor.feed_port)
+        queue = "a_rather_long_queue_name_for_the_terminal"
+        # This queue only: the reactor's own queues report their depths too, whenever a
+        # slow machine gets to it.
+        proc = watch_process(reactor.feed_port, "--queue", queue)
         try:
             await eventually(lambda: reactor.bus.subscriber_count >= 1)
-            queue = "a_rather_long_queue_name_for_the_terminal"
             for depth in (0, 0, 0, 3, 3, 3, 0):
                 reactor.bus.publish("queue.depth", queue, depth=depth, oldest_age_s=1)
             reactor.bus.publish("job.succeeded", queue, 41, 1, 2.0)
@@ -134,7 +142,7 @@ async def test_watch_is_quiet_when_nothing_changes(database_url: str) -> None:
 @pytest.mark.process
 async def test_watch_exits_quietly_when_its_stdout_closes(database_url: str) -> None:
     async with running_reactor(database_url) as reactor:
-        proc = watch_process(reactor.feed_port, "--json")
+        proc = watch_process(reactor.feed_port, "--json", "--type", "job.succeeded")
         try:
             await eventually(lambda: reactor.bus.subscriber_count >= 1)
             reactor.bus.publish("job.succeeded", "email_queue", 1, 1, 1.0)
