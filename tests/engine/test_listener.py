@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from reactor.engine.db import DatabaseUnavailable, ListenConnection
+from reactor.testing import patience
 from tests.harness import PLAIN, alter_database, sql
 
 
@@ -24,12 +25,12 @@ async def test_the_listen_connection_reads_every_notification_and_notices_its_en
     try:
         await sql(database_url, "SELECT pg_notify('reactor_wakeup', p) "
                                 "FROM unnest(ARRAY['a', 'ä🙂', 'a', 'b']) AS p")
-        with trio.fail_after(10):
+        with trio.fail_after(patience(10)):
             assert await listen.wait() == ["a", "ä🙂", "b"]
         for payload in ("c", "d"):
             await sql(database_url, "SELECT pg_notify('reactor_wakeup', %s)", (payload,))
         await trio.sleep(0.2)
-        with trio.fail_after(10):
+        with trio.fail_after(patience(10)):
             got = await listen.wait()
             while len(got) < 2:
                 got += await listen.wait()
@@ -37,7 +38,7 @@ async def test_the_listen_connection_reads_every_notification_and_notices_its_en
         assert listen.pending() == []  # nothing more, and no waiting for it
         await sql(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                 "WHERE application_name = 'reactor listener'")
-        with trio.fail_after(10), pytest.raises(DatabaseUnavailable):
+        with trio.fail_after(patience(10)), pytest.raises(DatabaseUnavailable):
             await _wait_until_it_fails(listen)
     finally:
         listen.close()
@@ -57,7 +58,7 @@ async def test_the_listener_reads_a_flood_of_distinct_notifications_in_order(
         await sql(database_url, "SELECT pg_notify('reactor_wakeup', 'q' || n) "
                                 "FROM generate_series(1, 20000) AS n")
         got: list[str] = []
-        with trio.fail_after(20):
+        with trio.fail_after(patience(20)):
             while len(got) < 20000:
                 got += await listen.wait()
         assert got == [f"q{n}" for n in range(1, 20001)]
@@ -81,7 +82,7 @@ async def test_a_notification_the_listener_encoding_cannot_carry_does_not_cut_it
             await sql(database_url + PLAIN, "SELECT pg_notify('reactor_wakeup', %s)",
                       (payload,))
         got: list[str] = []
-        with trio.fail_after(10):
+        with trio.fail_after(patience(10)):
             while len(got) < 3:
                 got += await listen.wait()
         assert got == ["é", "Привет", "after"]

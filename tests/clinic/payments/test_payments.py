@@ -29,6 +29,7 @@ from reactor.clinic.settings import YOOKASSA_NETWORKS, ConfigError, Settings, lo
 from reactor.engine import dead_letters
 from reactor.engine.errors import PermanentError
 from reactor.engine.web import serve_http
+from reactor.testing import patience
 from tests import factories as f
 from tests.harness import (
     eventually,
@@ -420,7 +421,7 @@ async def test_webhook_refuses_a_body_that_trickles_or_is_declared_too_big(
     fake = FakeYooKassa({})
     async with provider_and_reactor(database_url, fake, **LOOPBACK) as reactor:
         port = reactor.http_port
-        with trio.fail_after(15):
+        with trio.fail_after(patience(15)):
             assert " 413 " in await post_raw(port, HOOK, "Content-Length: 999999999\r\n",
                                               [b"x" * 65536] * 4)
             assert " 408 " in await post_raw(port, HOOK, "Content-Length: 30\r\n",

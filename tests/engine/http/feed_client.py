@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from reactor.engine.runtime import Reactor
+from reactor.testing import patience
 
 
 def url(reactor: Reactor, query: str = "") -> str:
@@ -18,7 +19,7 @@ def url(reactor: Reactor, query: str = "") -> str:
 
 async def next_events(ws: Any, count: int, within_s: float = 5) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
-    with trio.fail_after(within_s):
+    with trio.fail_after(patience(within_s)):
         while len(events) < count:
             events.append(json.loads(await ws.get_message()))
     return events

@@ -13,6 +13,7 @@ from trio_websocket import open_websocket_url
 
 from reactor.engine.events import EventBus
 from reactor.engine.feed import Access, serve_feed
+from reactor.testing import patience
 from tests.engine.http.feed_client import (
     handshake,
     next_events,
@@ -97,7 +98,7 @@ async def test_a_stalled_client_is_dropped_and_the_reactor_keeps_its_pace(
                 await eventually(lambda: reactor.bus.subscriber_count == 1, within_s=20)
                 assert reactor.bus.dropped_count == 1
                 msg_id = await send(database_url, "analytics_queue", {"event": "still here"})
-                with trio.fail_after(5):
+                with trio.fail_after(patience(5)):
                     while True:
                         event = json.loads(await healthy.get_message())
                         if event["msg_id"] == msg_id:

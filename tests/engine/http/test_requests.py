@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from reactor.testing import patience
 from tests.harness import (
     eventually,
     post_raw,
@@ -81,7 +82,7 @@ async def test_a_body_too_big_or_too_slow_is_refused_before_it_is_read(
     async with running_reactor(database_url, FEED_TOKEN="t0ken-123") as reactor:
         port = reactor.http_port
         own = f"Origin: http://127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        with trio.fail_after(15):
+        with trio.fail_after(patience(15)):
             declared = await post_raw(port, "/api/session",
                                        own + "Content-Length: 10000000000\r\n",
                                        [b"x" * 65536] * 4)
