@@ -209,10 +209,15 @@ def _slots_taken(url: str) -> Iterator[psycopg.Connection]:
 def _fill_again(url: str, control: psycopg.Connection, more: list[psycopg.Connection]) -> int:
     """Take every slot a killed backend freed, killing whatever the reactor reopened
     meanwhile, until the server is full and none of the reactor's sessions is left;
-    the reactor's sessions killed in all."""
+    the reactor's sessions killed in all.
+
+    Each kill waits for the backend to exit (its slot is free before the refill), and
+    "none left" must hold twice a second apart: a reactor backend still starting holds
+    a slot before pg_stat_activity lists it (soak run 5 found one that way)."""
     killed = 0
     while True:
-        row = control.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        row = control.execute("SELECT count(pg_terminate_backend(pid, 5000)) "
+                              "FROM pg_stat_activity "
                               "WHERE application_name LIKE 'reactor%'").fetchone()
         killed += int(row[0]) if row else 0
         while True:
@@ -221,7 +226,9 @@ def _fill_again(url: str, control: psycopg.Connection, more: list[psycopg.Connec
             except psycopg.OperationalError:
                 break
         if _reactor_sessions(control) == 0:
-            return killed
+            time.sleep(1)
+            if _reactor_sessions(control) == 0:
+                return killed
 
 
 def _reactor_sessions(control: psycopg.Connection) -> int:
