@@ -22,19 +22,24 @@ WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); w=$$((
 system-deps:
 	scripts/install-system-deps
 
+## Test processes write bytecode even where the environment says not to (Python images
+## set PYTHONDONTWRITEBYTECODE=1): otherwise each of them compiles, and pytest rewrites
+## the asserts of, every test module anew (~3 s of CPU a process).
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest
+
 ## The whole suite against a throwaway Postgres (includes the ~1 min pg_cron test).
 test: install system-deps
-	$(BIN)/pytest -n $(WORKERS) --dist worksteal -m "not container"
+	$(PYTEST) -n $(WORKERS) --dist worksteal -m "not container"
 
 ## Everything but the tests that wait on pg_cron's minute tick.
 test-fast: install system-deps
-	$(BIN)/pytest -n $(WORKERS) --dist worksteal -m "not slow and not container"
+	$(PYTEST) -n $(WORKERS) --dist worksteal -m "not slow and not container"
 
 ## The image: deploy/Dockerfile built and run with podman against a throwaway Postgres
 ## (docs/operations.md, "The container image"). Skips where podman cannot run.
 test-container: install
 	WITH_CONTAINER=1 scripts/install-system-deps
-	$(BIN)/pytest -m container tests/system/test_container.py
+	$(PYTEST) -m container tests/system/test_container.py
 
 ## promtool comes with Debian's prometheus package (make system-deps).
 lint: install

@@ -18,7 +18,6 @@ import email.policy
 import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ import pytest
 from reactor.cli import DEFAULT_APP
 from reactor.clinic.schema import migrate
 from reactor.engine.logs import configure_logging
-from reactor.engine.pgcluster import PgCluster, free_port
-from reactor.testing import start_on_a_free_port
+from reactor.engine.pgcluster import PgCluster
+from reactor.testing import start_on_a_free_port, throwaway_cluster
 from tests.harness import read_line
 from tests.supabase_db import SupabaseCluster, start_supabase_cluster
 
@@ -136,8 +135,7 @@ def empty_database_url(pg_cluster: PgCluster) -> Iterator[str]:
 @pytest.fixture
 def private_cluster() -> Iterator[PgCluster]:
     """A cluster of this test's own: it gets restarted."""
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-restart-")), free_port())
-    cluster.init()
+    cluster = throwaway_cluster("reactor-test-restart-")
     start_on_a_free_port(cluster)
     migrate(cluster.url())
     try:

@@ -19,15 +19,14 @@ a missing grant.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from reactor.clinic.schema import migrate
-from reactor.engine.pgcluster import CRON_DATABASE, PgCluster, free_port
+from reactor.engine.pgcluster import CRON_DATABASE, PgCluster
+from reactor.testing import throwaway_cluster
 
 ADMIN = "supabase_admin"
 OWNER = "postgres"                      # owns the app database, runs `reactor migrate`
@@ -154,9 +153,7 @@ def start_supabase_cluster() -> SupabaseCluster:
     The cron database (`postgres`) is prepared with pg_cron but not migrated:
     a test migrates it when it needs the scheduled jobs.
     """
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-supabase-")), free_port(),
-                        superuser=ADMIN)
-    cluster.init()
+    cluster = throwaway_cluster("reactor-test-supabase-", superuser=ADMIN)
     cluster.start()
     supabase = SupabaseCluster(cluster)
     try:

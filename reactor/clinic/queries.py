@@ -14,6 +14,26 @@ INSERT INTO public.analytics_events (event, user_id, properties, occurred_at, so
 VALUES (%(event)s, %(user_id)s, %(properties)s, coalesce(%(occurred_at)s, now()), %(msg_id)s)
 ON CONFLICT (source_msg_id) DO NOTHING
 """
+# The events of several jobs in one statement and one commit (AnalyticsProcessor's group
+# commit). An event whose user is not in public.profiles is left out, and its msg_id
+# returned: that job alone fails (permanently), not the others.
+INSERT_ANALYTICS_EVENTS: LiteralString = """
+WITH v AS (
+    SELECT * FROM unnest(%(events)s::text[], %(user_ids)s::uuid[], %(properties)s::jsonb[],
+                         %(occurred_at)s::timestamptz[], %(msg_ids)s::bigint[])
+                  AS v(event, user_id, properties, occurred_at, msg_id)
+), missing AS (
+    SELECT msg_id FROM v
+     WHERE user_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM public.profiles p WHERE p.id = v.user_id)
+), inserted AS (
+    INSERT INTO public.analytics_events (event, user_id, properties, occurred_at, source_msg_id)
+    SELECT event, user_id, properties, coalesce(occurred_at, now()), msg_id
+      FROM v WHERE msg_id NOT IN (SELECT msg_id FROM missing)
+    ON CONFLICT (source_msg_id) DO NOTHING
+)
+SELECT msg_id FROM missing
+"""
 
 # -- email ---------------------------------------------------------------------------
 # The claim of a ledger key as one autocommit statement (one round trip, not BEGIN, INSERT,

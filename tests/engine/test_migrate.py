@@ -15,8 +15,7 @@ import pytest
 
 from reactor.clinic.resources import MIGRATIONS_DIR
 from reactor.clinic.schema import MigrationError, migrate, migration_plan
-from reactor.engine.pgcluster import PgCluster, free_port
-from reactor.testing import start_on_a_free_port
+from reactor.testing import start_on_a_free_port, throwaway_cluster
 
 SCHEMA_FINGERPRINT = """
 SELECT (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace),
@@ -110,9 +109,7 @@ def test_failing_migration_rolls_back_whole_file(database_url: str, tmp_path: Pa
 
 @pytest.mark.process
 def test_cli_refuses_without_pg_cron_in_one_line() -> None:
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-nocron-")), free_port(),
-                        pg_cron=False)
-    cluster.init()
+    cluster = throwaway_cluster("reactor-test-nocron-", pg_cron=False)
     start_on_a_free_port(cluster)
     try:
         result = subprocess.run(

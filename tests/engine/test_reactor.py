@@ -18,6 +18,7 @@ from reactor.engine.processor import Processor
 from reactor.engine.queues import Message
 from reactor.engine.runtime import Reactor
 from tests.harness import (
+    eventually,
     of_type,
     processor_context,
     running_reactor,
@@ -118,6 +119,36 @@ async def test_missing_row_is_permanent(database_url: str) -> None:
                 "event": "x", "user_id": "00000000-0000-0000-0000-00000000dead"})
             [event] = await wait_for(sub, of_type("job.dead_lettered", msg_id))
     assert "does not exist in public.profiles" in event["error"]
+
+
+async def test_a_burst_of_events_shares_commits_and_a_missing_user_fails_its_job_alone(
+        database_url: str) -> None:
+    """The analytics rows of the jobs running at one moment go in one INSERT (rows of one
+    statement share their xmin); a row whose user is not in public.profiles is left
+    out and only its job is dead-lettered; every other event is recorded once."""
+    ghost = "00000000-0000-0000-0000-00000000dead"
+
+    async def all_recorded() -> bool:
+        return await sql(database_url, "SELECT count(*) FROM public.analytics_events") \
+            == [(199,)]
+
+    async with running_reactor(database_url) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await sql(database_url, "SELECT public.enqueue('analytics_queue', CASE WHEN "
+                      "i = 77 THEN jsonb_build_object('event', 'burst', 'user_id', %s::text) "
+                      "ELSE jsonb_build_object('event', 'burst', 'properties', "
+                      "jsonb_build_object('n', i)) END) FROM generate_series(1, 200) AS i",
+                      (ghost,))
+            [dead] = await wait_for(sub, of_type("job.dead_lettered"))
+            await eventually(all_recorded)
+    assert "does not exist in public.profiles" in dead["error"]
+    [(rows, commits, distinct_n)] = await sql(
+        database_url, "SELECT count(*), count(DISTINCT xmin::text), "
+        "count(DISTINCT properties->>'n') FROM public.analytics_events")
+    assert (rows, distinct_n) == (199, 199)
+    assert commits < rows, "each event was committed on its own"
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue") == [(0,)]
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue_dlq") == [(1,)]
 
 
 async def test_max_attempts_then_dead_letter(database_url: str) -> None:

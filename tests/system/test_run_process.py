@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from reactor.engine.pgcluster import PgCluster, free_port
+from reactor.engine.pgcluster import PgCluster
 from reactor.engine.startup import refusal, url_problem
 from reactor.engine.web import serve_http
-from reactor.testing import start_on_a_free_port
+from reactor.testing import start_on_a_free_port, throwaway_cluster
 from tests import factories as f
 from tests.harness import log_lines, ports, reactor_command, reactor_process, scalar, wait_until
 
@@ -259,8 +258,7 @@ def test_a_database_that_comes_up_later_is_used_once_it_does(
 @pytest.fixture(scope="module")
 def password_cluster() -> Iterator[PgCluster]:
     """A cluster that asks TCP clients for a password (the shared one trusts everyone)."""
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="reactor-test-auth-")), free_port())
-    cluster.init()
+    cluster = throwaway_cluster("reactor-test-auth-")
     (cluster.data_dir / "pg_hba.conf").write_text(
         "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
     start_on_a_free_port(cluster)

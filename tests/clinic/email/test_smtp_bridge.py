@@ -25,6 +25,7 @@ from reactor.clinic.services.asyncio_thread import open_asyncio_thread
 from reactor.clinic.services.mailer import DeliveryUnknown, OutgoingMail, SmtpMailer, open_mailer
 from reactor.clinic.settings import load_settings
 from reactor.engine.errors import PermanentError, RetryableError
+from reactor.testing import settle_background_databases
 from tests.conftest import SmtpServer
 from tests.harness import eventually, of_type, running_reactor, send, sql, wait_for
 
@@ -266,6 +267,7 @@ def _resources() -> tuple[int, int]:
     """Open descriptors, and the mailer's asyncio threads (only ours: trio's thread cache
     starts and retires worker threads of its own at any time)."""
     ours = [t for t in threading.enumerate() if t.name.startswith("reactor-smtp")]
+    settle_background_databases()  # (the clone/drop thread's connection is no leak)
     return len(os.listdir("/proc/self/fd")), len(ours)
 
 
