@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID
 
-import httpx
 import psycopg
 
 from reactor.clinic import queries
@@ -210,6 +209,8 @@ class ReportProcessor(Processor[ReportMessage]):
         url = f"{base}/storage/v1/object/{self.report.reports_bucket}/{relative}"
         headers = {"Authorization": f"Bearer {self.storage_key}", "apikey": str(self.storage_key),
                    "Content-Type": "application/pdf", "x-upsert": "true"}
+        import httpx  # with the first upload, not at start (REPORTS_STORAGE=local needs none)
+
         try:
             async with httpx.AsyncClient(timeout=STORAGE_TIMEOUT_S) as client:
                 response = await client.post(url, content=pdf, headers=headers)

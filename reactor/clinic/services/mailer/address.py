@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from email_validator import EmailNotValidError, ValidatedEmail, validate_email
+if TYPE_CHECKING:
+    from email_validator import ValidatedEmail
 
 __all__ = ["WireAddress", "address_problem", "wire_address"]
 
@@ -47,6 +49,10 @@ class WireAddress:
 
 @functools.lru_cache(maxsize=1024)  # the model checks, then the MIME build: once
 def _validated(text: str) -> ValidatedEmail | str:
+    # Imported with the first address, not at start: ~60 ms of compiled patterns that a
+    # reactor draining no mail, and every command, would pay for nothing.
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         # Every option spelled out: the library's defaults are module globals.
         return validate_email(text, allow_smtputf8=True, allow_empty_local=False,
