@@ -144,14 +144,17 @@ class _InitdbOutputs:
 _initdb_outputs = _InitdbOutputs()
 
 
-def throwaway_cluster(prefix: str = "reactor-test-pg-", **options: Any) -> PgCluster:
-    """A new cluster in a temporary directory on a free port, initialized (from a copy of
-    initdb's output: see _InitdbOutputs), not started. `options` are PgCluster's
-    (superuser, pg_cron, durable)."""
+def throwaway_cluster(prefix: str = "reactor-test-pg-", *, copy_of: Path | None = None,
+                      **options: Any) -> PgCluster:
+    """A new cluster in a temporary directory on a free port, initialized, not started:
+    from a copy of initdb's output (see _InitdbOutputs), or of `copy_of`, the data
+    directory of a stopped cluster with the same superuser (its settings are written
+    again: the last of a setting's lines wins). `options` are PgCluster's (superuser,
+    pg_cron, durable)."""
     from reactor.engine.pgcluster import PgCluster, free_port
 
     cluster = PgCluster(Path(tempfile.mkdtemp(prefix=prefix)), free_port(), **options)
-    cluster.init(copy_of=_initdb_outputs.data_dir(cluster.superuser))
+    cluster.init(copy_of=copy_of or _initdb_outputs.data_dir(cluster.superuser))
     return cluster
 
 
