@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from pydantic import Field
 
 from reactor.clinic import queries
-from reactor.engine.batching import GroupCommit
+from reactor.engine import GroupCommit
 from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
 
 __all__ = ["AnalyticsMessage", "AnalyticsProcessor"]
@@ -41,8 +41,10 @@ class AnalyticsProcessor(Processor[AnalyticsMessage]):
         super().__init__(ctx)
         # The rows of the jobs running at one moment, in one INSERT and one commit: a
         # burst of events costs a round trip a batch, not a round trip and a thread
-        # hop an event. Repeating a batch is harmless (ON CONFLICT DO NOTHING).
-        self._rows: GroupCommit[_Row, set[int]] = GroupCommit(self._insert)
+        # hop an event. A batch the database refuses (a value jsonb cannot hold, a
+        # constraint) is written again row by row: one bad event fails its own job.
+        self._rows: GroupCommit[_Row, set[int]] = GroupCommit(
+            self._insert, alone_after=(psycopg.Error,))
 
     async def handle(self, job: Job[AnalyticsMessage]) -> None:
         msg = job.message
@@ -50,8 +52,11 @@ class AnalyticsProcessor(Processor[AnalyticsMessage]):
         try:
             missing = await self._rows.submit(row)
         except psycopg.errors.ForeignKeyViolation:
-            # The user's profile was deleted while the batch was written: this row alone.
-            missing = await self._insert_one(row)
+            missing = {job.msg_id}  # the profile went while the row was written
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+            # This row alone (see above), and the same row would be refused again.
+            raise PermanentError("the database refused the event: "
+                                 f"{exc.diag.message_primary or exc}") from None
         if job.msg_id in missing:
             raise PermanentError(f"user {msg.user_id} does not exist in public.profiles")
 
@@ -62,15 +67,6 @@ class AnalyticsProcessor(Processor[AnalyticsMessage]):
             "properties": [r.properties for r in rows],
             "occurred_at": [r.occurred_at for r in rows], "msg_ids": [r.msg_id for r in rows]})
         return {int(msg_id) for (msg_id,) in found}
-
-    async def _insert_one(self, row: _Row) -> set[int]:
-        try:
-            await self.db.fetch(queries.INSERT_ANALYTICS_EVENT, {
-                "event": row.event, "user_id": row.user_id, "properties": row.properties,
-                "occurred_at": row.occurred_at, "msg_id": row.msg_id})
-        except psycopg.errors.ForeignKeyViolation:
-            return {row.msg_id}
-        return set()
 
 
 @dataclass(frozen=True)

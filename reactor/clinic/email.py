@@ -51,7 +51,7 @@ from reactor.clinic.services.mailer import (
 )
 from reactor.clinic.services.templates import EmailRenderer
 from reactor.clinic.settings import MailSettings, Settings
-from reactor.engine.batching import GroupCommit
+from reactor.engine import GroupCommit
 from reactor.engine.db import Database, DatabaseUnavailable
 from reactor.engine.errors import Deferred, RetryableError
 from reactor.engine.processor import Context, Job, MessageModel, PermanentError, Processor
@@ -64,6 +64,8 @@ log = structlog.get_logger("reactor.email")
 
 # The verdict of a send (sent / failed) is written to the ledger for up to this long.
 LEDGER_RETRY_S = 10.0
+# How long a ledger claim's answer is awaited once sent (see `claim`).
+CLAIM_BOUND_S = 5.0
 # MAIL FROM, RCPT TO, DATA and the message: each may take SMTP_TIMEOUT_S.
 SMTP_COMMANDS_PER_MAIL = 4
 # Past a conversation's own bound, what a live holder of a 'sending' row still needs to
@@ -207,8 +209,9 @@ class EmailProcessor(Processor[EmailMessage]):
         self._defer_policy = RetryPolicy(base_s=settings.smtp_defer_backoff_s,
                                          max_s=settings.smtp_defer_backoff_max_s)
         # Group commit of 'sent' verdicts (see _record_sent).
+        # A mail that went out is recorded even if its job was cut meanwhile: orphans kept.
         self._sent_verdicts: GroupCommit[tuple[str, str], None] = GroupCommit(
-            self._write_sent)
+            self._write_sent, keep_orphans=True)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -269,20 +272,17 @@ class EmailProcessor(Processor[EmailMessage]):
         # Waiting for a pooled connection may be cut (job timeout, shutdown): nothing has
         # started, and the ledger is claimed only once the connection is ours.
         async with self.mailer.session() as session:
-            # Shielded from the claim on: shutdown must not cut a conversation whose
-            # outcome we then cannot know, nor a claim the server has committed before we
-            # read its answer (a 'sending' row for a mail never sent would wait out the
-            # verdict bound, then ask a person). Bounded all the same: the claim is one
-            # quick statement, every SMTP command has SMTP_TIMEOUT_S, and the verdict's
-            # write to the ledger gets LEDGER_RETRY_S.
+            holder = await claim(self.db, key, job, msg)
+            if holder is not None and holder.status == "sent":
+                return  # redelivered after the mail went out: nothing to do
+            if holder is not None:
+                raise self._sending_elsewhere(job, key, holder)
+            # Shielded: shutdown must not cut a conversation whose outcome we then cannot
+            # know. Bounded all the same: every SMTP command has SMTP_TIMEOUT_S, and the
+            # verdict's write to the ledger gets LEDGER_RETRY_S.
             with trio.CancelScope(shield=True) as conversation:
                 conversation.deadline = (trio.current_time() + LEDGER_RETRY_S
                                          + SMTP_COMMANDS_PER_MAIL * self.mail.smtp_timeout_s)
-                holder = await claim(self.db, key, job, msg)
-                if holder is not None and holder.status == "sent":
-                    return  # redelivered after the mail went out: nothing to do
-                if holder is not None:
-                    raise self._sending_elsewhere(job, key, holder)
                 try:
                     message_id = await session.send(email)
                 except DeliveryUnknown as exc:
@@ -466,10 +466,15 @@ async def claim(db: Database, key: str, job: Job[EmailMessage],
         RetryableError: another delivery of the same key committed its claim while
             this one ran (two at once); the next attempt sees which.
     """
+    # Its answer is awaited even if the job is cancelled meanwhile (shutdown, its deadline):
+    # a cancel that came after the server committed the claim, before we read the answer,
+    # would leave 'sending' for a mail never sent, which waits out the verdict bound and
+    # then asks a person. Bounded (CLAIM_BOUND_S): a claim stuck on the database is cut,
+    # and retried, and delays a shutdown that long at most.
     rows = await db.fetch(queries.CLAIM_EMAIL, {
         "key": key, "queue": job.delivery.queue, "msg_id": job.msg_id,
         "enqueued_at": job.delivery.enqueued_at, "recipient": msg.to,
-        "template": msg.template})
+        "template": msg.template}, finish_within_s=CLAIM_BOUND_S)
     if not rows:
         raise RetryableError(f"ledger key {key} was claimed by another delivery at the "
                              "same moment; retrying to see its outcome")

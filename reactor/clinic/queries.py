@@ -9,11 +9,6 @@ from __future__ import annotations
 from typing import LiteralString
 
 # -- processors -----------------------------------------------------------------------
-INSERT_ANALYTICS_EVENT: LiteralString = """
-INSERT INTO public.analytics_events (event, user_id, properties, occurred_at, source_msg_id)
-VALUES (%(event)s, %(user_id)s, %(properties)s, coalesce(%(occurred_at)s, now()), %(msg_id)s)
-ON CONFLICT (source_msg_id) DO NOTHING
-"""
 # The events of several jobs in one statement and one commit (AnalyticsProcessor's group
 # commit). An event whose user is not in public.profiles is left out, and its msg_id
 # returned: that job alone fails (permanently), not the others.

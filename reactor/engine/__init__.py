@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from reactor.engine.app import App, AppFactory, Queue, load_app
+from reactor.engine.batching import GroupCommit
 from reactor.engine.commands import CliError, Command, with_db
 from reactor.engine.errors import Deferred, PermanentError, RetryableError, RetryLater
 from reactor.engine.processor import Context, Job, MessageModel, Processor
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
     from reactor.engine.runtime import Reactor
 
 __all__ = ["App", "AppFactory", "CliError", "Command", "ConfigError", "Context", "Deferred",
-           "EngineSettings", "Job", "MessageModel", "PermanentError", "Processor", "Queue",
-           "Reactor", "RetryLater", "RetryableError", "load_app", "load_settings", "with_db"]
+           "EngineSettings", "GroupCommit", "Job", "MessageModel", "PermanentError",
+           "Processor", "Queue", "Reactor", "RetryLater", "RetryableError", "load_app",
+           "load_settings", "with_db"]
 
 
 def __getattr__(name: str) -> Any:

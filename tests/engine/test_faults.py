@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from reactor.clinic.analytics import AnalyticsProcessor
 from reactor.clinic.app import build
-from reactor.clinic.email import EmailProcessor
+from reactor.clinic.email import CLAIM_BOUND_S, EmailProcessor
 from reactor.clinic.reports import (
     MAX_DOMAIN_CHARS,
     MAX_RECOMMENDATIONS,
@@ -440,6 +440,45 @@ async def test_mail_waiting_for_a_pooled_connection_claims_nothing_and_stops_in_
     # The ones that waited are visible again at once, with no 'sending' left behind.
     assert _count(database_url, "SELECT count(*) FROM pgmq.q_email_queue "
                                 "WHERE vt <= clock_timestamp()") == 6 - len(ledger)
+
+
+async def test_a_claim_stuck_on_the_ledger_delays_a_shutdown_by_its_bound_at_most(
+        database_url: str, smtp_server: Callable[..., SmtpServer]) -> None:
+    """The ledger claim's answer is awaited through a shutdown (a claim committed but not
+    read would leave 'sending' for a mail never sent), but within CLAIM_BOUND_S: with
+    email_ledger locked, a claim is cut at that bound and retried, saying the database
+    did not answer; two stops end the reactor within the grace and that bound; the
+    claim is rolled back (no row) and the mail waits on the queue, unsent."""
+    relay = smtp_server()
+    await send(database_url, "email_queue", {
+        "to": "stuck@example.com", "template": "checkup_completed", "locale": "en",
+        "variables": {"full_name": "A", "assessment_id": "1"}})
+    locker = await trio.to_thread.run_sync(lambda: psycopg.connect(database_url))
+    try:
+        await trio.to_thread.run_sync(
+            locker.execute, "LOCK TABLE public.email_ledger IN ACCESS EXCLUSIVE MODE")
+        async with running_reactor(database_url, {"email_queue": EmailProcessor},
+                                   EMAIL_PROVIDER="smtp", SMTP_HOST="127.0.0.1",
+                                   SMTP_PORT=relay.port, SMTP_SECURITY="none",
+                                   SMTP_FROM="noreply@family.example",
+                                   SHUTDOWN_GRACE_S=0.5) as reactor:
+            with reactor.bus.subscribe() as sub:
+                [retrying] = await wait_for(sub, of_type("job.retrying"), within_s=30)
+                await eventually(lambda: _count(
+                    database_url, "SELECT count(*) FROM pg_stat_activity WHERE "
+                    "wait_event_type = 'Lock' AND query LIKE '%%email_ledger%%'") == 1)
+                stopped_at = trio.current_time()
+                reactor.stop()
+                reactor.stop()  # a second SIGTERM
+        took_s = trio.current_time() - stopped_at
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+    assert f"did not answer within {CLAIM_BOUND_S:g}s" in retrying["error"]
+    assert "SMTP" not in retrying["error"]
+    assert took_s < 0.5 + CLAIM_BOUND_S + patience(2), f"stopping took {took_s:.1f} s"
+    assert _count(database_url, "SELECT count(*) FROM public.email_ledger") == 0
+    assert relay.mails() == []
+    assert _count(database_url, "SELECT count(*) FROM pgmq.q_email_queue") == 1
 
 
 async def test_a_read_only_spell_right_after_sends_still_records_them_as_sent(

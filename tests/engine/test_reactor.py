@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+import psycopg
 import trio
 
 from reactor.clinic.analytics import AnalyticsProcessor
@@ -149,6 +150,61 @@ async def test_a_burst_of_events_shares_commits_and_a_missing_user_fails_its_job
     assert commits < rows, "each event was committed on its own"
     assert await sql(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue") == [(0,)]
     assert await sql(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue_dlq") == [(1,)]
+
+
+async def test_an_event_the_database_refuses_fails_alone_not_its_batch(
+        database_url: str) -> None:
+    """A number jsonb keeps but JSON cannot carry (1e400 + 0.5: Python reads inf, which
+    jsonb refuses) fails the batch's INSERT: its rows are then written one by one, so
+    only that event is dead-lettered, at once; none of its neighbours even retries."""
+    async with running_reactor(database_url, MAX_ATTEMPTS=2) as reactor:
+        with reactor.bus.subscribe() as sub:
+            await sql(database_url, "SELECT public.enqueue('analytics_queue', CASE WHEN "
+                      "i = 77 THEN jsonb_build_object('event', 'poison', 'properties', "
+                      "jsonb_build_object('v', 1e400 + 0.5)) ELSE jsonb_build_object("
+                      "'event', 'burst', 'properties', jsonb_build_object('n', i)) END) "
+                      "FROM generate_series(1, 200) AS i")
+
+            async def all_recorded() -> bool:
+                return await sql(database_url, "SELECT count(*) FROM "
+                                 "public.analytics_events") == [(199,)]
+
+            [dead] = await wait_for(sub, of_type("job.dead_lettered"))
+            await eventually(all_recorded)
+    assert "the database refused the event" in dead["error"]
+    assert dead["attempt"] == 1
+    # Every message, the poison one too, was delivered once: no neighbour retried.
+    assert await sql(database_url, "SELECT count(*), max(read_ct) FROM "
+                     "pgmq.a_analytics_queue") == [(200, 1)]
+    assert await sql(database_url, "SELECT message->'original'->>'event' "
+                     "FROM pgmq.q_analytics_queue_dlq") == [("poison",)]
+
+
+async def test_an_event_dead_lettered_on_its_timeout_is_not_recorded_afterwards(
+        database_url: str) -> None:
+    """Jobs cut by their deadline while their rows wait to be written (the table locked)
+    take their rows with them: once the lock goes, the next event's write does not
+    record the dead-lettered ones (a replay would then record them twice)."""
+    quick = type("QuickAnalytics", (AnalyticsProcessor,), {"timeout_s": 1.5})
+    locker = await trio.to_thread.run_sync(lambda: psycopg.connect(database_url))
+    try:
+        await trio.to_thread.run_sync(
+            locker.execute, "LOCK TABLE public.analytics_events IN ACCESS EXCLUSIVE MODE")
+        async with running_reactor(database_url, {"analytics_queue": quick},
+                                   MAX_ATTEMPTS=1) as reactor:
+            with reactor.bus.subscribe() as sub:
+                for n in range(5):
+                    await send(database_url, "analytics_queue", {"event": f"e{n}"})
+                await wait_for(sub, of_type("job.dead_lettered"), count=5, within_s=30)
+                await trio.to_thread.run_sync(locker.rollback)  # the table is free again
+                later = await send(database_url, "analytics_queue", {"event": "later"})
+                await wait_for(sub, of_type("job.succeeded", later), within_s=30)
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+    assert await sql(database_url, "SELECT event FROM public.analytics_events") \
+        == [("later",)]
+    assert await sql(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue_dlq") \
+        == [(5,)]
 
 
 async def test_max_attempts_then_dead_letter(database_url: str) -> None:

@@ -238,8 +238,8 @@ class Database:
             if not session.closed:
                 return session
 
-    async def fetch(self, query: QueryNoTemplate, params: Mapping[str, Any] | None = None
-                    ) -> list[tuple[Any, ...]]:
+    async def fetch(self, query: QueryNoTemplate, params: Mapping[str, Any] | None = None,
+                    *, finish_within_s: float | None = None) -> list[tuple[Any, ...]]:
         """Run one statement on a session's trio-native face (no thread hop); its rows.
 
         For the hot path only: a statement that the server answers quickly and
@@ -247,11 +247,18 @@ class Database:
         those of `run`: the same deadline, the same errors, a broken or
         interrupted connection is never reused.
 
+        finish_within_s: once the statement is sent, wait for its answer even if the
+        caller is cancelled (shutdown, a job's deadline), for at most this long (then
+        it is cut like any statement past its deadline): for a write whose commit
+        the caller must know about (a mail's ledger claim). The wait for a
+        connection stays cancellable.
+
         Raises:
             DatabaseUnavailable: as `run`.
             psycopg.Error: any other database error, as raised.
         """
-        return await self._on_native(partial(_rows_of, query=query, params=params))
+        return await self._on_native(partial(_rows_of, query=query, params=params),
+                                     finish_within_s=finish_within_s)
 
     async def fetch_bound(self, query: bytes) -> list[tuple[Any, ...]]:
         """`fetch` for a statement with every value bound in: sent as it is (the simple
@@ -315,9 +322,11 @@ class Database:
         log.info(f"{why}: the wake-up take is planned at every call from now on",
                  error=describe_db_error(exc, self.url))
 
-    async def _on_native(self, run: Callable[[TrioConnection], Awaitable[list[tuple[Any, ...]]]]
+    async def _on_native(self, run: Callable[[TrioConnection], Awaitable[list[tuple[Any, ...]]]],
+                         *, finish_within_s: float | None = None
                          ) -> list[tuple[Any, ...]]:
-        """Run `run(conn)` on an idle session's trio-native face, within the deadline."""
+        """Run `run(conn)` on an idle session's trio-native face, within the deadline
+        (once it runs, shielded from the caller's cancellation for `finish_within_s`)."""
         # A free token is taken without first yielding to the scheduler (which `async with`
         # would): one scheduling round less on every wake-up; the statement's own waits
         # are the checkpoints.
@@ -329,15 +338,23 @@ class Database:
             session: _Session | None = None
             cut = True  # until the server has answered (rows or an error)
             stale = False  # a session that keeps refusing what a new one may accept
+            bound_s = self.statement_timeout_s
             try:
-                with trio.move_on_after(self.statement_timeout_s):
+                with trio.move_on_after(bound_s) as deadline:
                     session = await self._session()
-                    rows = await run(await session.trio_face())
-                    cut = False
-                    return rows
-                raise DatabaseUnavailable(
-                    f"the database did not answer within {self.statement_timeout_s:g}s",
-                    "database_unreachable")
+                    face = await session.trio_face()
+                    statement = trio.CancelScope(deadline=deadline.deadline)
+                    if finish_within_s is not None:
+                        bound_s = min(bound_s, finish_within_s)
+                        statement.shield = True
+                        statement.deadline = min(deadline.deadline,
+                                                 trio.current_time() + finish_within_s)
+                    with statement:
+                        rows = await run(face)
+                        cut = False
+                        return rows
+                raise DatabaseUnavailable(f"the database did not answer within {bound_s:g}s",
+                                          "database_unreachable")
             except psycopg.Error as exc:
                 cut = False  # an answer; whether the connection still works is checked below
                 stale = _stuck_read_only(exc)
