@@ -1121,7 +1121,11 @@ def test_a_replica_frozen_past_its_leases_causes_no_dead_letter_and_no_second_ma
                      "'locale', 'en', 'idempotency_key', 'freeze-' || i, 'variables', "
                      "jsonb_build_object('full_name', 'A', 'assessment_id', i::text))) "
                      "FROM generate_series(1, %s) AS i", (total,))
-    env = {"VISIBILITY_TIMEOUT_S": "2", "WORKER_INTERVAL_MS": "300", "SMTP_TIMEOUT_S": "2",
+    # The freeze must stay within the verdict bound (10 + 4 × SMTP_TIMEOUT_S + 30 s after a
+    # claim: 100 s here), past which a claim is truly unknown and dead-lettered (to resolve
+    # itself later). It lasts until the other replica meets a frozen claim, which took over
+    # 48 s (the bound with SMTP_TIMEOUT_S=2) on a machine running two suites at once.
+    env = {"VISIBILITY_TIMEOUT_S": "2", "WORKER_INTERVAL_MS": "300", "SMTP_TIMEOUT_S": "15",
            "EMAIL_OUTBOX_DIR": str(tmp_path / "outbox")}
     frozen_log, other_log = tmp_path / "frozen.log", tmp_path / "other.log"
 
