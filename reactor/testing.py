@@ -16,11 +16,11 @@ Fixtures:
 - `running_reactor` (async, pytest-trio): the app running in the test's nursery,
   stopped gracefully after the test.
 
-Helpers: `enqueue`, `sql`, `eventually`, `wait_until`, `wait_for_event`, `of_type`,
-`patience`. Every wait has a budget and fails with what it waited for; none sleeps a
-fixed time. A budget only says when to give up and report: each is multiplied by
-`REACTOR_TEST_PATIENCE` (default 3), so a loaded machine (CI beside other jobs, a CPU
-hog) makes a green run slower, never red.
+Helpers: `enqueue`, `sql`, `eventually`, `wait_until`, `wait_for_event`,
+`wait_for_each`, `of_type`, `patience`. Every wait has a budget and fails with what it
+waited for; none sleeps a fixed time. A budget only says when to give up and report:
+each is multiplied by `REACTOR_TEST_PATIENCE` (default 3), so a loaded machine (CI
+beside other jobs, a CPU hog) makes a green run slower, never red.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = [
     "sql",
     "start_on_a_free_port",
     "throwaway_cluster",
+    "wait_for_each",
     "wait_for_event",
     "wait_until",
 ]
@@ -416,5 +417,28 @@ async def wait_for_event(sub: Subscription, predicate: Callable[[Event], bool],
                 found.append(event)
                 if len(found) >= count:
                     return found
+    raise AssertionError(f"subscription ended: {sub.dropped}")
+
+
+async def wait_for_each(sub: Subscription, *predicates: Callable[[Event], bool],
+                        within_s: float = 30.0) -> list[Event]:
+    """The first event matching each of `predicates`, in the order of `predicates`,
+    whatever order they arrive in. For events of causes that race: an HTTP handler
+    publishes its action after the job it queued may already have finished, so two
+    `wait_for_event` calls in a row would skip the job's event while waiting for the
+    handler's."""
+    import trio
+
+    found: list[Event | None] = [None] * len(predicates)
+    missing = len(predicates)
+    with trio.fail_after(patience(within_s)):
+        async for event in sub.receive:
+            for i, predicate in enumerate(predicates):
+                if found[i] is None and predicate(event):
+                    found[i] = event
+                    missing -= 1
+                    break
+            if not missing:
+                return [e for e in found if e is not None]
     raise AssertionError(f"subscription ended: {sub.dropped}")
 
