@@ -18,6 +18,7 @@ from reactor.engine.feed import Access
 from reactor.engine.runtime import Reactor
 from tests.engine.http.feed_client import handshake, next_events, raw_request, url
 from tests.harness import (
+    eventually,
     running_reactor,
     settings_for,
 )
@@ -103,7 +104,12 @@ async def test_token_is_required_when_set_and_never_in_a_url(database_url: str) 
         assert " 400 " in await handshake(reactor.feed_port, path="/events?token=t0ken-123",
                                           extra="Authorization: Bearer t0ken-123\r\n")
         headers = [(b"Authorization", b"Bearer t0ken-123")]
-        async with open_websocket_url(url(reactor), extra_headers=headers) as ws:
+        # Jobs only, once the feed has subscribed: the reactor's own depth ticks come from
+        # another task and may reach the client first (or be all it gets, had this event
+        # been published before the subscription).
+        async with open_websocket_url(url(reactor, "?type=job."),
+                                      extra_headers=headers) as ws:
+            await eventually(lambda: reactor.bus.subscriber_count >= 1)
             reactor.bus.publish("job.succeeded", "email_queue", 7, 1, 1.0)
             [event] = await next_events(ws, 1)
             assert event["queue"] == "email_queue"

@@ -34,6 +34,9 @@ async def test_a_client_sees_a_job_start_and_succeed_right_after_commit(
         database_url: str) -> None:
     async with (running_reactor(database_url) as reactor,
                 open_websocket_url(url(reactor, "?type=job.")) as ws):
+        # The handshake ends before the feed subscribes: a job sent at once could start
+        # before there is anyone to tell (a loaded machine).
+        await eventually(lambda: reactor.bus.subscriber_count >= 1)
         msg_id = await send(database_url, "analytics_queue", {"event": "live"})
         started, succeeded = await next_events(ws, 2, within_s=20)  # well under the 60 s poll
     assert (started["type"], started["msg_id"]) == ("job.started", msg_id)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import httpx
 
-from tests.harness import running_reactor, scripted_processor, send, wait_for
+from reactor.engine.events import Event
+from reactor.testing import wait_for_each
+from tests.harness import running_reactor, scripted_processor, send
 
 
 async def test_waits_are_measured_exported_and_survive_a_restart(database_url: str) -> None:
@@ -20,10 +22,20 @@ async def test_waits_are_measured_exported_and_survive_a_restart(database_url: s
             # The first runs longer than a depth tick (5 s).
             ids = [await send(database_url, "analytics_queue", {"sleep_s": 8 if i == 0 else 0})
                    for i in range(6)]
-            [depth] = await wait_for(sub, lambda e: e["type"] == "queue.depth"
-                                     and e["queue"] == "analytics_queue"
-                                     and (e.get("oldest_visible_age_s") or 0) > 0)
-            done = await wait_for(sub, lambda e: e["type"] == "job.succeeded", count=6)
+            done: list[Event] = []
+
+            def seen_waiting(event: Event) -> bool:  # a depth tick that saw messages wait
+                return (event["type"] == "queue.depth" and event["queue"] == "analytics_queue"
+                        and (event.get("oldest_visible_age_s") or 0) > 0)
+
+            def six_succeeded(event: Event) -> bool:  # every job.succeeded, in arrival order
+                if event["type"] == "job.succeeded":
+                    done.append(event)
+                return len(done) == 6
+
+            # Ticks come from the depth task, successes from the drainer: a tick read while
+            # messages waited may be published after the first of them succeeded.
+            [depth, _] = await wait_for_each(sub, seen_waiting, six_succeeded)
         assert [e["msg_id"] for e in done] == ids
         assert all(e["wait_ms"] >= 0 and e["settle_ms"] >= e["duration_ms"] for e in done)
         # The last one waited for the first to finish its 8 seconds (less the time the

@@ -18,6 +18,7 @@ import trio
 
 from reactor.engine.pgcluster import PgCluster
 from reactor.engine.processor import Job, MessageModel
+from reactor.testing import wait_for_each
 from tests.harness import (
     PLAIN,
     ScriptedProcessor,
@@ -115,8 +116,12 @@ async def test_a_finished_job_on_a_quiet_analyzed_queue_is_not_run_again(
             for _ in range(4):  # a few messages at once, as an app sends them
                 rows = await sql(database_url, "SELECT public.enqueue('analytics_queue', "
                                  "jsonb_build_object('n', i)) FROM generate_series(1, 3) AS i")
-                ids += [int(msg_id) for (msg_id,) in rows]
-                await wait_for(sub, of_type("job.succeeded"), count=3, within_s=20)
+                burst = [int(msg_id) for (msg_id,) in rows]
+                ids += burst
+                # This burst's own: when the subscription opened, the first three had
+                # returned, but their archive (and job.succeeded) could still be coming.
+                await wait_for_each(sub, *(of_type("job.succeeded", i) for i in burst),
+                                    within_s=20)
         # Every finished job is archived (the queue empties), and none runs twice: a lease
         # that ran out on a message left in the queue would deliver it again.
 
