@@ -48,6 +48,7 @@ from reactor.testing import of_type as of_type
 from reactor.testing import patience as patience
 from reactor.testing import sql as sql
 from reactor.testing import wait_until as wait_until
+from tests import warm_start
 
 wait_for = wait_for_event
 
@@ -229,20 +230,31 @@ def log_lines(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
+# A child process of a test: started for real, or forked from the warm interpreter.
+Process = subprocess.Popen[bytes] | warm_start.WarmProcess
+
+
 @contextmanager
 def reactor_process(url: str, log: Path, *args: str, python_c: str = "", **env: str
-                    ) -> Iterator[subprocess.Popen[bytes]]:
+                    ) -> Iterator[Process]:
     """`python -m reactor run` (or `reactor ARGS`, or `python -c PYTHON_C` that runs it its
     own way), JSON logs to `log`, its ports chosen by the kernel (FEED_PORT=0,
-    METRICS_PORT=0: see `ports`); killed if the test forgets it."""
+    METRICS_PORT=0: see `ports`); killed if the test forgets it. A fork of the warm
+    interpreter where it can be (tests/warm_start.py)."""
     environ = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "LOG_FORMAT": "json",
                "LOG_LEVEL": "info", "WORKER_INTERVAL_MS": "60000", "EMAIL_PROVIDER": "file",
                "EMAIL_OUTBOX_DIR": str(log.parent / "outbox"), "FEED_PORT": "0",
                "METRICS_PORT": "0", "RETRY_BASE_S": "1", **env}
-    with log.open("ab") as out:
-        argv = ["-c", python_c] if python_c else ["-m", "reactor", *(args or ("run",))]
-        proc = subprocess.Popen([sys.executable, *argv], env=environ, stdout=out, stderr=out,
-                                cwd=log.parent)
+    proc: Process | None = None
+    log.open("ab").close()  # there at once, as for a real start (the tests read it)
+    if not python_c and warm_start.usable(environ):
+        proc = warm_start.WARM.start(args or ("run",), environ, str(log.parent), str(log),
+                                     str(log), append=True)
+    if proc is None:
+        with log.open("ab") as out:
+            argv = ["-c", python_c] if python_c else ["-m", "reactor", *(args or ("run",))]
+            proc = subprocess.Popen([sys.executable, *argv], env=environ, stdout=out,
+                                    stderr=out, cwd=log.parent)
     try:
         yield proc
     finally:
@@ -255,10 +267,16 @@ def reactor_command(*args: str, cwd: Path | None = None, timeout_s: float = 60,
                     env: Mapping[str, str] | None = None,
                     **more_env: str) -> subprocess.CompletedProcess[str]:
     """A `reactor ...` command that ends by itself (e.g. `run` refusing bad settings,
-    `dlq replay`), with only PATH and `env`/`more_env` in its environment; output captured."""
+    `dlq replay`), with only PATH and `env`/`more_env` in its environment; output captured.
+    A fork of the test process's warm interpreter where it can be (tests/warm_start.py)."""
+    environ = {"PATH": os.environ["PATH"], **(env or {}), **more_env}
+    where = os.fspath(cwd or tempfile.gettempdir())
+    if warm_start.usable(environ):
+        done = warm_start.WARM.run(args, environ, where, patience(timeout_s))
+        if done is not None:
+            return done
     return subprocess.run([sys.executable, "-m", "reactor", *args], capture_output=True,
-                          text=True, env={"PATH": os.environ["PATH"], **(env or {}), **more_env},
-                          cwd=cwd or tempfile.gettempdir(), check=False,
+                          text=True, env=environ, cwd=where, check=False,
                           timeout=patience(timeout_s))
 
 
@@ -268,7 +286,7 @@ class Ports:
     http: int
 
 
-def ports(proc: subprocess.Popen[bytes], log: Path, within_s: float = 30) -> Ports:
+def ports(proc: Process, log: Path, within_s: float = 30) -> Ports:
     """The ports a `reactor_process` bound (its `reactor.listening` line): it is then
     started, and its drainers are running."""
     def listening() -> dict[str, Any] | None:
@@ -278,7 +296,7 @@ def ports(proc: subprocess.Popen[bytes], log: Path, within_s: float = 30) -> Por
     return Ports(int(line["feed_port"]), int(line["http_port"]))
 
 
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path,
+def wait_healthy(port: int, proc: Process, log: Path,
                  within_s: float = 30) -> None:
     """Block until a `reactor run` process answers /healthz with 200 (sync tests)."""
     def healthy() -> bool:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 from reactor.clinic.resources import MIGRATIONS_DIR
 from reactor.clinic.schema import MigrationError, migrate, migration_plan
 from reactor.testing import start_on_a_free_port, throwaway_cluster
+from tests.harness import reactor_command
 
 SCHEMA_FINGERPRINT = """
 SELECT (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace),
@@ -112,10 +111,7 @@ def test_cli_refuses_without_pg_cron_in_one_line() -> None:
     cluster = throwaway_cluster("reactor-test-nocron-", pg_cron=False)
     start_on_a_free_port(cluster)
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "reactor", "migrate"], capture_output=True, text=True,
-            env={"DATABASE_URL": cluster.url(), "PATH": "/usr/bin:/bin"}, check=False,
-            cwd=tempfile.gettempdir())
+        result = reactor_command("migrate", DATABASE_URL=cluster.url())
     finally:
         cluster.remove()
     assert result.returncode == 1
@@ -127,9 +123,7 @@ def test_cli_refuses_without_pg_cron_in_one_line() -> None:
 @pytest.mark.process
 def test_cli_migrate_reports_and_is_idempotent(empty_database_url: str) -> None:
     def run() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "reactor", "migrate"], capture_output=True,
-                              text=True, env={"DATABASE_URL": empty_database_url},
-                              check=False, cwd=tempfile.gettempdir())
+        return reactor_command("migrate", DATABASE_URL=empty_database_url)
 
     first = run()
     assert first.returncode == 0, first.stderr
@@ -144,9 +138,7 @@ def test_cli_unreachable_database_is_one_line() -> None:
     with socket.socket() as closed:  # bound, never listened on: connections are refused
         closed.bind(("127.0.0.1", 0))
         url = f"postgresql://postgres@127.0.0.1:{closed.getsockname()[1]}/postgres"
-        result = subprocess.run(
-            [sys.executable, "-m", "reactor", "migrate"], capture_output=True, text=True,
-            env={"DATABASE_URL": url}, check=False, cwd=tempfile.gettempdir(), timeout=60)
+        result = reactor_command("migrate", DATABASE_URL=url)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "cannot reach the database" in result.stderr
