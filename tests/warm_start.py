@@ -3,20 +3,25 @@
 Most of a short `reactor` command's CPU is its imports (psycopg, trio, pydantic,
 structlog: ~1 s on the 2-core CI machine), and the suite runs about a hundred such
 commands. Each test process keeps one warm interpreter that has imported
-`reactor.cli` once; a command is a fork of it that becomes what
-`subprocess.run([sys.executable, "-m", "reactor", *args], env=env, cwd=cwd)` would
-have started: the same arguments, exactly the given environment, that working
-directory, stdin empty, stdout and stderr captured, its own exit status.
-
-What a fork cannot reproduce falls back to a real `exec`: an environment that
-Python reads at start-up (PYTHON*, LANG, LC_*, TZ), or no warm interpreter
-(REACTOR_TEST_COLD=1, or it failed to start). tests/engine/test_warm_start.py
+`reactor.cli` (what `python -m reactor` imports first) once; a command is a fork of
+it that becomes what `subprocess.run([sys.executable, "-m", "reactor", *args],
+env=env, cwd=cwd)` would have started: the same arguments, exactly the given
+environment, that working directory, the test process's open-files limit and umask,
+stdin empty, stdout and stderr captured, its own exit status; random state and the
+feed's ticket key of its own. What a fork cannot be runs as a real `exec`:
+- an environment with anything but PATH, the app's settings and libpq's PG*
+  variables (Python, the loader and libraries read others at start-up or import);
+- a test process whose limits or umask differ from the warm interpreter's;
+- a working directory that does not exist (Popen's error is raised in the test);
+- REACTOR_TEST_COLD=1 (every command, e.g. to rule the warm start out), or no warm
+  interpreter (it failed to start, or printed anything while importing).
+The hash seed is the warm interpreter's in every fork. tests/engine/test_warm_start.py
 compares a warm command with a cold one.
 
 Process tree: the warm interpreter forks a monitor per command, which forks the
 command and reports its pid and then its exit status over the command's own Unix
 socket connection; commands run side by side. The warm interpreter ends when its
-test process closes its stdin.
+test process closes its stdin (or ends).
 
 Run as a script: `python tests/warm_start.py SOCKET_PATH`.
 """
@@ -24,9 +29,12 @@ Run as a script: `python tests/warm_start.py SOCKET_PATH`.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import gc
 import json
 import os
+import resource
 import runpy
 import select
 import shutil
@@ -40,17 +48,38 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 COLD_VAR = "REACTOR_TEST_COLD"
-# Read by the interpreter when it starts, before any of our code: a fork inherits the
-# warm interpreter's reading of them instead.
-START_UP_VARS = ("PYTHON", "LANG", "LC_", "TZ")
 READY = b"ready\n"
+LIMITS = (resource.RLIMIT_NOFILE, resource.RLIMIT_NPROC, resource.RLIMIT_CORE,
+          resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK,
+          resource.RLIMIT_FSIZE, resource.RLIMIT_CPU)
+
+
+@functools.cache
+def _forkable_env() -> frozenset[str]:
+    """PATH, the settings the app reads when it runs, and libpq's variables."""
+    from reactor.clinic.settings import Settings
+
+    return frozenset({"PATH", *(f.alias for f in Settings.model_fields.values() if f.alias)})
 
 
 def usable(env: Mapping[str, str]) -> bool:
     """Whether a command with this environment may be a fork of the warm interpreter."""
     if os.environ.get(COLD_VAR):
         return False
-    return not any(key.startswith(START_UP_VARS) for key in env)
+    allowed = _forkable_env()
+    return all(key in allowed or key.startswith("PG") for key in env)
+
+
+def _process_state() -> tuple[Any, ...]:
+    """What a child inherits from the test process besides its environment."""
+    with open("/proc/self/status") as status:
+        umask = next(line.split()[1] for line in status if line.startswith("Umask:"))
+    return (umask, *(resource.getrlimit(limit) for limit in LIMITS))
+
+
+# What a child of this process inherited when the tests began: the warm interpreter is
+# started only then, not in the middle of a test that lowered a limit.
+_AT_IMPORT = _process_state()
 
 
 class WarmInterpreter:
@@ -60,28 +89,37 @@ class WarmInterpreter:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._socket_path = ""
+        self._state: tuple[Any, ...] = ()
         self._failed = False
 
-    def _start(self) -> bool:
+    def _ready(self) -> bool:
+        """True if a command may be forked now (the warm interpreter is up, started
+        with what this process would hand a child now)."""
         with self._lock:
+            state = _process_state()
             if self._proc is not None and self._proc.poll() is None:
-                return True
-            if self._failed:
+                return state == self._state
+            if self._failed or state != _AT_IMPORT:
                 return False
             directory = tempfile.mkdtemp(prefix="reactor-warm-")
             self._socket_path = os.path.join(directory, "socket")
-            proc = subprocess.Popen(
-                [sys.executable, __file__, self._socket_path], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=directory,
-                env={"PATH": os.environ.get("PATH", os.defpath)})
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 120)
-            if not ready or proc.stdout.readline() != READY:
-                proc.kill()
-                proc.wait()
-                self._failed = True  # the rest of this process runs commands cold
-                return False
-            self._proc = proc
+            said = os.path.join(directory, "stderr")
+            with open(said, "wb") as stderr:
+                proc = subprocess.Popen(
+                    [sys.executable, __file__, self._socket_path], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=stderr, cwd=directory,
+                    env={"PATH": os.environ.get("PATH", os.defpath)})
+                assert proc.stdout is not None
+                ready, _, _ = select.select([proc.stdout], [], [], 120)
+                if not ready or proc.stdout.readline() != READY or os.path.getsize(said):
+                    # Slow, broken, or it warned while importing (a cold command would
+                    # print that on its own stderr): the rest of this process runs cold.
+                    proc.kill()
+                    proc.wait()
+                    shutil.rmtree(directory, ignore_errors=True)
+                    self._failed = True
+                    return False
+            self._proc, self._state = proc, state
             atexit.register(self._stop, proc, directory)
             return True
 
@@ -93,18 +131,18 @@ class WarmInterpreter:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if proc.stdout is not None:
+            proc.stdout.close()
         shutil.rmtree(directory, ignore_errors=True)
 
     def run(self, args: Sequence[str], env: Mapping[str, str], cwd: str, timeout: float,
             module: str = "reactor") -> subprocess.CompletedProcess[str] | None:
         """`python -m MODULE ARGS`'s outcome, as `subprocess.run(..., capture_output=True,
-        text=True)` gives it; None if the warm interpreter is not there (run it cold).
+        text=True)` gives it; None if it cannot be a fork now (run it cold).
 
         Raises:
             subprocess.TimeoutExpired: the command ran longer than `timeout` (killed).
         """
-        if not self._start():
-            return None
         with tempfile.TemporaryDirectory(prefix="reactor-warm-out-") as out:
             stdout, stderr = os.path.join(out, "stdout"), os.path.join(out, "stderr")
             proc = self.start(args, env, cwd, stdout, stderr, module=module)
@@ -114,9 +152,12 @@ class WarmInterpreter:
                 code = proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
                 raise subprocess.TimeoutExpired(proc.args, timeout, _read(stdout),
                                                 _read(stderr)) from None
+            finally:
+                proc.close()
             return subprocess.CompletedProcess(proc.args, code, _read(stdout), _read(stderr))
 
     def start(self, args: Sequence[str], env: Mapping[str, str], cwd: str, stdout: str,
@@ -124,8 +165,8 @@ class WarmInterpreter:
               ) -> WarmProcess | None:
         """`subprocess.Popen([sys.executable, "-m", MODULE, *args], ...)` with stdout and
         stderr written to those paths (one file if the same path; appended to if
-        `append`); None if the warm interpreter is not there (start it cold)."""
-        if not self._start():
+        `append`); None if it cannot be a fork now (start it cold)."""
+        if not os.path.isdir(cwd) or not self._ready():
             return None
         request = {"module": module, "args": list(args), "env": dict(env),
                    "cwd": os.fspath(cwd), "stdout": stdout, "stderr": stderr,
@@ -176,9 +217,17 @@ class WarmProcess:
         # No status: its monitor died (never seen); say so as a kill would.
         self.returncode = int(status) if status else -signal.SIGKILL
 
+    def close(self) -> None:
+        """Stop listening for the exit status (the process is not touched)."""
+        self._conn.close()
+
     def send_signal(self, sig: int) -> None:
+        # Ended meanwhile (reaped by its monitor, its status not read yet): as Popen,
+        # nothing to signal. The monitor reaps it only after it ended, and the pid is
+        # not reused before then.
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -216,13 +265,7 @@ WARM = WarmInterpreter()
 def serve(socket_path: str) -> dict[str, Any]:
     """Import once, then fork a monitor per connection. Returns only in a command's
     process, with its request."""
-    # The imports each command would pay for: the CLI, and what `reactor run` loads.
-    import reactor.cli
-    import reactor.engine.runtime  # noqa: F401
-    from reactor.clinic.app import QUEUES
-
-    for queue in QUEUES:
-        queue.processor_class  # noqa: B018  (imports its module)
+    import reactor.cli  # noqa: F401  (what `python -m reactor` imports first)
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
@@ -234,11 +277,16 @@ def serve(socket_path: str) -> dict[str, Any]:
     while True:
         readable, _, _ = select.select([listener, sys.stdin], [], [])
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1):
+            shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
             os._exit(0)  # the test process is done
         if listener not in readable:
             continue
         conn, _ = listener.accept()
-        if os.fork() == 0:
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1  # no pid is sent: the test process runs the command cold
+        if pid == 0:
             listener.close()
             request = _monitor(conn)  # returns in the command's process only
             conn.close()
@@ -249,7 +297,13 @@ def serve(socket_path: str) -> dict[str, Any]:
 def _monitor(conn: socket.socket) -> dict[str, Any]:
     """Fork the command; report its pid, then its exit status; end. Returns only in the
     command's process."""
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    inherited = {sig: signal.getsignal(sig) for sig in stopping}
     try:
+        # A Ctrl-C or a `timeout` sent to the whole group is the command's to handle:
+        # its monitor stays to report how it ended.
+        for sig in stopping:
+            signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # so that waitpid sees the command
         with conn.makefile("rb") as lines:
             request: dict[str, Any] = json.loads(lines.readline())
@@ -257,6 +311,9 @@ def _monitor(conn: socket.socket) -> dict[str, Any]:
     except BaseException:
         os._exit(1)  # the test process sees no pid and runs the command cold
     if pid == 0:
+        for sig, handler in inherited.items():  # as the warm interpreter started
+            if handler is not None:
+                signal.signal(sig, handler)
         return request
     try:
         conn.sendall(f"{pid}\n".encode())
@@ -269,7 +326,6 @@ def _monitor(conn: socket.socket) -> dict[str, Any]:
 def become(request: dict[str, Any]) -> None:
     """Turn this fork into `python -m MODULE ARGS` in the request's directory and
     environment, then run it; the interpreter then ends as that command would."""
-    os.chdir(request["cwd"])
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
@@ -281,11 +337,17 @@ def become(request: dict[str, Any]) -> None:
         out = os.open(request["stderr"], mode, 0o600)
     os.dup2(out, 2)
     os.close(out)
+    os.chdir(request["cwd"])
     coerced = os.environ.get("LC_CTYPE")  # what PEP 538 set at start-up, as it would
     os.environ.clear()
     os.environ.update(request["env"])
-    if coerced and "LC_ALL" not in os.environ:
+    if coerced:
         os.environ.setdefault("LC_CTYPE", coerced)
+    # trio draws its clock offset and scheduling shuffles from a generator seeded at
+    # import: each process has its own (the random module reseeds itself on fork).
+    trio_random = getattr(sys.modules.get("trio._core._run"), "_r", None)
+    if trio_random is not None:
+        trio_random.seed()
     gc.unfreeze()
     sys.argv = ["-m", *request["args"]]
     sys.path[0] = os.getcwd()  # what `-m` puts first

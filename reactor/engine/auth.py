@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -134,8 +135,18 @@ class _TicketBook:
         return True
 
 
-# Tickets live seconds and never leave this process: a per-process key is enough.
+# Tickets live seconds and never leave this process: a per-process key is enough. A
+# fork (a pre-forking supervisor, the test suite's warm interpreter) makes a key of its
+# own, so that a ticket one process issued is refused by another, forked or not.
 _TICKET_KEY = secrets.token_bytes(32)
+
+
+def _new_ticket_key() -> None:
+    global _TICKET_KEY
+    _TICKET_KEY = secrets.token_bytes(32)
+
+
+os.register_at_fork(after_in_child=_new_ticket_key)
 _TICKETS = _TicketBook()
 # What a sign-in cookie carries besides its time and signature (it names no one).
 _SESSION_VALUE = b"dashboard"

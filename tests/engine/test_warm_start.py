@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ PROBE = "tests.engine.warm_probe"
 def cold(module: str, args: list[str], env: dict[str, str],
          cwd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, check=False, timeout=120)
+                          capture_output=True, text=True, check=False, timeout=120,
+                          stdin=subprocess.DEVNULL)
 
 
 def warm(module: str, args: list[str], env: dict[str, str],
@@ -36,8 +38,26 @@ def test_a_warm_start_is_the_process_a_real_start_would_be() -> None:
     assert forked.returncode == real.returncode == 3
     assert forked.stderr == real.stderr == "to stderr\nsecond line\n"
     # Arguments, environment (exactly), directory, empty stdin, no inherited descriptor
-    # or thread, default signal handling, the same encodings.
-    assert json.loads(forked.stdout) == json.loads(real.stdout)
+    # or thread, default signal handling, the same encodings, limits and umask.
+    seen, expected = json.loads(forked.stdout), json.loads(real.stdout)
+    assert seen.pop("random") != expected.pop("random")
+    assert seen == expected
+    # Two forks draw different random numbers, as two processes do.
+    again = json.loads(warm(PROBE, [], env, ROOT).stdout)
+    assert again["random"] != json.loads(warm(PROBE, [], env, ROOT).stdout)["random"]
+
+
+def test_a_test_that_lowers_a_limit_starts_its_commands_for_real() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    assert warm_start.WARM.run([], env, ROOT, 120, module=PROBE) is not None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        # A fork would have the warm interpreter's limit, not the one a child inherits.
+        assert warm_start.WARM.run([], env, ROOT, 120, module=PROBE) is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert warm_start.WARM.run([], env, ROOT, 120, module=PROBE) is not None
 
 
 def test_a_warm_reactor_command_says_and_exits_as_a_cold_one(tmp_path: Path) -> None:
@@ -57,7 +77,9 @@ def test_a_warm_command_past_its_timeout_is_killed() -> None:
 
 
 @pytest.mark.parametrize(("key", "warm_allowed"), [
-    ("DATABASE_URL", True), ("PYTHONPATH", False), ("PYTHONUNBUFFERED", False),
-    ("LANG", False), ("LC_ALL", False), ("TZ", False)])
-def test_what_python_reads_at_start_up_is_run_cold(key: str, warm_allowed: bool) -> None:
+    ("DATABASE_URL", True), ("SMTP_HOST", True), ("PGCONNECT_TIMEOUT", True),
+    # Read by Python, the loader or a library before a fork could set them.
+    ("PYTHONPATH", False), ("PYTHONUNBUFFERED", False), ("LANG", False), ("LC_ALL", False),
+    ("TZ", False), ("LD_PRELOAD", False), ("REACTOR_HOME", False), ("NO_COLOR", False)])
+def test_only_what_is_read_after_start_up_is_forked(key: str, warm_allowed: bool) -> None:
     assert warm_start.usable({"PATH": "/usr/bin", key: "x"}) is warm_allowed

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import resource
 import signal
 import sys
 import threading
+
+
+def _umask() -> str:
+    with open("/proc/self/status") as status:
+        return next(line.split()[1] for line in status if line.startswith("Umask:"))
 
 
 def _describe() -> dict[str, object]:
@@ -25,6 +32,10 @@ def _describe() -> dict[str, object]:
         "signals": {name: repr(signal.getsignal(getattr(signal, name)))
                     for name in ("SIGINT", "SIGTERM", "SIGCHLD", "SIGPIPE", "SIGHUP")},
         "threads": threading.active_count(),
+        "limits": [resource.getrlimit(getattr(resource, name))
+                   for name in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_AS")],
+        "umask": _umask(),
+        "random": random.random(),
         "encoding": [sys.stdout.encoding, sys.getfilesystemencoding(), sys.flags.utf8_mode],
         "main": __name__,
     }
