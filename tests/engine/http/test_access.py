@@ -5,6 +5,7 @@ settings, and a public address refused without a token."""
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import httpx
@@ -203,3 +204,23 @@ def test_tickets_and_sign_in_cookies_refuse_forgery_replay_and_age(
     assert not access.session_ok(cookie)  # expired
     monkeypatch.setattr(time, "time", lambda: now)
     assert not access.session_ok(future)  # signed in the future
+
+
+def test_a_ticket_issued_by_a_forked_process_is_refused_by_its_parent() -> None:
+    """The ticket key is per process, forked or not (a pre-forking supervisor, the suite's
+    warm interpreter): a ticket passes only the process that issued it."""
+    own = "http://127.0.0.1:8766"
+    access = Access()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.close(read)
+        os.write(write, access.issue_ticket(own).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as child:
+        ticket = child.read().decode()
+    os.waitpid(pid, 0)
+    assert ticket
+    assert not access.spend_ticket(ticket, own)
+    assert access.spend_ticket(access.issue_ticket(own), own)
