@@ -247,7 +247,7 @@ def reactor_process(url: str, log: Path, *args: str, python_c: str = "", **env: 
                "METRICS_PORT": "0", "RETRY_BASE_S": "1", **env}
     proc: Process | None = None
     log.open("ab").close()  # there at once, as for a real start (the tests read it)
-    if not python_c and warm_start.usable(environ):
+    if not python_c:
         proc = warm_start.WARM.start(args or ("run",), environ, str(log.parent), str(log),
                                      str(log), append=True)
     if proc is None:
@@ -271,10 +271,9 @@ def reactor_command(*args: str, cwd: Path | None = None, timeout_s: float = 60,
     A fork of the test process's warm interpreter where it can be (tests/warm_start.py)."""
     environ = {"PATH": os.environ["PATH"], **(env or {}), **more_env}
     where = os.fspath(cwd or tempfile.gettempdir())
-    if warm_start.usable(environ):
-        done = warm_start.WARM.run(args, environ, where, patience(timeout_s))
-        if done is not None:
-            return done
+    done = warm_start.WARM.run(args, environ, where, patience(timeout_s))
+    if done is not None:
+        return done
     return subprocess.run([sys.executable, "-m", "reactor", *args], capture_output=True,
                           text=True, env=environ, cwd=where, check=False,
                           timeout=patience(timeout_s))

@@ -166,7 +166,7 @@ class WarmInterpreter:
         """`subprocess.Popen([sys.executable, "-m", MODULE, *args], ...)` with stdout and
         stderr written to those paths (one file if the same path; appended to if
         `append`); None if it cannot be a fork now (start it cold)."""
-        if not os.path.isdir(cwd) or not self._ready():
+        if not usable(env) or not os.path.isdir(cwd) or not self._ready():
             return None
         request = {"module": module, "args": list(args), "env": dict(env),
                    "cwd": os.fspath(cwd), "stdout": stdout, "stderr": stderr,
