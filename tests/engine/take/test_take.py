@@ -28,7 +28,7 @@ from psycopg import sql as pgsql
 from reactor.engine import queues
 from reactor.engine.db import Database, DatabaseUnavailable
 from reactor.engine.pgcluster import PgCluster
-from tests.harness import database_name, eventually, send, sql
+from tests.harness import database_name, eventually, patience, send, sql
 from tests.pgbouncer import pgbouncer, same_database
 
 QUEUE = "analytics_queue"
@@ -309,20 +309,36 @@ async def standby_that_never_answers(database_url: str, pg_cluster: PgCluster
 
 
 async def _durable_commits_wait_for_the_standby(durable_url: str, admin: str) -> None:
-    """Prove the setup bites: a durable commit waits for the standby (until cancelled)."""
+    """Prove the setup bites: a durable commit waits for the standby (until cancelled).
+
+    The setting takes effect once the checkpointer has read the reloaded configuration
+    (it is the process that tells the backends a synchronous standby is named), which it
+    does between checkpoints: a durable commit that went through before is tried again."""
+    with trio.fail_after(patience(20)):
+        attempt = 0
+        while not await _a_durable_commit_waits(durable_url, admin, attempt):
+            attempt += 1
+            await trio.sleep(0.1)
+
+
+async def _a_durable_commit_waits(durable_url: str, admin: str, attempt: int) -> bool:
+    """True if a durable commit waits for the standby; False if it went through."""
     blocked: dict[str, Any] = {}
 
     def durable_write() -> None:
         with psycopg.connect(durable_url, autocommit=True) as conn:
             blocked["pid"] = conn.info.backend_pid
             conn.execute("INSERT INTO reactor.job_failures (queue, msg_id, enqueued_at) "
-                         "VALUES ('control', 1, now())")
+                         "VALUES ('control', %s, now())", (attempt,))
+            blocked["committed"] = True
 
     writer = threading.Thread(target=durable_write)
     writer.start()
     try:
         await eventually(lambda: "pid" in blocked, within_s=20)
-        await eventually(lambda: _waits_for_standby(admin, blocked["pid"]), within_s=20)
+        await eventually(lambda: "committed" in blocked or _waits_for_standby(
+            admin, blocked["pid"]), within_s=20)
+        return "committed" not in blocked
     finally:
         await sql(admin, "SELECT pg_cancel_backend(%s)", (blocked.get("pid", 0),))
         await trio.to_thread.run_sync(writer.join)
