@@ -4,7 +4,8 @@ through the wheel's `pytest11` entry point; docs/engine.md, "Testing your worker
 Fixtures:
 - `reactor_cluster` (session): a throwaway PostgreSQL 15+ cluster on 127.0.0.1 and
   a free port, with pg_cron preloaded when it is installed; started as the
-  `postgres` OS user when the tests run as root (Postgres refuses root).
+  `postgres` OS user when the tests run as root (Postgres refuses root); on a
+  tmpfs where there is one with room (`cluster_dir`, `REACTOR_TEST_PG_DIR`).
 - `reactor_app_path` (session): the app under test as `module:factory`, from the
   `reactor_app` ini option (pytest.ini / pyproject's [tool.pytest.ini_options]);
   override the fixture to choose it in code.
