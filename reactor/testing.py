@@ -27,10 +27,14 @@ beside other jobs, a CPU hog) makes a green run slower, never red.
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import os
+import pwd
 import queue
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -142,19 +146,85 @@ def cluster_dir() -> str | None:
         if chosen and not os.path.isdir(chosen):
             raise pytest.UsageError(f"{PG_DIR_VAR}={chosen!r} is not a directory: create it, "
                                     "or leave it empty for the system temp directory")
-        return chosen or None
+        return os.path.abspath(chosen) if chosen else None  # tests chdir
     return RAM_DIR if _is_roomy_tmpfs(RAM_DIR) else None
 
 
+@functools.cache
+def session_cluster_dir() -> str | None:
+    """`cluster_dir()` as chosen once for this process (every cluster of a session in one
+    place, whatever the free space later), swept of killed processes' clusters first."""
+    where = cluster_dir()
+    _sweep_orphans(where or tempfile.gettempdir())
+    return where
+
+
 def _is_roomy_tmpfs(path: str) -> bool:
+    """`path` is a mount point whose top mount is a tmpfs, with RAM_DIR_MIN_FREE free
+    on it and in memory (a tmpfs' size is only a limit: what it holds takes RAM)."""
     try:
-        with open("/proc/self/mounts", encoding="utf-8") as mounts:
-            tmpfs = any(line.split()[1:3] == [path, "tmpfs"] for line in mounts)
+        with open("/proc/self/mountinfo", "rb") as mountinfo:  # paths are bytes, escaped
+            top = None
+            for line in mountinfo:
+                fields = line.split()
+                sep = fields.index(b"-")
+                mount_point = re.sub(rb"\\([0-7]{3})",
+                                     lambda m: bytes([int(m[1], 8)]), fields[4])
+                if mount_point == os.fsencode(path):
+                    top = fields[sep + 1]  # the last mount on a point is the one seen
         room = os.statvfs(path)
-    except OSError:
+        with open("/proc/meminfo", "rb") as meminfo:
+            available = next((int(line.split()[1]) * 1024 for line in meminfo
+                              if line.startswith(b"MemAvailable:")), 0)
+    except (OSError, ValueError, IndexError):
         return False
-    return (tmpfs and os.access(path, os.W_OK | os.X_OK)
-            and room.f_bavail * room.f_frsize >= RAM_DIR_MIN_FREE)
+    free = min(room.f_bavail * room.f_frsize, available)
+    return top == b"tmpfs" and os.access(path, os.W_OK | os.X_OK) and free >= RAM_DIR_MIN_FREE
+
+
+# A killed test process (SIGKILL, SIGTERM: no atexit, no finalizers) leaves its clusters
+# running and their files in RAM until reboot. Each process holds a lock on a file in
+# its own directories; one that finds another's lock free stops and removes what is left
+# (if the lock file is older than ORPHAN_AGE_S: a directory being made has its file an
+# instant before its lock).
+_OWNER_LOCK = ".reactor-owner.lock"
+ORPHAN_AGE_S = 60.0
+_held_locks: list[int] = []
+
+
+def _claim(base: Path) -> None:
+    import fcntl
+
+    fd = os.open(base / _OWNER_LOCK, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held_locks.append(fd)  # held until this process ends, however it ends
+
+
+def _sweep_orphans(directory: str) -> None:
+    import fcntl
+
+    from reactor.engine.pgcluster import PgCluster
+
+    owners = {os.geteuid()}
+    with suppress(KeyError):
+        owners.add(pwd.getpwnam("postgres").pw_uid)
+    for base in Path(directory).glob("reactor-test-*"):
+        try:  # a real directory of ours, not a link someone planted in a shared /tmp
+            st = os.lstat(base)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners:
+                continue
+            fd = os.open(base / _OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # another user's, or made before locks
+        try:
+            if time.time() - os.fstat(fd).st_mtime < ORPHAN_AGE_S:
+                continue  # just made: its maker may not hold the lock yet
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its process is alive
+        finally:
+            os.close(fd)
+        PgCluster(base, 0).remove()  # stops a server left running, then removes
 
 
 class _InitdbOutputs:
@@ -171,7 +241,9 @@ class _InitdbOutputs:
 
         with self._lock:
             if superuser not in self._made:
-                base = Path(tempfile.mkdtemp(prefix="reactor-test-initdb-", dir=cluster_dir()))
+                base = Path(tempfile.mkdtemp(prefix="reactor-test-initdb-",
+                                             dir=session_cluster_dir()))
+                _claim(base)
                 atexit.register(shutil.rmtree, base, True)
                 source = PgCluster(base, 0, superuser=superuser)
                 source.initdb_only()
@@ -191,11 +263,16 @@ def throwaway_cluster(prefix: str = "reactor-test-pg-", *, copy_of: Path | None 
     PgCluster's (superuser, pg_cron, durable)."""
     from reactor.engine.pgcluster import PgCluster, free_port
 
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix=prefix, dir=cluster_dir())), free_port(),
-                        **options)
-    cluster.init(copy_of=copy_of or _initdb_outputs.data_dir(cluster.superuser))
-    with (cluster.data_dir / "postgresql.conf").open("a", encoding="utf-8") as conf:
-        conf.writelines(f"{key} = {value}\n" for key, value in THROWAWAY_WAL.items())
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix=prefix, dir=session_cluster_dir())),
+                        free_port(), **options)
+    try:
+        _claim(cluster.base_dir)
+        cluster.init(copy_of=copy_of or _initdb_outputs.data_dir(cluster.superuser))
+        with (cluster.data_dir / "postgresql.conf").open("a", encoding="utf-8") as conf:
+            conf.writelines(f"{key} = {value}\n" for key, value in THROWAWAY_WAL.items())
+    except BaseException:
+        cluster.remove()  # a half-made copy must not stay in RAM
+        raise
     return cluster
 
 

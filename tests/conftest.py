@@ -150,8 +150,8 @@ def migrated_cluster_data() -> Iterator[Path]:
 def private_cluster(migrated_cluster_data: Path) -> Iterator[PgCluster]:
     """A migrated cluster of this test's own: it gets restarted."""
     cluster = throwaway_cluster("reactor-test-restart-", copy_of=migrated_cluster_data)
-    start_on_a_free_port(cluster)
     try:
+        start_on_a_free_port(cluster)
         yield cluster
     finally:
         cluster.remove()

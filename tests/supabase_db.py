@@ -26,7 +26,7 @@ from psycopg import sql
 
 from reactor.clinic.schema import migrate
 from reactor.engine.pgcluster import CRON_DATABASE, PgCluster
-from reactor.testing import throwaway_cluster
+from reactor.testing import start_on_a_free_port, throwaway_cluster
 
 ADMIN = "supabase_admin"
 OWNER = "postgres"                      # owns the app database, runs `reactor migrate`
@@ -154,9 +154,9 @@ def start_supabase_cluster() -> SupabaseCluster:
     a test migrates it when it needs the scheduled jobs.
     """
     cluster = throwaway_cluster("reactor-test-supabase-", superuser=ADMIN)
-    cluster.start()
     supabase = SupabaseCluster(cluster)
     try:
+        start_on_a_free_port(cluster)
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             conn.execute(_ROLES)
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(

@@ -1,4 +1,5 @@
-"""The two kinds of failure the failure policy tells apart (see processors.base)."""
+"""The failures a handler raises, which the drainer tells apart (reactor.engine.drainer):
+permanent, retryable, and "not yet" (RetryLater, and Deferred: the other side said not now)."""
 
 from __future__ import annotations
 
