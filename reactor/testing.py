@@ -5,7 +5,7 @@ Fixtures:
 - `reactor_cluster` (session): a throwaway PostgreSQL 15+ cluster on 127.0.0.1 and
   a free port, with pg_cron preloaded when it is installed; started as the
   `postgres` OS user when the tests run as root (Postgres refuses root); on a
-  tmpfs where there is one with room (`cluster_dir`, `REACTOR_TEST_PG_DIR`).
+  tmpfs where there is one with room (`session_cluster_dir`, `REACTOR_TEST_PG_DIR`).
 - `reactor_app_path` (session): the app under test as `module:factory`, from the
   `reactor_app` ini option (pytest.ini / pyproject's [tool.pytest.ini_options]);
   override the fixture to choose it in code.
@@ -256,7 +256,7 @@ _initdb_outputs = _InitdbOutputs()
 
 def throwaway_cluster(prefix: str = "reactor-test-pg-", *, copy_of: Path | None = None,
                       **options: Any) -> PgCluster:
-    """A new cluster in a temporary directory (in `cluster_dir()`) on a free port,
+    """A new cluster in a temporary directory (in `session_cluster_dir()`) on a free port,
     initialized, not started: from a copy of initdb's output (see _InitdbOutputs), or of
     `copy_of`, the data directory of a stopped cluster with the same superuser (its
     settings are written again: the last of a setting's lines wins). `options` are
