@@ -281,6 +281,10 @@ async def test_replicas_racing_through_pgbouncer_take_each_message_once(
 
 
 # -- 4. no take waits for a durable commit ------------------------------------------------------
+# What a URL adds for its commits to ask for durability (the clusters turn it off).
+DURABLE = "?options=-c%20synchronous_commit%3Don"
+
+
 def _set_sync_standby(url: str, names: str | None) -> None:
     """Name a synchronous standby that never connects (or none): every commit that asks
     for durability then waits for it forever; one with synchronous_commit off does not."""
@@ -298,7 +302,7 @@ async def standby_that_never_answers(database_url: str, pg_cluster: PgCluster
                                      ) -> AsyncIterator[str]:
     """A synchronous standby named that never connects, proven to bite; yields a URL of the
     database whose commits ask for durability (they wait for it for ever)."""
-    durable_url = database_url + "?options=-c%20synchronous_commit%3Don"
+    durable_url = database_url + DURABLE
     admin = pg_cluster.url()
     await trio.to_thread.run_sync(_set_sync_standby, admin, "never_connects")
     try:
@@ -419,8 +423,7 @@ async def test_a_take_that_loses_its_only_message_to_another_replica_commits_asy
         CREATE POLICY review_gate ON pgmq.q_analytics_queue USING (public.review_gate(msg_id));
         """).format(taker=pgsql.Identifier(taker), first=pgsql.Literal(first),
                     key=pgsql.Literal(key)))
-    taker_url = (pg_cluster.url_as(taker, database_name(database_url))
-                 + "?options=-c%20synchronous_commit%3Don")
+    taker_url = pg_cluster.url_as(taker, database_name(database_url)) + DURABLE
     other = await trio.to_thread.run_sync(_connect, database_url, False)
     locker = await trio.to_thread.run_sync(_connect, database_url, True)
     try:
@@ -431,8 +434,7 @@ async def test_a_take_that_loses_its_only_message_to_another_replica_commits_asy
         await trio.to_thread.run_sync(locker.execute, f"SELECT pg_advisory_lock({key})")
         await trio.to_thread.run_sync(_set_sync_standby, admin, "never_connects")
         # Else a take could commit before the checkpointer applies it, and pass vacuously.
-        await _durable_commits_wait_for_the_standby(
-            database_url + "?options=-c%20synchronous_commit%3Don", admin)
+        await _durable_commits_wait_for_the_standby(database_url + DURABLE, admin)
         taken: list[queues.Message] = []
         finished = trio.Event()
         async with Database(taker_url, 1, statement_timeout_s=60).opened() as db:
