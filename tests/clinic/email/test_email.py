@@ -669,6 +669,34 @@ def test_long_subjects_and_names_stay_within_the_rfc_limits() -> None:
     assert "Content-Transfer-Encoding: 7bit" in out.raw.decode()
 
 
+def test_a_mail_is_written_the_same_whatever_was_built_before_it() -> None:
+    """The builder shares header objects and their folded lines between mails (mime.py):
+    what one mail, or an SMTPUTF8 mail's UTF-8 output, leaves behind must not show in the
+    next. The same mail, built before and after a mix of others, is the same bytes but for
+    what is new each time (Date, Message-ID, the boundaries)."""
+    renderer = EmailRenderer(TEMPLATES_DIR, reply_to="support@family.example")
+
+    def report(to: str, locale: str, filename: str) -> bytes:
+        rendered = renderer.render("report_ready", locale, {
+            name: VALUES[name] for name in REQUIRED_VARIABLES["report_ready"]})
+        return build_message(sender="noreply@family.example", sender_name="Семейный центр",
+                             to=to, email=rendered, attachments=[Attachment(filename, PDF)],
+                             reply_to="support@family.example").raw
+
+    def fresh_parts_masked(raw: bytes) -> str:
+        text = re.sub(r"=_[0-9a-f]{24}", "=_BOUNDARY", raw.decode("utf-8"))
+        return re.sub(r"(?m)^(Date|Message-ID): .*$", r"\1: NEW", text)
+
+    first = report("anna@example.com", "ru", "Отчёт — Анна.pdf")
+    others = [report("мама@пример.рф", "ru", "Отчёт — Маша.pdf"),  # UTF-8 output
+              report("a@example.com", "en", "report " * 20 + ".pdf"),
+              report("b@example.com", "ru", "x.pdf")]
+    again = report("anna@example.com", "ru", "Отчёт — Анна.pdf")
+    assert fresh_parts_masked(again) == fresh_parts_masked(first)
+    assert again != first  # a new Message-ID and new boundaries all the same
+    assert "мама@пример.рф" in others[0].decode("utf-8")
+
+
 def smtp_settings(**env: Any) -> Any:
     return load_settings(DATABASE_URL="postgresql://x@127.0.0.1/db", EMAIL_PROVIDER="smtp",
                          SMTP_HOST="127.0.0.1", **env)

@@ -25,12 +25,14 @@ unchanged and written by its `fold`).
 What it costs: the package parses and refolds every header it is given, in
 Python. The headers we make as one short ASCII line (Date, Message-ID, an
 address, a plain subject: `_line`) are stored as written, by the same protocol;
-the rest (the parts' Content-Type and encoding, encoded words) is the package's.
-A Russian mail takes 2.2 ms of CPU to build on 3.11 (3.0 ms when every header
-went through the parser; email.mime and compat32, tried, 1.4 ms; the hand-written
-writer this replaced, 0.2 ms). `python -m bench mail` to a local sink: about 60 %
-of what the same reactor does with a build that costs nothing (docs/benchmarks.md).
-Accepted for the package's upkeep: the clinic's mails are a few a minute.
+the rest (the parts' Content-Type and encoding, encoded words) is the package's,
+and what is the same in every mail is parsed and folded once per process
+(`_HeaderClasses`, `_FoldedOnce`, `_encoded`: header objects are immutable).
+A Russian mail takes 1.2 ms of CPU to build on 3.11 (2.3 ms without the sharing,
+3.0 ms when every header went through the parser; email.mime and compat32, tried,
+1.4 ms; the hand-written writer this replaced, 0.2 ms). What that costs the
+pipeline is in docs/benchmarks.md (Mail). Accepted for the package's upkeep: the
+clinic's mails are a few a minute.
 
 `ascii_filename` transliterates by hand: Unidecode would do it, but it is GPL and
 a dependency for 33 Russian letters.
@@ -66,21 +68,56 @@ MAX_LINE: Final = 78
 MAX_ENCODED_WORD: Final = 75
 
 
+class _FoldedOnce(BaseHeader):
+    """The base of every header class (HeaderRegistry's documented `base_class`): a
+    header object keeps what its `fold` wrote for each output policy. A header object is
+    an immutable str, so its folded form under one policy never changes; the ones
+    `_HeaderClasses` shares between mails (a part's Content-Type, its encoding) are
+    refolded by the package's parser once per process instead of once per mail."""
+
+    def fold(self, *, policy: Policy) -> str:
+        # What the fold depends on: the generator hands each part a clone of its policy.
+        key = (policy.linesep, policy.max_line_length, policy.utf8)  # type: ignore[attr-defined]
+        folds: dict[tuple[str, int | None, bool], str] = self.__dict__.setdefault("_folds", {})
+        folded = folds.get(key)
+        if folded is None:
+            folded = folds[key] = super().fold(policy=policy)
+        return folded
+
+
 class _HeaderClasses:
     """A policy's `header_factory` (documented: called with a name and a value, it makes
     the header object; indexed by a name, it gives that header's class): the stock
-    HeaderRegistry's, with each name's class made once. The stock registry makes a new
-    class for every header it is asked about (twice per header set), a quarter of
-    what building a mail costs."""
+    HeaderRegistry's, with two savings.
+
+    - Each name's class is made once: the stock registry makes a new class for every
+      header it is asked about (twice per header set), a quarter of a build.
+    - The same name and value give the same header object: every mail sets the same
+      few (`set_content`'s Content-Type, Content-Transfer-Encoding and MIME-Version, 7 of
+      the 8 the package parses in a mail), and parsing each again was another third.
+      Header objects are immutable, so sharing them is safe. The cache is an LRU of
+      `SHARED_HEADERS` short values (`SHARED_VALUE_CHARS`: what it can hold stays small
+      whatever a message asks for), so values seen once (a boundary, a file name) pass
+      through it.
+    """
+
+    SHARED_HEADERS: Final = 128
+    SHARED_VALUE_CHARS: Final = 200
 
     def __init__(self) -> None:
-        self._registry = HeaderRegistry()
+        self._registry = HeaderRegistry(base_class=_FoldedOnce)
+        self._made = functools.lru_cache(maxsize=self.SHARED_HEADERS)(self._make)
 
     @functools.cache  # noqa: B019 - one instance, for the life of the process
     def __getitem__(self, name: str) -> type[BaseHeader]:
         return self._registry[name]
 
+    def _make(self, name: str, value: str) -> BaseHeader:
+        return self[name](name, value)
+
     def __call__(self, name: str, value: Any) -> BaseHeader:
+        if type(value) is str and len(value) <= self.SHARED_VALUE_CHARS:
+            return self._made(name, value)  # a plain value: its header is its own
         return self[name](name, value)
 
 
@@ -129,7 +166,20 @@ class _Written(str):
 
 
 def _encoded(name: str, text: str, address: str | None = None) -> _Written:
-    """`text` as RFC 2047 encoded words (then `<address>`), folded within the limits."""
+    """`text` as RFC 2047 encoded words (then `<address>`), folded within the limits.
+    A short one is kept for the next mail (an immutable str): the sender's display name
+    is the same in every mail, and a template's subject often is."""
+    if len(text) <= _HeaderClasses.SHARED_VALUE_CHARS:
+        return _encoded_shared(name, text, address)
+    return _encode(name, text, address)
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_shared(name: str, text: str, address: str | None) -> _Written:
+    return _encode(name, text, address)
+
+
+def _encode(name: str, text: str, address: str | None) -> _Written:
     # maxlinelen counts the continuation lines' leading space: words stay within 75.
     header = Header(text, "utf-8", maxlinelen=MAX_ENCODED_WORD, header_name=name)
     if address is not None:
