@@ -513,17 +513,48 @@ class Drainer:
 
     # -- one job ---------------------------------------------------------------------
     async def _process(self, job: _Job) -> None:
+        """Run the job's handler and settle its outcome, whatever form its end takes.
+
+        One coroutine per job (not one for the job and one for its handling): each
+        level costs a coroutine and a frame per job.
+        """
         message = job.message
-        job.started = self._now()
+        job.started = started = self._now()
         if message.attempt == 1:
             # Two clocks (the database's enqueue time, ours now): never below zero.
             # (Rounded only where an event is built: round(x, 3) costs ~1 us.)
             job.wait_ms = max(0.0, time.time() - _epoch_s(message.enqueued_at)) * 1000
-        job.deadline = job.started + self.processor.timeout_s
+            lost = 0  # (a first delivery has none: no property call)
+        else:
+            lost = message.lost_deliveries
+        job.deadline = started + self.processor.timeout_s
         if self.bus.wanted("job.started"):  # nobody counts it: skipped when unseen
             self.bus.publish("job.started", self.queue, message.msg_id, message.attempt)
         try:
-            await self._handle(job)
+            if message.decode_error is not None:
+                self._settle_dead(job, message.decode_error)
+                return
+            if lost >= self.cfg.max_lost_deliveries:
+                self._settle_dead(job, f"{lost} deliveries ended with no outcome (the worker "
+                                  "crashed or was killed): it may crash its worker")
+                return
+            try:
+                await self.processor.handle(self.processor.parse(message))
+            except PermanentError as exc:
+                self._settle_dead(job, str(exc))
+            except RetryLater as exc:
+                self._settle_requeue(job, str(exc), exc.delay_s or 1, exc.stamp,
+                                     deferred=isinstance(exc, Deferred))
+            except RetryableError as exc:
+                self._settle_failure(job, describe_error(exc), exc.delay_s, outage=exc.outage)
+            except DatabaseUnavailable as exc:
+                self._settle_failure(job, describe_error(exc), outage=True)
+            except Exception as exc:
+                self._settle_failure(job, describe_error(exc))
+            else:
+                if self._settle(job):
+                    job.duration_ms = self._ms(job)
+                    self._done.append(job)
         except BaseException:
             # Cancelled, or a group of them from a nursery inside the handler (httpx's
             # connect has one): whatever form the cancellation takes, the job settles.
@@ -532,34 +563,6 @@ class Drainer:
             else:
                 self._settle_release(job)  # shutting down: visible again at once
             raise
-
-    async def _handle(self, job: _Job) -> None:
-        """Run the handler and settle its outcome (the caller settles cancellations)."""
-        message = job.message
-        if message.decode_error is not None:
-            self._settle_dead(job, message.decode_error)
-            return
-        if message.lost_deliveries >= self.cfg.max_lost_deliveries:
-            self._settle_dead(job, f"{message.lost_deliveries} deliveries ended with no outcome "
-                              "(the worker crashed or was killed): it may crash its worker")
-            return
-        try:
-            await self.processor.handle(self.processor.parse(message))
-        except PermanentError as exc:
-            self._settle_dead(job, str(exc))
-        except RetryLater as exc:
-            self._settle_requeue(job, str(exc), exc.delay_s or 1, exc.stamp,
-                                 deferred=isinstance(exc, Deferred))
-        except RetryableError as exc:
-            self._settle_failure(job, describe_error(exc), exc.delay_s, outage=exc.outage)
-        except DatabaseUnavailable as exc:
-            self._settle_failure(job, describe_error(exc), outage=True)
-        except Exception as exc:
-            self._settle_failure(job, describe_error(exc))
-        else:
-            if self._settle(job):
-                job.duration_ms = self._ms(job)
-                self._done.append(job)
 
     # -- settling: synchronous, exactly once per delivery ---------------------------------
     def _settle(self, job: _Job) -> bool:
