@@ -115,7 +115,8 @@ class _Job:
     worker: trio.CancelScope | None = None
     timed_out: bool = False
     settled: bool = False
-    # Its worker's scope was cancelled (a timeout, an orphan): that worker takes no more.
+    # Its worker's scope was cancelled (a timeout, an orphan): after it, the worker passes
+    # a checkpoint (the cancellation ends that scope) before it takes another job.
     cancelled: bool = False
     # A success: how long its handler ran, ms (not rounded), for its job.succeeded.
     duration_ms: float = 0.0
@@ -246,8 +247,9 @@ class Drainer:
         wait, and runs up to WORKER_RUN jobs in a row before it yields. Jobs that
         await (real I/O) still start side by side, one more with each round of
         the scheduler; jobs that do not are run without a round each. A worker
-        whose scope was cancelled (its job timed out or was orphaned), or all of
-        them at the end of the grace, takes no more jobs.
+        whose scope was cancelled (its job timed out or was orphaned) takes its
+        next job in a fresh scope; at the end of the grace (cancel_jobs) the
+        workers take no more.
         """
         ready, parked = self._ready, self._parked
         while True:
