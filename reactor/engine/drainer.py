@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timezone, tzinfo
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -65,7 +66,7 @@ DB_BACKOFF_MAX_S = 10.0
 MIN_IDLE_S = 0.05
 # Finished messages are archived at least this often while others still run.
 FLUSH_EVERY_S = 1.0
-# A worker takes up to this many waiting jobs in a row before it yields to the scheduler.
+# A worker runs up to this many waiting jobs in a row before it yields to the scheduler.
 WORKER_RUN = 16
 # On the way out, the last bookkeeping may take this long before it is given up
 # (what it would have recorded is redelivered later: effects are idempotent).
@@ -114,12 +115,17 @@ class _Job:
     worker: trio.CancelScope | None = None
     timed_out: bool = False
     settled: bool = False
+    # Its worker's scope was cancelled (a timeout, an orphan): after it, the worker passes
+    # a checkpoint (the cancellation ends that scope) before it takes another job.
+    cancelled: bool = False
+    # A success: how long its handler ran, ms (not rounded), for its job.succeeded.
+    duration_ms: float = 0.0
 
 
 class Drainer:
     """Drains one queue with one processor. Owned by the Reactor's nursery.
 
-    `concurrency` long-lived workers take jobs from a bounded channel that the
+    `concurrency` long-lived workers take jobs from a queue (`_ready`) that the
     read loop fills, highest priority first. Up to two batches beyond the busy
     workers may wait there (prefetched, their leases kept alive): priority
     decides what runs next even when every worker is busy, and the next batch
@@ -137,13 +143,21 @@ class Drainer:
         self.cfg = settings
         self.concurrency = max(1, processor.concurrency)
         self.max_in_flight = self.concurrency + 2 * settings.batch_size
-        self._send, self._receive = trio.open_memory_channel[_Job](self.max_in_flight)
+        # Read, not started yet, in the order they run; bounded by max_in_flight (the read
+        # loop reads no more than that many in flight).
+        self._ready: deque[_Job] = deque()
+        # Workers with nothing to do, and whether one of them was woken and has not yet
+        # looked at `_ready` (see _worker).
+        self._parked = trio.lowlevel.ParkingLot()
+        self._waking = False
+        # The run's clock (trio.current_time without its two calls of lookup); set in run().
+        self._now: Callable[[], float] = trio.current_time
         # Read and not yet settled, by msg_id.
         self._jobs: dict[int, _Job] = {}
         # Settled, waiting to be written: archive / retry or release / dead-letter / requeue.
         # Succeeded, to be archived; each one's job.succeeded is published once its
         # archive committed.
-        self._done: list[_Finished] = []
+        self._done: list[_Job] = []
         self._outcomes: list[Outcome] = []
         self._letters: list[Outcome] = []
         self._requeues: list[Outcome] = []
@@ -187,6 +201,7 @@ class Drainer:
     # -- the loop --------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain until stopped; survives database outages, read-only spells and poolers."""
+        self._now = trio.lowlevel.current_clock().current_time
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch)
@@ -225,40 +240,53 @@ class Drainer:
         Timeouts are enforced by `_watch` cancelling this worker's scope, not by
         a cancel scope per job: that costs more than a small job itself.
 
-        After a job, the next one waiting in the channel is taken at once, up to
-        WORKER_RUN jobs, before the worker goes back to the scheduler: a receive
-        that waits is a round of trio's scheduler, as costly as a small job. A
-        job that awaits anything yields as before; a cancelled worker takes no
-        more jobs.
+        Jobs wait in `_ready`, not in a memory channel: a channel hands each job
+        to a parked receiver, one round of trio's scheduler per job (here ~12 us,
+        more than a small job costs). Instead one parked worker at a time is
+        woken (`_wake_one`): it takes the next job, wakes another while more
+        wait, and runs up to WORKER_RUN jobs in a row before it yields. Jobs that
+        await (real I/O) still start side by side, one more with each round of
+        the scheduler; jobs that do not are run without a round each. A worker
+        whose scope was cancelled (its job timed out or was orphaned) takes its
+        next job in a fresh scope; at the end of the grace (cancel_jobs) the
+        workers take no more.
         """
-        receive = self._receive
+        ready, parked = self._ready, self._parked
         while True:
             with trio.CancelScope() as scope:
-                async for job in receive:
-                    if not job.settled:  # else orphaned before it started (see _dispatch)
-                        job.worker = scope
-                        await self._process(job)
-                    for _ in range(WORKER_RUN - 1):
-                        if scope.cancel_called:
-                            break
-                        try:
-                            job = receive.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        if not job.settled:
-                            job.worker = scope
-                            await self._process(job)
-                return  # the channel was closed
-            # Only _watch cancels this scope, and the timed-out job has settled itself.
+                run = 0
+                while True:
+                    if not ready:
+                        await parked.park()
+                        self._waking = False  # only a _wake_one unparks
+                        run = 0
+                        continue
+                    if run >= WORKER_RUN:
+                        await trio.lowlevel.checkpoint()  # let the others run
+                        run = 0
+                        continue
+                    job = ready.popleft()
+                    if ready:
+                        self._wake_one()
+                    if job.settled:  # orphaned before it started (see _orphan)
+                        continue
+                    job.worker = scope
+                    run += 1
+                    await self._process(job)
+                    if job.cancelled or self._cancel_jobs:
+                        await trio.lowlevel.checkpoint_if_cancelled()
+            # Only _watch and _orphan cancel this scope, and its job has settled.
+
+    def _wake_one(self) -> None:
+        """Jobs wait: wake a parked worker, unless one was woken and has not run yet."""
+        if not self._waking and self._parked.unpark():
+            self._waking = True
 
     async def _finish_in_flight(self) -> None:
         """Stopping: hand back what no worker has started, wait for the rest."""
-        while True:
-            try:
-                job = self._receive.receive_nowait()
-            except trio.WouldBlock:
-                break
-            self._settle_release(job)
+        ready = self._ready
+        while ready:
+            self._settle_release(ready.popleft())
         while self._jobs:
             await self._wait_signal(self.cfg.visibility_timeout_s, until_in_flight=0)
 
@@ -351,7 +379,7 @@ class Drainer:
         worker has started yet, highest priority first (FIFO within a priority)."""
         if not messages:
             return
-        now = trio.current_time()
+        now = self._now()
         jobs = []
         for message in messages:
             held = self._jobs.get(message.msg_id)
@@ -367,15 +395,14 @@ class Drainer:
             job = _Job(message, now)
             self._jobs[message.msg_id] = job
             jobs.append(job)
-        while True:  # no await from here on: no worker sees a partial state
-            try:
-                jobs.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                break
+        ready = self._ready  # no await from here on: no worker sees a partial state
+        if ready:  # (less those orphaned meanwhile: every job left there is in _jobs)
+            jobs.extend(job for job in ready if not job.settled)
+            ready.clear()
         if len(jobs) > 1:
             jobs.sort(key=lambda j: (-j.message.priority, j.message.msg_id))
-        for job in jobs:
-            self._send.send_nowait(job)  # room is guaranteed by max_in_flight
+        ready.extend(jobs)  # bounded: the read loop keeps in flight under max_in_flight
+        self._wake_one()
 
     def _orphan(self, job: _Job) -> None:
         """The queue was dropped and recreated under this job (pgmq numbers messages from 1
@@ -387,6 +414,7 @@ class Drainer:
         job.settled = True
         del self._jobs[job.message.msg_id]
         if job.started is not None and job.worker is not None:
+            job.cancelled = True
             job.worker.cancel()
 
     async def _flush(self, read: int = 0) -> list[Message]:
@@ -435,7 +463,7 @@ class Drainer:
         if self._stopping:
             read = 0  # what was just released (set visible) must not be read back in
         done, self._done = self._done, []
-        ids = [f.msg_id for f in done]
+        ids = [job.message.msg_id for job in done]
         try:
             if read:
                 vt = self.cfg.visibility_timeout_s
@@ -465,15 +493,16 @@ class Drainer:
             self._done[:0] = done  # archived next time (archive is idempotent)
             raise
 
-    def _publish_succeeded(self, succeeded: list[_Finished]) -> None:
+    def _publish_succeeded(self, succeeded: list[_Job]) -> None:
         """job.succeeded for the jobs of one archive: one call for the batch (the bus
         builds an event per job only when someone would see it)."""
         if not succeeded:
             return
-        now = trio.current_time()
+        now = self._now()
         self.bus.publish_succeeded(self.queue, [
-            Succeeded(f.msg_id, f.attempt, f.duration_ms, f.wait_ms, (now - f.started) * 1000)
-            for f in succeeded])
+            Succeeded(j.message.msg_id, j.message.attempt, j.duration_ms, j.wait_ms,
+                      (now - _started(j)) * 1000)
+            for j in succeeded])
 
     async def _flush_final(self) -> None:
         """On the way out: record what settled, release what never started."""
@@ -486,17 +515,48 @@ class Drainer:
 
     # -- one job ---------------------------------------------------------------------
     async def _process(self, job: _Job) -> None:
+        """Run the job's handler and settle its outcome, whatever form its end takes.
+
+        One coroutine per job (not one for the job and one for its handling): each
+        level costs a coroutine and a frame per job.
+        """
         message = job.message
-        job.started = trio.current_time()
+        job.started = started = self._now()
         if message.attempt == 1:
             # Two clocks (the database's enqueue time, ours now): never below zero.
             # (Rounded only where an event is built: round(x, 3) costs ~1 us.)
             job.wait_ms = max(0.0, time.time() - _epoch_s(message.enqueued_at)) * 1000
-        job.deadline = job.started + self.processor.timeout_s
+            lost = 0  # (a first delivery has none: no property call)
+        else:
+            lost = message.lost_deliveries
+        job.deadline = started + self.processor.timeout_s
         if self.bus.wanted("job.started"):  # nobody counts it: skipped when unseen
             self.bus.publish("job.started", self.queue, message.msg_id, message.attempt)
         try:
-            await self._handle(job)
+            if message.decode_error is not None:
+                self._settle_dead(job, message.decode_error)
+                return
+            if lost >= self.cfg.max_lost_deliveries:
+                self._settle_dead(job, f"{lost} deliveries ended with no outcome (the worker "
+                                  "crashed or was killed): it may crash its worker")
+                return
+            try:
+                await self.processor.handle(self.processor.parse(message))
+            except PermanentError as exc:
+                self._settle_dead(job, str(exc))
+            except RetryLater as exc:
+                self._settle_requeue(job, str(exc), exc.delay_s or 1, exc.stamp,
+                                     deferred=isinstance(exc, Deferred))
+            except RetryableError as exc:
+                self._settle_failure(job, describe_error(exc), exc.delay_s, outage=exc.outage)
+            except DatabaseUnavailable as exc:
+                self._settle_failure(job, describe_error(exc), outage=True)
+            except Exception as exc:
+                self._settle_failure(job, describe_error(exc))
+            else:
+                if self._settle(job):
+                    job.duration_ms = self._ms(job)
+                    self._done.append(job)
         except BaseException:
             # Cancelled, or a group of them from a nursery inside the handler (httpx's
             # connect has one): whatever form the cancellation takes, the job settles.
@@ -505,34 +565,6 @@ class Drainer:
             else:
                 self._settle_release(job)  # shutting down: visible again at once
             raise
-
-    async def _handle(self, job: _Job) -> None:
-        """Run the handler and settle its outcome (the caller settles cancellations)."""
-        message = job.message
-        if message.decode_error is not None:
-            self._settle_dead(job, message.decode_error)
-            return
-        if message.lost_deliveries >= self.cfg.max_lost_deliveries:
-            self._settle_dead(job, f"{message.lost_deliveries} deliveries ended with no outcome "
-                              "(the worker crashed or was killed): it may crash its worker")
-            return
-        try:
-            await self.processor.handle(self.processor.parse(message))
-        except PermanentError as exc:
-            self._settle_dead(job, str(exc))
-        except RetryLater as exc:
-            self._settle_requeue(job, str(exc), exc.delay_s or 1, exc.stamp,
-                                 deferred=isinstance(exc, Deferred))
-        except RetryableError as exc:
-            self._settle_failure(job, describe_error(exc), exc.delay_s, outage=exc.outage)
-        except DatabaseUnavailable as exc:
-            self._settle_failure(job, describe_error(exc), outage=True)
-        except Exception as exc:
-            self._settle_failure(job, describe_error(exc))
-        else:
-            if self._settle(job):
-                self._done.append(_Finished(message.msg_id, message.attempt, _ms(job),
-                                            job.wait_ms, _started(job)))
 
     # -- settling: synchronous, exactly once per delivery ---------------------------------
     def _settle(self, job: _Job) -> bool:
@@ -556,19 +588,19 @@ class Drainer:
         if not self._settle(job):
             return
         delay = delay_s if delay_s is not None else policy.delay_s(message.attempt)
-        self._outcomes.append(Outcome(message, delay, clean_error(error), _ms(job),
+        self._outcomes.append(Outcome(message, delay, clean_error(error), self._ms(job),
                                       wait_ms=job.wait_ms, started=_started(job)))
 
     def _settle_requeue(self, job: _Job, reason: str, delay_s: int,
                         stamp: dict[str, Any] | None = None, *, deferred: bool = False) -> None:
         if self._settle(job):
-            self._requeues.append(Outcome(job.message, delay_s, clean_error(reason), _ms(job),
+            self._requeues.append(Outcome(job.message, delay_s, clean_error(reason), self._ms(job),
                                           stamp, deferred, wait_ms=job.wait_ms,
                                           started=_started(job)))
 
     def _settle_dead(self, job: _Job, error: str) -> None:
         if self._settle(job):
-            self._letters.append(Outcome(job.message, 0, clean_error(error), _ms(job),
+            self._letters.append(Outcome(job.message, 0, clean_error(error), self._ms(job),
                                          wait_ms=job.wait_ms, started=_started(job)))
 
     def _publish_retry(self, o: Outcome) -> None:
@@ -581,6 +613,10 @@ class Drainer:
         """Shutting down: the message is visible again at once; not a failure."""
         if self._settle(job):
             self._outcomes.append(Outcome(job.message, 0, None))
+
+    def _ms(self, job: _Job) -> float:
+        """How long the delivery has run, ms (not rounded: see _r3)."""
+        return (self._now() - _started(job)) * 1000
 
     async def _watch(self) -> None:
         """Cancel jobs past their timeout; extend the leases of long ones.
@@ -597,7 +633,7 @@ class Drainer:
             now = trio.current_time()
             for job in list(self._jobs.values()):
                 if not job.timed_out and now >= job.deadline and job.worker is not None:
-                    job.timed_out = True
+                    job.timed_out = job.cancelled = True
                     job.worker.cancel()  # the job settles itself as a retry
             if now < next_lease:
                 continue
@@ -609,17 +645,6 @@ class Drainer:
                 except DatabaseUnavailable as exc:
                     self._degraded = True
                     self.health.report(self._source, exc.reason, str(exc))
-
-
-class _Finished(NamedTuple):
-    """A job that succeeded, waiting for its archive: what its job.succeeded reports
-    (milliseconds, not rounded)."""
-
-    msg_id: int
-    attempt: int
-    duration_ms: float
-    wait_ms: float | None
-    started: float  # trio.current_time() when its handler started
 
 
 # Time zones whose offset never changed: a datetime in one is a fixed distance from the
@@ -654,12 +679,6 @@ def _started(job: _Job) -> float:
 def _since(started: float | None, now: float) -> float | None:
     """Start to settle: from the handler's start until the outcome was in the database."""
     return None if started is None else round((now - started) * 1000, 3)
-
-
-def _ms(job: _Job) -> float:
-    """How long the delivery has run, ms (not rounded: see _r3)."""
-    started = job.started if job.started is not None else job.read_at
-    return (trio.current_time() - started) * 1000
 
 
 def _r3(ms: float | None) -> float | None:

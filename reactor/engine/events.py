@@ -184,8 +184,9 @@ class EventBus:
                              settle_ms=_ms3(job.settle_ms))
             return
         ts = time.time()
-        ids, ring = self._ids, self._ring
-        ring.extend((next(ids), ts, queue, job) for job in jobs)
+        # (id, ts, queue, job) each, zipped in C: a generator costs a frame resumption a job.
+        self._ring.extend(zip(itertools.islice(self._ids, len(jobs)), itertools.repeat(ts),
+                              itertools.repeat(queue), jobs))
         for _, succeeded in self._paired:
             if succeeded is not None:
                 succeeded(queue, ts, jobs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, utils
@@ -40,13 +40,6 @@ class _Series:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
-
-    def observe_many(self, values: Iterable[float]) -> None:
-        counts, bounds, total = self.counts, self.bounds, 0.0
-        for value in values:
-            counts[bisect.bisect_left(bounds, value)] += 1
-            total += value
-        self.total += total
 
 
 class _Histogram(Collector):
@@ -192,11 +185,30 @@ class Metrics:
         if child is None:
             child = self._children[key] = self.jobs.labels(queue, "succeeded")
         child.inc(len(jobs))
-        self.duration.labels(queue).observe_many(job.duration_ms / 1000 for job in jobs)
-        self.wait.labels(queue).observe_many(job.wait_ms / 1000 for job in jobs
-                                             if job.wait_ms is not None)
-        self.settle.labels(queue).observe_many(job.settle_ms / 1000 for job in jobs
-                                               if job.settle_ms is not None)
+        # The three histograms in one pass over the jobs (a generator per histogram cost a
+        # frame resumption per job each); each sum is added up over the batch, then once
+        # to its series' total.
+        duration, wait, settle = (self.duration.labels(queue), self.wait.labels(queue),
+                                  self.settle.labels(queue))
+        d_counts, d_bounds, d_total = duration.counts, duration.bounds, 0.0
+        w_counts, w_bounds, w_total = wait.counts, wait.bounds, 0.0
+        s_counts, s_bounds, s_total = settle.counts, settle.bounds, 0.0
+        where = bisect.bisect_left
+        for job in jobs:
+            value = job.duration_ms / 1000
+            d_counts[where(d_bounds, value)] += 1
+            d_total += value
+            if job.wait_ms is not None:
+                value = job.wait_ms / 1000
+                w_counts[where(w_bounds, value)] += 1
+                w_total += value
+            if job.settle_ms is not None:
+                value = job.settle_ms / 1000
+                s_counts[where(s_bounds, value)] += 1
+                s_total += value
+        duration.total += d_total
+        wait.total += w_total
+        settle.total += s_total
 
     def _timings(self, event: Event, queue: str) -> None:
         """Enqueue to start (first deliveries) and start to settled, of a settled delivery."""

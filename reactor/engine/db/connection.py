@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -100,22 +99,28 @@ class TrioConnection(psycopg.AsyncConnection[TupleRow]):
     async def wait(self, gen: PQGen[RV], interval: float = 0.0,
                    timeout: float | None = None) -> RV:  # noqa: ASYNC109 (psycopg's signature)
         del interval  # no need to wake up for Ctrl-C: trio delivers it as a cancellation
-        fileno = self.pgconn.socket
-        with trio.move_on_after(math.inf if timeout is None else timeout):
-            try:
-                state = next(gen)
-                while True:
-                    if state == Wait.R:
-                        await trio.lowlevel.wait_readable(fileno)
-                        state = gen.send(Ready.R)
-                    elif state == Wait.W:
-                        await trio.lowlevel.wait_writable(fileno)
-                        state = gen.send(Ready.W)
-                    else:  # Wait.RW: a big query still being written while results arrive
-                        state = gen.send(await _readable_or_writable(fileno))
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+        if timeout is None:  # (every statement of ours: its caller's scope bounds it)
+            return await _drive(gen, self.pgconn.socket)
+        with trio.move_on_after(timeout):
+            return await _drive(gen, self.pgconn.socket)
         raise pgerrors.ConnectionTimeout("wait timeout expired")
+
+
+async def _drive(gen: PQGen[RV], fileno: int) -> RV:
+    """Run psycopg's generator to its end, waiting on the socket as it asks."""
+    try:
+        state = next(gen)
+        while True:
+            if state == Wait.R:
+                await trio.lowlevel.wait_readable(fileno)
+                state = gen.send(Ready.R)
+            elif state == Wait.W:
+                await trio.lowlevel.wait_writable(fileno)
+                state = gen.send(Ready.W)
+            else:  # Wait.RW: a big query still being written while results arrive
+                state = gen.send(await _readable_or_writable(fileno))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 async def _readable_or_writable(fileno: int) -> Ready:

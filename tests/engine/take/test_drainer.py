@@ -102,6 +102,69 @@ async def test_priority_decides_among_every_message_read_ahead(database_url: str
     assert Gated.order == [gate, *high, *low]
 
 
+class Waiting(ScriptedProcessor):
+    """Five workers; every job waits at one gate: how many run side by side."""
+
+    concurrency = 5
+    busy: ClassVar[int] = 0
+    most: ClassVar[int] = 0
+    opened: ClassVar[trio.Event]
+
+    async def handle(self, job: Job[Any]) -> None:
+        cls = type(self)
+        cls.seen.append((job.msg_id, job.delivery.attempt))
+        cls.busy += 1
+        cls.most = max(cls.most, cls.busy)
+        try:
+            await cls.opened.wait()
+        finally:
+            cls.busy -= 1
+        cls.finished.append(job.msg_id)
+
+
+async def test_jobs_that_wait_run_side_by_side_up_to_the_concurrency(database_url: str) -> None:
+    """The drainer wakes one parked worker at a time, and a worker that takes a job wakes
+    the next while jobs wait: jobs that await still run side by side, as many as the
+    concurrency allows and no more, each once."""
+    Waiting.seen, Waiting.finished = [], []
+    Waiting.busy = Waiting.most = 0
+    Waiting.opened = trio.Event()
+    async with running_reactor(database_url, _only(Waiting)):
+        rows = await sql(database_url, "SELECT public.enqueue('analytics_queue', "
+                         "jsonb_build_object('n', i)) FROM generate_series(1, 12) AS i")
+        await eventually(lambda: Waiting.busy == 5, within_s=20)
+        Waiting.opened.set()
+        await eventually(lambda: len(Waiting.finished) == 12, within_s=20)
+    assert Waiting.most == 5
+    assert sorted(Waiting.seen) == sorted((int(msg_id), 1) for (msg_id,) in rows)
+    assert await _count(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue") == 12
+
+
+async def test_a_burst_of_jobs_that_never_await_is_run_once_each_and_seen_by_a_subscriber(
+        database_url: str) -> None:
+    """Jobs that never await run many in a row on one worker, without a round of the
+    scheduler each: every one still runs once, is archived once, is counted once, and a
+    subscriber gets its job.started and its job.succeeded."""
+    total = 600
+    processor = scripted_processor(expected=total)
+    async with running_reactor(database_url, _only(processor)) as reactor:
+        with reactor.bus.subscribe(buffer=4 * total) as sub:
+            rows = await sql(database_url, "SELECT public.enqueue('analytics_queue', "
+                             "jsonb_build_object('n', i)) FROM generate_series(1, %s) AS i",
+                             (total,))
+            events = await wait_for(
+                sub, lambda e: e["type"] in ("job.started", "job.succeeded"),
+                count=2 * total, within_s=60)
+        metrics = reactor.metrics.render().decode()
+    ids = sorted(int(msg_id) for (msg_id,) in rows)
+    for type_ in ("job.started", "job.succeeded"):
+        assert sorted(e["msg_id"] for e in events if e["type"] == type_) == ids, type_
+    assert sorted(processor.seen) == [(i, 1) for i in ids]
+    assert 'reactor_jobs_total{outcome="succeeded",queue="analytics_queue"} 600.0' in metrics
+    assert await _count(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue") == total
+    assert await _count(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue") == 0
+
+
 async def test_a_finished_job_on_a_quiet_analyzed_queue_is_not_run_again(
         database_url: str) -> None:
     ids = [await send(database_url, QUEUE, {"n": n}, notify=False) for n in range(3)]
