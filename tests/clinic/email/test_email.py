@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from reactor.clinic.services.mailer import (
     build_message,
     check_mail_settings,
     helo_name,
+    mime,
 )
 from reactor.clinic.services.templates import (
     LOCALES,
@@ -669,32 +671,73 @@ def test_long_subjects_and_names_stay_within_the_rfc_limits() -> None:
     assert "Content-Transfer-Encoding: 7bit" in out.raw.decode()
 
 
+def _fresh_parts_masked(raw: bytes) -> str:
+    """A mail's text but for what is new in each build (Date, Message-ID, boundaries)."""
+    text = re.sub(r"=_[0-9a-f]{24}", "=_BOUNDARY", raw.decode("utf-8"))
+    return re.sub(r"(?m)^(Date|Message-ID): .*$", r"\1: NEW", text)
+
+
 def test_a_mail_is_written_the_same_whatever_was_built_before_it() -> None:
-    """The builder shares header objects and their folded lines between mails (mime.py):
-    what one mail, or an SMTPUTF8 mail's UTF-8 output, leaves behind must not show in the
-    next. The same mail, built before and after a mix of others, is the same bytes but for
-    what is new each time (Date, Message-ID, the boundaries)."""
-    renderer = EmailRenderer(TEMPLATES_DIR, reply_to="support@family.example")
+    """The builder shares header objects, their folded lines and the sender's encoded
+    name between mails (mime.py). A mail built cold (nothing shared yet) and built again
+    after others that differ in what the sharing must keep apart (another sender under
+    the same name, an SMTPUTF8 recipient, other files) is the same bytes but for what is
+    new each time."""
+    def build(sender: str, to: str, filename: str) -> bytes:
+        rendered = RenderedEmail("Отчёт готов\tк загрузке " + "x" * 90, "текст\n",
+                                 "<p>текст</p>\n")
+        return build_message(sender=sender, sender_name="Семейный центр «Разум»", to=to,
+                             email=rendered, attachments=[Attachment(filename, PDF)]).raw
 
-    def report(to: str, locale: str, filename: str) -> bytes:
-        rendered = renderer.render("report_ready", locale, {
-            name: VALUES[name] for name in REQUIRED_VARIABLES["report_ready"]})
-        return build_message(sender="noreply@family.example", sender_name="Семейный центр",
-                             to=to, email=rendered, attachments=[Attachment(filename, PDF)],
-                             reply_to="support@family.example").raw
+    mime._sender.cache_clear()
+    mime._POLICY.header_factory._made.cache_clear()  # type: ignore[attr-defined]
+    cold = build("noreply@family.example", "anna@example.com", "Отчёт — Анна.pdf")
+    other_sender = build("other@clinic.example", "мама@пример.рф", "Отчёт — Анна.pdf")
+    assert "other@clinic.example" in other_sender.decode("utf-8")
+    build("noreply@family.example", "b@example.com", "x.pdf")
+    again = build("noreply@family.example", "anna@example.com", "Отчёт — Анна.pdf")
+    assert _fresh_parts_masked(again) == _fresh_parts_masked(cold)
+    assert again != cold  # a new Message-ID and new boundaries all the same
 
-    def fresh_parts_masked(raw: bytes) -> str:
-        text = re.sub(r"=_[0-9a-f]{24}", "=_BOUNDARY", raw.decode("utf-8"))
-        return re.sub(r"(?m)^(Date|Message-ID): .*$", r"\1: NEW", text)
 
-    first = report("anna@example.com", "ru", "Отчёт — Анна.pdf")
-    others = [report("мама@пример.рф", "ru", "Отчёт — Маша.pdf"),  # UTF-8 output
-              report("a@example.com", "en", "report " * 20 + ".pdf"),
-              report("b@example.com", "ru", "x.pdf")]
-    again = report("anna@example.com", "ru", "Отчёт — Анна.pdf")
-    assert fresh_parts_masked(again) == fresh_parts_masked(first)
-    assert again != first  # a new Message-ID and new boundaries all the same
-    assert "мама@пример.рф" in others[0].decode("utf-8")
+@pytest.mark.parametrize("value", ['text/plain; charset="utf-8"',
+                                   "attachment; filename*=utf-8''%D0%90%D0%BD%D0%BD%D0%B0.pdf"])
+@pytest.mark.parametrize("policy", [mime._OUTPUT, mime._OUTPUT_UTF8, mime._POLICY,
+                                    mime._OUTPUT.clone(max_line_length=40)],
+                         ids=["lf", "utf8", "crlf", "narrow"])
+def test_a_header_folds_as_the_package_folds_it_whatever_it_folded_before(
+        value: str, policy: Any) -> None:
+    name = "Content-Type" if value.startswith("text/") else "Content-Disposition"
+    header = mime._POLICY.header_factory(name, value)
+    for other in (mime._OUTPUT, mime._OUTPUT_UTF8, mime._POLICY):
+        header.fold(policy=other)
+    assert header.fold(policy=policy) == HeaderRegistry()[name](name, value).fold(policy=policy)
+
+
+def test_what_is_shared_between_mails_holds_nothing_of_a_family() -> None:
+    factory = mime._POLICY.header_factory
+    for name, value in (("Content-Type", 'text/html; charset="utf-8"'),
+                        ("Content-Transfer-Encoding", "quoted-printable"),
+                        ("MIME-Version", "1.0"), ("Content-Disposition", "attachment")):
+        assert factory._structural(name, value), (name, value)  # type: ignore[attr-defined]
+    for name, value in (("Content-Type", 'multipart/mixed; boundary="=_0123"'),
+                        ("Content-Disposition", 'attachment; filename="Anna.pdf"'),
+                        ("Subject", "Report"), ("Content-Type", "x/" + "y" * 80)):
+        assert not factory._structural(name, value), (name, value)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("subject", "content_type"), [
+    ("a lone surrogate \ud800", "application/pdf"),
+    ("vertical\x0btab", "application/pdf"),
+    ("a report", "application/пдф"),
+])
+def test_what_the_email_package_cannot_write_is_refused_at_once(subject: str,
+                                                                content_type: str) -> None:
+    """A build fails the same way on every try: a dead letter now, not five retries."""
+    with pytest.raises(PermanentError, match="the mail cannot be written"):
+        build_message(sender="noreply@family.example", sender_name=None, to="a@example.com",
+                      email=RenderedEmail(subject, "text\n", "<p>html</p>\n"),
+                      attachments=[Attachment("r.pdf", PDF, content_type)])
 
 
 def smtp_settings(**env: Any) -> Any:

@@ -27,8 +27,9 @@ Python. The headers we make as one short ASCII line (Date, Message-ID, an
 address, a plain subject: `_line`) are stored as written, by the same protocol;
 the rest (the parts' Content-Type and encoding, encoded words) is the package's,
 and what is the same in every mail is parsed and folded once per process
-(`_HeaderClasses`, `_FoldedOnce`, `_encoded`: header objects are immutable).
-A Russian mail takes 1.2 ms of CPU to build on 3.11 (2.3 ms without the sharing,
+(`_HeaderClasses`, `_FoldedOnce`, `_sender`: the package never changes a header
+object once made).
+A Russian mail takes 1.4 ms of CPU to build on 3.11 (2.5 ms without the sharing,
 3.0 ms when every header went through the parser; email.mime and compat32, tried,
 1.4 ms; the hand-written writer this replaced, 0.2 ms). What that costs the
 pipeline is in docs/benchmarks.md (Mail). Accepted for the package's upkeep: the
@@ -55,7 +56,7 @@ from email.policy import Policy
 from email.utils import format_datetime, formataddr, make_msgid, quote
 from typing import Any, Final
 
-from reactor.clinic.services.mailer.address import wire_address
+from reactor.clinic.services.mailer.address import WireAddress, wire_address
 from reactor.clinic.services.templates import RenderedEmail
 from reactor.engine.errors import PermanentError
 
@@ -70,10 +71,11 @@ MAX_ENCODED_WORD: Final = 75
 
 class _FoldedOnce(BaseHeader):
     """The base of every header class (HeaderRegistry's documented `base_class`): a
-    header object keeps what its `fold` wrote for each output policy. A header object is
-    an immutable str, so its folded form under one policy never changes; the ones
-    `_HeaderClasses` shares between mails (a part's Content-Type, its encoding) are
-    refolded by the package's parser once per process instead of once per mail."""
+    header object keeps what its `fold` wrote for each output policy. The email package
+    never changes a header object after making it (checked for 3.11: setting a parameter
+    or a boundary makes a new one), so its folded form under one policy never changes;
+    the ones `_HeaderClasses` shares between mails are refolded by the package's parser
+    once per process instead of once per mail."""
 
     def fold(self, *, policy: Policy) -> str:
         # What the fold depends on: the generator hands each part a clone of its policy.
@@ -92,17 +94,19 @@ class _HeaderClasses:
 
     - Each name's class is made once: the stock registry makes a new class for every
       header it is asked about (twice per header set), a quarter of a build.
-    - The same name and value give the same header object: every mail sets the same
-      few (`set_content`'s Content-Type, Content-Transfer-Encoding and MIME-Version, 7 of
-      the 8 the package parses in a mail), and parsing each again was another third.
-      Header objects are immutable, so sharing them is safe. The cache is an LRU of
-      `SHARED_HEADERS` short values (`SHARED_VALUE_CHARS`: what it can hold stays small
-      whatever a message asks for), so values seen once (a boundary, a file name) pass
-      through it.
+    - A structural header gives the same object for the same value (`_structural`: what
+      `set_content` and `add_attachment` write from a part's kind, such as
+      `text/plain; charset="utf-8"`, `quoted-printable`, `1.0`; 7 of the 8 headers the
+      package parses in a mail): parsing each again was another third of a build. Values
+      that carry something of one mail (a boundary, a file name) are never kept, so the
+      cache holds no family's data, and at most `SHARED_HEADERS` short values.
     """
 
-    SHARED_HEADERS: Final = 128
-    SHARED_VALUE_CHARS: Final = 200
+    SHARED_HEADERS: Final = 64
+    SHARED_VALUE_CHARS: Final = 64
+    _SHARED_NAMES: Final = frozenset({"content-type", "content-transfer-encoding",
+                                      "mime-version", "content-disposition"})
+    _SHARED_PARAMS: Final = frozenset({"", 'charset="utf-8"', 'charset="us-ascii"'})
 
     def __init__(self) -> None:
         self._registry = HeaderRegistry(base_class=_FoldedOnce)
@@ -115,9 +119,16 @@ class _HeaderClasses:
     def _make(self, name: str, value: str) -> BaseHeader:
         return self[name](name, value)
 
+    def _structural(self, name: str, value: Any) -> bool:
+        """A value the package writes from a part's kind alone: one of the MIME headers,
+        short, with no parameter but the charset."""
+        return (type(value) is str and len(value) <= self.SHARED_VALUE_CHARS
+                and name.lower() in self._SHARED_NAMES
+                and value.partition(";")[2].strip() in self._SHARED_PARAMS)
+
     def __call__(self, name: str, value: Any) -> BaseHeader:
-        if type(value) is str and len(value) <= self.SHARED_VALUE_CHARS:
-            return self._made(name, value)  # a plain value: its header is its own
+        if self._structural(name, value):
+            return self._made(name, value)
         return self[name](name, value)
 
 
@@ -166,25 +177,19 @@ class _Written(str):
 
 
 def _encoded(name: str, text: str, address: str | None = None) -> _Written:
-    """`text` as RFC 2047 encoded words (then `<address>`), folded within the limits.
-    A short one is kept for the next mail (an immutable str): the sender's display name
-    is the same in every mail, and a template's subject often is."""
-    if len(text) <= _HeaderClasses.SHARED_VALUE_CHARS:
-        return _encoded_shared(name, text, address)
-    return _encode(name, text, address)
-
-
-@functools.lru_cache(maxsize=256)
-def _encoded_shared(name: str, text: str, address: str | None) -> _Written:
-    return _encode(name, text, address)
-
-
-def _encode(name: str, text: str, address: str | None) -> _Written:
+    """`text` as RFC 2047 encoded words (then `<address>`), folded within the limits."""
     # maxlinelen counts the continuation lines' leading space: words stay within 75.
     header = Header(text, "utf-8", maxlinelen=MAX_ENCODED_WORD, header_name=name)
     if address is not None:
         header.append(f"<{address}>", "us-ascii")
     return _Written(name, header.encode(linesep="\n"))
+
+
+@functools.lru_cache(maxsize=8)
+def _sender(name: str, address: str) -> _Written:
+    """The From header for a display name that needs encoded words: the same in every mail
+    (SMTP_FROM_NAME and SMTP_FROM are settings), so encoded once."""
+    return _encoded("From", name, address)
 
 
 def header_safe(value: str, *, allow_tab: bool = False) -> str | None:
@@ -320,13 +325,26 @@ def build_message(*, sender: str, sender_name: str | None, to: str, email: Rende
     domain = sender.rpartition("@")[2] or "localhost"
     message_id = make_msgid(domain=domain)
 
+    try:
+        raw = _write(sender, sender_name, recipient, message_id, email, attachments, reply_to)
+    except ValueError as exc:  # (UnicodeError too) the package cannot write what it was given
+        raise PermanentError(f"the mail cannot be written: {exc}") from None
+    return OutgoingMail(sender, recipient.address, message_id, raw,
+                        smtputf8=recipient.smtputf8)
+
+
+def _write(sender: str, sender_name: str | None, recipient: WireAddress, message_id: str,
+           email: RenderedEmail, attachments: Sequence[Attachment],
+           reply_to: str | None) -> bytes:
+    """The message's bytes. What the package refuses here (a subject's lone surrogate, a
+    content type that is not ASCII) raises ValueError: the same again on every try."""
     msg = EmailMessage(policy=_POLICY)
     if not sender_name:
         msg["From"] = _line("From", sender)
     elif _plain(sender_name):
         msg["From"] = _line("From", formataddr((sender_name, sender)))
     else:
-        msg["From"] = _encoded("From", sender_name, sender)
+        msg["From"] = _sender(sender_name, sender)
     # The ASCII form where there is one (user@xn--e1afmkfd.xn--p1ai), else UTF-8 as it is.
     msg["To"] = (_Written("To", recipient.address) if recipient.smtputf8
                  else _line("To", recipient.address))
@@ -352,6 +370,4 @@ def build_message(*, sender: str, sender_name: str | None, to: str, email: Rende
             # add_alternative and add_attachment make each part an EmailMessage, which
             # gives it a MIME-Version of its own: RFC 2045 wants it at the top only.
             del part["MIME-Version"]
-    output = _OUTPUT_UTF8 if recipient.smtputf8 else _OUTPUT
-    return OutgoingMail(sender, recipient.address, message_id, msg.as_bytes(policy=output),
-                        smtputf8=recipient.smtputf8)
+    return msg.as_bytes(policy=_OUTPUT_UTF8 if recipient.smtputf8 else _OUTPUT)
