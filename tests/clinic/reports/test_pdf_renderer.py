@@ -19,6 +19,7 @@ import tempfile
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -154,6 +155,37 @@ def test_the_worst_accepted_report_opens_and_holds_all_its_text(fonts: Fonts) ->
     assert pages is not None
     assert int(pages[1]) > 1
     assert _rasterise(pdf, 10) == int(pages[1])
+
+
+def test_every_embedded_glyph_keeps_the_box_its_outline_has(fonts: Fonts) -> None:
+    """The report embeds its subset fonts without fontTools recomputing each glyph's box
+    (layout._keep_glyph_boxes): every box stored in the embedded fonts of a multi-page
+    report in both styles is the one computed again from the glyph's outline."""
+    import io
+
+    from fontTools.ttLib import TTFont
+    from pypdf import PdfReader
+
+    reader = PdfReader(io.BytesIO(_render(_worst(0), fonts, locale="ru")))
+    embedded = {}
+    for page in reader.pages:
+        resources: Any = page["/Resources"]  # pypdf's objects are typed loosely
+        for font in resources["/Font"].values():
+            descendant = font.get_object()["/DescendantFonts"][0].get_object()
+            descriptor = descendant["/FontDescriptor"].get_object()
+            embedded[str(descriptor["/FontName"])] = descriptor["/FontFile2"].get_object()
+    assert len(embedded) == 2, embedded.keys()  # regular and bold
+    for name, stream in embedded.items():
+        glyf = TTFont(io.BytesIO(stream.get_data()))["glyf"]
+        assert len(glyf.glyphOrder) > 20, name
+        for glyph_name in glyf.glyphOrder:
+            glyph = glyf[glyph_name]
+            if glyph.numberOfContours == 0:
+                continue  # a space: no outline, no box
+            stored = (glyph.xMin, glyph.yMin, glyph.xMax, glyph.yMax)
+            glyph.recalcBounds(glyf)
+            assert (glyph.xMin, glyph.yMin, glyph.xMax, glyph.yMax) == stored, (name,
+                                                                               glyph_name)
 
 
 def test_renders_in_threads_with_disjoint_glyphs_after_an_abandoned_one_match_sequential(

@@ -165,6 +165,68 @@ async def test_a_burst_of_jobs_that_never_await_is_run_once_each_and_seen_by_a_s
     assert await _count(database_url, "SELECT count(*) FROM pgmq.q_analytics_queue") == 0
 
 
+class Overtime(ScriptedProcessor):
+    """One worker. A job with `sleep_s` runs shielded past its timeout (an SMTP
+    conversation does) and returns without another checkpoint, so its worker's scope is
+    still cancelled; the jobs after it await, and must run in a fresh scope, not be
+    released by a cancellation meant for the one before."""
+
+    concurrency = 1
+    timeout_s = 0.3
+
+    async def handle(self, job: Job[Any]) -> None:
+        cls = type(self)
+        cls.seen.append((job.msg_id, job.delivery.attempt))
+        if job.message.sleep_s:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(job.message.sleep_s)
+        else:
+            await trio.sleep(0.01)
+        cls.finished.append(job.msg_id)
+
+
+async def test_a_worker_goes_on_after_a_job_that_outlived_its_timeout_shielded(
+        database_url: str) -> None:
+    """From review (helper-27): removing the worker's check after a cancelled job fails
+    this test (one job released and run twice); no other test saw it."""
+    Overtime.seen, Overtime.finished = [], []
+    async with running_reactor(database_url, _only(Overtime)) as reactor:
+        with reactor.bus.subscribe(buffer=1000) as sub:
+            await sql(database_url,
+                      "SELECT public.enqueue('analytics_queue', '{\"sleep_s\": 0.8}')")
+            await sql(database_url, "SELECT public.enqueue('analytics_queue', '{}') "
+                      "FROM generate_series(1, 5)")
+            events = await wait_for(
+                sub, lambda e: e["type"] in ("job.succeeded", "job.retrying"), count=6,
+                within_s=20)
+    assert sorted(e["type"] for e in events) == ["job.succeeded"] * 6, events
+    assert len(Overtime.seen) == 6, Overtime.seen
+
+
+async def test_one_worker_goes_on_after_a_job_that_hung_past_its_timeout(
+        database_url: str) -> None:
+    """Concurrency 1: the hung job is cancelled and retried once; the one worker runs
+    every job after it (some never await, some do), each once, none released."""
+    processor = scripted_processor(timeout_s=0.5, concurrency=1, expected=41)
+    async with running_reactor(database_url, _only(processor)) as reactor:
+        with reactor.bus.subscribe(buffer=1000) as sub:
+            await sql(database_url, "SELECT public.enqueue('analytics_queue', "
+                      "jsonb_build_object('hang_first', true))")
+            await sql(database_url, "SELECT public.enqueue('analytics_queue', jsonb_build_object("
+                      "'sleep_s', CASE WHEN i % 3 = 0 THEN 0.01 ELSE 0 END)) "
+                      "FROM generate_series(1, 40) AS i")
+            with trio.fail_after(30):
+                await processor.all_done.wait()
+            events = await wait_for(
+                sub, lambda e: e["type"] in ("job.succeeded", "job.retrying"), count=42,
+                within_s=20)
+    kinds = [e["type"] for e in events]
+    assert kinds.count("job.retrying") == 1, kinds
+    assert kinds.count("job.succeeded") == 41, kinds
+    assert len(processor.seen) == 42
+    assert await _count(database_url, "SELECT count(*) FROM pgmq.a_analytics_queue") == 41
+
+
 async def test_a_finished_job_on_a_quiet_analyzed_queue_is_not_run_again(
         database_url: str) -> None:
     ids = [await send(database_url, QUEUE, {"n": n}, notify=False) for n in range(3)]

@@ -11,7 +11,8 @@ by hand through fpdf2's internals (issue 26): fpdf2 parses both fonts for every
 document, subsets and recompiles them with fontTools on output, and measures the
 whole line so far for each character it breaks. `python -m bench pdf`, before and
 after, back to back on one loaded 2-core machine: the standard report 34 -> 149 ms
-of CPU, the worst accepted one 1.36 -> 2.06 s (docs/benchmarks.md). Kept so: a
+of CPU, the worst accepted one 1.36 -> 2.06 s (docs/benchmarks.md); keeping the
+glyph boxes (`_keep_glyph_boxes`) took a third off the standard report. Kept so: a
 report is rendered once per completed checkup, in a worker thread, and no one
 waits on it.
 
@@ -125,6 +126,21 @@ def _legend(pdf: FPDF, words: dict[str, Any], colors: dict[str, Any],
     pdf.ln(3)
 
 
+def _keep_glyph_boxes(pdf: FPDF) -> None:
+    """Embed the fonts' glyphs with the bounding boxes they were prepared with.
+
+    fpdf2 subsets each font on output with fontTools and saves it; fontTools then, by
+    default (`TTFont.recalcBBoxes`, a public attribute of the fontTools font fpdf2 keeps
+    as `ttfont`), unpacks and recompiles every glyph to compute its box again, a third of
+    a standard report's CPU. Subsetting never changes an outline, so the boxes already
+    stored (computed when `fonts.prepare_fonts` saved the file) are the same ones:
+    rendered pages are identical (tests/clinic/reports, pdftoppm)."""
+    for font in pdf.fonts.values():
+        ttfont = getattr(font, "ttfont", None)  # a core font has none
+        if ttfont is not None:
+            ttfont.recalcBBoxes = False
+
+
 def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir: Path,
                   app_name: str, timezone: str = "Europe/Moscow",
                   now: datetime | None = None) -> bytes:
@@ -142,6 +158,7 @@ def render_report(data: ReportData, *, locale: str, fonts: Fonts, templates_dir:
     fonts = present(fonts)
     pdf.add_font("DejaVu", "", fonts.regular)
     pdf.add_font("DejaVu", "B", fonts.bold)
+    _keep_glyph_boxes(pdf)
     pdf.set_title(f"{words['title']}: {data.child_name or data.assessment_id}")
     pdf.set_author(app_name)
     pdf.set_creator(app_name)
