@@ -11,11 +11,14 @@ Prints Markdown tables to paste into docs/benchmarks.md. Scenarios:
   wake and latency under load (bench/floor.py)
 - replicas: 1, 2 and 4 reactor processes on one database, every job exactly once
 - mail: the email pipeline against a 40 ms relay and a local sink (bench/mail.py)
+- mail-baseline: with BENCH_BASELINE=<another checkout>, its pipeline and this one's
+  to the local sink, side by side (interleaved, 3 rounds)
 - pdf: render time of the standard and the largest report
 - idle: CPU of `reactor run` with nothing to do
 - analytics, old, feed: the analytics handler, the old Node design, feed clients
 - memory: RSS after 100,000 and 1,000,000 jobs (a few minutes)
-- profile (only when named): per-message counts and a py-spy profile of a drain
+- profile (only when named): per-message counts and a py-spy profile of a drain, then
+  of the mail pipeline (profile-mail: that one alone)
 """
 
 from __future__ import annotations
@@ -249,6 +252,7 @@ SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
     "floor-latency": floor.floor_latency,
     "replicas": floor.replicas,
     "mail": mail.mail,
+    "mail-baseline": mail.side_by_side,
     "pdf": resources.pdf,
     "idle": resources.idle_cpu,
     "analytics": lambda url: throughput(url, CountingAnalytics, 20_000,
@@ -257,10 +261,13 @@ SCENARIOS: dict[str, Callable[[str], Result | list[Result]]] = {
     "feed": feed_load,
     "memory": resources.memory,
     "profile": profile.profile,
+    "profile-mail": profile.profile_mail,
 }
 # Not in a plain `make bench`: profiling is for whoever changes the drainer; floor-latency
 # is a part of floor.
-LONG = {"profile", "floor-latency"}
+LONG = {"profile", "profile-mail", "floor-latency"}
+# Run when BENCH_BASELINE names another checkout to compare with.
+BASELINE = {"mail-baseline"}
 
 
 def table(results: list[Result]) -> str:
@@ -282,7 +289,9 @@ def main() -> None:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
     configure_logging("warning", "json")
     first = True
-    for name in args.scenarios or [s for s in SCENARIOS if s not in LONG]:
+    default = [s for s in SCENARIOS if s not in LONG
+               and (s not in BASELINE or os.environ.get("BENCH_BASELINE"))]
+    for name in args.scenarios or default:
         # A cluster of its own for each scenario: what one leaves behind (WAL to
         # checkpoint, tables for autovacuum) must not weigh on the next one's figures.
         with _private_cluster() as url:

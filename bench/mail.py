@@ -12,16 +12,20 @@ message), 4 when it does not.
 
 from __future__ import annotations
 
-import time
-from functools import partial
-from typing import Any, ClassVar
+import os
+import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
-import trio
 
-from bench.common import Child, Result
+from bench.common import Child, MissingDependency, Result, spread
+from bench.floor import READY_TIMEOUT_S
+from bench.peers import DRAIN_TIMEOUT_S
 
-__all__ = ["mail"]
+__all__ = ["mail", "side_by_side"]
 
 POOLS = (1, 5, 20)
 SINK_POOLS = (1, 3, 5, 20)  # 3 is the default SMTP_POOL_SIZE
@@ -29,6 +33,8 @@ NO_PIPELINING_POOL = 5
 LATENCY_MS = 40.0
 SECONDS_PER_RUN = 8.0  # against the relay: enough mails for ~8 s at the ceiling
 SINK_MAILS = 1500
+DEFAULT_POOL = 3
+ROUNDS = 3
 
 
 def _fill(url: str, n: int) -> None:
@@ -49,62 +55,63 @@ def _sent(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _drain(url: str, port: int, pool: int, n: int) -> float:
-    """Run the reactor's email queue until n mails are done; seconds taken."""
-    from reactor.clinic.app import build
-    from reactor.clinic.email import EmailProcessor
-    from reactor.clinic.settings import load_settings
-    from reactor.engine.processor import Job
-    from reactor.engine.runtime import Reactor
-
-    class CountingEmail(EmailProcessor):
-        count: ClassVar[int] = 0
-        done: ClassVar[trio.Event]
-
-        async def handle(self, job: Job[Any]) -> None:
-            await super().handle(job)
-            cls = type(self)
-            cls.count += 1
-            if cls.count == n:
-                cls.done.set()
-
-    settings = load_settings(
-        _env_file=None, DATABASE_URL=url, WORKER_INTERVAL_MS=60_000, LOG_LEVEL="warning",
-        FEED_PORT=0, METRICS_PORT=0, EMAIL_PROVIDER="smtp", SMTP_HOST="127.0.0.1",
-        SMTP_PORT=port, SMTP_SECURITY="none", SMTP_FROM="noreply@example.com",
-        SMTP_FROM_NAME="Family Mind", SMTP_POOL_SIZE=pool)
-
-    async def main() -> float:
-        CountingEmail.count, CountingEmail.done = 0, trio.Event()
-        reactor = Reactor(build(settings), processors={"email_queue": CountingEmail})
-        async with trio.open_nursery() as nursery:
-            t0 = time.perf_counter()
-            await nursery.start(partial(reactor.run, handle_signals=False))
-            with trio.fail_after(600):
-                await CountingEmail.done.wait()
-            elapsed = time.perf_counter() - t0
-            reactor.stop()
-        return elapsed
-
-    return trio.run(main)
+@dataclass(frozen=True)
+class Drained:
+    mails_per_s: float
+    round_trips_per_mail: float
+    cpu_ms_per_mail: float  # the reactor process's, user + system, every thread
 
 
-def _run(url: str, pool: int, n: int, delay_ms: float,
-         pipelining: bool = True) -> tuple[float, float]:
-    """(mails per second, round trips per mail) for one pool size and relay."""
+def _run(url: str, pool: int, n: int, delay_ms: float, pipelining: bool = True,
+         checkout: Path | None = None,
+         attach: Callable[[int], AbstractContextManager[object]] | None = None) -> Drained:
+    """n mails through one reactor process (this checkout's, or `checkout`'s) to a relay.
+    attach: entered with the reactor process's pid before it starts (a profiler)."""
     _fill(url, n)
     with Child("bench.slow_smtp", "--delay-ms", str(delay_ms),
                *([] if pipelining else ["--no-pipelining"])) as relay:
         port = int(relay.expect("READY", 30)[0])
-        elapsed = _drain(url, port, pool, n)
+        with Child("bench.mail_drain", url, str(port), str(pool), str(n),
+                   *([str(checkout)] if checkout else [])) as reactor:
+            reactor.expect("READY", READY_TIMEOUT_S)
+            with attach(reactor.proc.pid) if attach else nullcontext():
+                reactor.send("go")
+                elapsed, cpu = map(float, reactor.expect("DONE", DRAIN_TIMEOUT_S))
+                reactor.wait(60)
         relay.end_input()  # it prints STATS and exits
         mails, round_trips, connections = map(int, relay.expect("STATS", 30))
     sent = _sent(url)
     if mails != n or sent != n:
         raise RuntimeError(f"pool {pool}: relay got {mails}, ledger says {sent} sent, of {n}")
     # Each connection costs the greeting, EHLO and QUIT: three round trips of its own.
-    per_mail = (round_trips - 3 * connections) / mails
-    return n / elapsed, per_mail
+    return Drained(n / elapsed, (round_trips - 3 * connections) / mails, cpu / n * 1000)
+
+
+def side_by_side(url: str, rounds: int = ROUNDS) -> list[Result]:
+    """This checkout's pipeline and BENCH_BASELINE's (another checkout of the repository)
+    to the local sink at the default pool, interleaved (A B, A B, ...) so the machine's
+    drift hits both alike: medians, with the lowest and highest in parentheses."""
+    base = os.environ.get("BENCH_BASELINE")
+    if not base:
+        raise MissingDependency("mail-baseline compares with another checkout: set "
+                                "BENCH_BASELINE=<its directory>")
+    baseline = Path(base).resolve()
+    runs: dict[str, list[Drained]] = {"baseline": [], "this": []}
+    for _ in range(rounds):
+        runs["baseline"].append(_run(url, DEFAULT_POOL, SINK_MAILS, 0, checkout=baseline))
+        runs["this"].append(_run(url, DEFAULT_POOL, SINK_MAILS, 0))
+    base_rate = statistics.median(r.mails_per_s for r in runs["baseline"])
+    results: list[Result] = []
+    for label, drained in (("baseline: " + str(baseline), runs["baseline"]),
+                           ("this checkout", runs["this"])):
+        rates = spread([r.mails_per_s for r in drained])
+        results.append({"reactor": label, "SMTP_POOL_SIZE": DEFAULT_POOL,
+                        "mails": SINK_MAILS, "rounds": rounds,
+                        "mails_per_s": f"{rates.median:,.1f} ({rates.low:,.1f}–{rates.high:,.1f})",
+                        "x_baseline": round(rates.median / base_rate, 2),
+                        "cpu_ms_per_mail": round(statistics.median(
+                            r.cpu_ms_per_mail for r in drained), 2)})
+    return results
 
 
 def mail(url: str) -> list[Result]:
@@ -113,7 +120,8 @@ def mail(url: str) -> list[Result]:
     for pool, pipelining in relay_runs:
         ceiling_guess = pool / ((2 if pipelining else 4) * LATENCY_MS / 1000)
         n = max(40, int(ceiling_guess * SECONDS_PER_RUN))
-        rate, per_mail = _run(url, pool, n, LATENCY_MS, pipelining)
+        run = _run(url, pool, n, LATENCY_MS, pipelining)
+        rate, per_mail = run.mails_per_s, run.round_trips_per_mail
         ceiling = pool / (per_mail * LATENCY_MS / 1000)
         results.append({"relay": f"{LATENCY_MS:g} ms per reply",
                         "PIPELINING": "offered" if pipelining else "not offered",
@@ -123,10 +131,10 @@ def mail(url: str) -> list[Result]:
                         "mails_per_s": round(rate, 1),
                         "of_ceiling_pct": round(rate / ceiling * 100)})
     for pool in SINK_POOLS:
-        rate, per_mail = _run(url, pool, SINK_MAILS, 0)
+        run = _run(url, pool, SINK_MAILS, 0)
         results.append({"relay": "local sink, no delay", "PIPELINING": "offered",
                         "SMTP_POOL_SIZE": pool, "mails": SINK_MAILS,
-                        "round_trips_per_mail": round(per_mail, 2),
-                        "ceiling_mails_per_s": "—", "mails_per_s": round(rate, 1),
+                        "round_trips_per_mail": round(run.round_trips_per_mail, 2),
+                        "ceiling_mails_per_s": "—", "mails_per_s": round(run.mails_per_s, 1),
                         "of_ceiling_pct": "—"})
     return results

@@ -13,12 +13,13 @@ the frames by samples. The raw profile is kept for flame graphs.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -173,29 +174,32 @@ def profile(url: str, n: int = 20_000, rate: int = 500, top: int = 25) -> list[R
 
 
 def profile_mail(url: str, pool: int = 3, n: int = 3000, top: int = 15) -> list[Result]:
-    """py-spy on this process while it sends n mails to the zero-latency sink, at the
-    default SMTP_POOL_SIZE."""
-    import os
-
+    """py-spy on the reactor process while it sends n mails to the zero-latency sink, at
+    the default SMTP_POOL_SIZE."""
     from bench.mail import _run
 
     spy = _py_spy()
     raw = Path(tempfile.gettempdir()) / f"reactor-mail-profile-{int(time.time())}.txt"
-    sampler = subprocess.Popen(
-        [spy, "record", "--pid", str(os.getpid()), "--threads", "--idle", "--nonblocking",
-         "--rate", "200", "--format", "raw", "-o", str(raw)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(2)  # py-spy attached
-        rate, _ = _run(url, pool, n, 0)
-    finally:
-        sampler.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+
+    @contextmanager
+    def sampled(pid: int) -> Iterator[None]:
+        sampler = subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--threads", "--idle", "--nonblocking",
+             "--rate", "200", "--format", "raw", "-o", str(raw)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            sampler.wait(60)
-        except subprocess.TimeoutExpired:
-            sampler.kill()
-            sampler.wait()
+            time.sleep(2)  # py-spy attached
+            yield
+            sampler.wait(60)  # it writes its output when the process ends
+        finally:
+            if sampler.poll() is None:
+                sampler.terminate()
+                sampler.wait()
+
+    run = _run(url, pool, n, 0, attach=sampled)
     rows: list[Result] = [{"what": f"mails/s to the sink, SMTP_POOL_SIZE={pool}, profiled",
-                           "value": round(rate)},
+                           "value": round(run.mails_per_s)},
+                          {"what": "reactor process CPU per mail, profiled",
+                           "value": f"{run.cpu_ms_per_mail:.2f} ms"},
                           {"what": "raw py-spy profile", "value": str(raw)}]
     return rows + _summarize(raw, top, MAIL_WATCH)
