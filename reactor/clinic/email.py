@@ -78,6 +78,14 @@ RECONCILE_EVERY_S = 60.0
 
 # The longest address, in characters: public.queue_email_task refuses longer ones (044).
 MAX_ADDRESS = 254
+# The longest subject a message may give, in characters: one header line (RFC 5322's
+# 998). The email package refolds a subject in time that grows with the square of its
+# words: a 250,000-character one took 7 s to build. queue_email_task refuses longer (045).
+MAX_SUBJECT = 998
+# A mail built on the reactor's own thread: no file, a subject and bodies of at most
+# these sizes (a rendered mail is ~2,000 characters; these build in ~1 ms at worst).
+INLINE_BUILD_SUBJECT = 256
+INLINE_BUILD_BODIES = 32_768
 
 
 # What the project attaches (the report PDF; text and pictures at most): a content type
@@ -184,6 +192,8 @@ class EmailMessage(MessageModel):
     def _one_line(cls, value: str | None) -> str | None:
         if value is not None and ("\r" in value or "\n" in value):
             raise ValueError("must not contain CR or LF")
+        if value is not None and len(value) > MAX_SUBJECT:
+            raise ValueError(f"over {MAX_SUBJECT} characters: it is one header line")
         problem = None if value is None else header_safe(value, allow_tab=True)
         if problem:
             raise ValueError(f"{problem}: it is the Subject header")
@@ -258,10 +268,15 @@ class EmailProcessor(Processor[EmailMessage]):
         build = partial(build_message, sender=sender, sender_name=self.mail.smtp_from_name,
                         to=msg.to, email=rendered, attachments=attachments,
                         reply_to=self.mail.smtp_reply_to)
-        # Text and HTML alone take ~0.25 ms to build: on this thread, as a hop to a worker
-        # thread cost more (0.4 ms of CPU a mail, the threads trading the GIL; bench
-        # mail). A file's base64 lines take milliseconds: a worker thread builds those.
-        email = await trio.to_thread.run_sync(build) if attachments else build()
+        # A mail's text and HTML take ~0.2 ms to build: on this thread, as a hop to a
+        # worker thread costs more (0.4 ms of CPU a mail, the threads trading the GIL;
+        # bench mail). A file's base64 lines, or an outsized subject or body, take
+        # milliseconds: a worker thread builds those, and every other job goes on.
+        if (attachments or len(rendered.subject) > INLINE_BUILD_SUBJECT
+                or len(rendered.text) + len(rendered.html) > INLINE_BUILD_BODIES):
+            email = await trio.to_thread.run_sync(build)
+        else:
+            email = build()
 
         try:
             await self._send(job, key, email)

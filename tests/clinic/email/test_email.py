@@ -267,6 +267,10 @@ async def test_header_injection_never_reaches_the_wire(
       "attachments": [{"path": "/etc/passwd"}]}, "is outside REPORTS_DIR"),
     ({"to": "a@example.com", "template": "checkup_completed",
       "attachments": [{"path": "u1/missing.pdf"}]}, "'u1/missing.pdf' does not exist"),
+    # The email package refolds a subject in time that grows with the square of its
+    # words: 250,000 characters of "a a a" took 7 s of the reactor's CPU to build.
+    ({"to": "a@example.com", "template": "checkup_completed", "subject": "a " * 125_000},
+     "subject: Value error, over 998 characters"),
 ])
 async def test_bad_addresses_templates_and_attachments_are_dead_lettered_with_the_reason(
         database_url: str, smtp_server: Callable[..., SmtpServer], tmp_path: Path,
@@ -529,9 +533,10 @@ async def test_file_outbox_writes_whole_eml_files(database_url: str, tmp_path: P
 
 async def test_a_mail_with_a_file_is_built_off_the_reactors_thread(
         database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file's base64 lines take milliseconds to write: that build runs in a worker
-    thread, so the reactor's own thread (every other job, the feed) goes on. Text and
-    HTML alone build on the reactor's thread, where a hop would cost more than the build."""
+    """A file's base64 lines, or an outsized subject, take milliseconds to write: that
+    build runs in a worker thread, so the reactor's own thread (every other job, the
+    feed) goes on. A mail's text and HTML alone build on the reactor's thread, where a
+    hop would cost more than the build."""
     import reactor.clinic.email as clinic_email
 
     built_on_trio_thread: dict[str, bool] = {}
@@ -552,16 +557,19 @@ async def test_a_mail_with_a_file_is_built_off_the_reactors_thread(
     async with running_reactor(database_url, EMAIL_PROVIDER="file", REPORTS_DIR=str(reports),
                                EMAIL_OUTBOX_DIR=str(tmp_path / "outbox")) as reactor:
         with reactor.bus.subscribe() as sub:
-            for to, attachments in (("file@example.com", [{"path": "u/a.pdf"}]),
-                                    ("text@example.com", [])):
+            for to, attachments, subject in (
+                    ("file@example.com", [{"path": "u/a.pdf"}], None),
+                    ("text@example.com", [], None),
+                    ("long@example.com", [], "Отчёт " * 60)):  # 360 characters
                 await send(database_url, "email_queue", {
                     "to": to, "template": "report_ready", "locale": "ru",
                     "variables": {"full_name": "Анна", "assessment_id": "7a2b"},
-                    "attachments": attachments})
+                    "attachments": attachments, "subject": subject})
             done = await wait_for(sub, lambda e: e.get("queue") == "email_queue" and e["type"] in (
-                "job.succeeded", "job.dead_lettered"), count=2)
+                "job.succeeded", "job.dead_lettered"), count=3)
     assert {e["type"] for e in done} == {"job.succeeded"}
-    assert built_on_trio_thread == {"file@example.com": False, "text@example.com": True}
+    assert built_on_trio_thread == {"file@example.com": False, "text@example.com": True,
+                                    "long@example.com": False}
 
 
 @pytest.mark.process
@@ -742,7 +750,7 @@ TEXTS = ["", "plain ascii\n", "trailing space \nand tab\t\n", "a=b, =3D and = at
          "x" * 200 + "\n", "строка\r\nвторая\rтретья\n", ".\n.a leading dot\nFrom the start\n",
          "emoji 😀, NUL \x00, form feed \x0c and a line separator \u2028 here",
          "--=_0123456789abcdef01234567 a boundary-like line\n", "no final newline",
-         "Здравствуйте, Анна! " * 30]
+         "Здравствуйте, Анна! " * 30, "é" * 25 + " \n" + "é" * 25 + "\t\n"]
 
 
 @pytest.mark.parametrize("subtype", ["plain", "html"])
@@ -750,7 +758,8 @@ TEXTS = ["", "plain ascii\n", "trailing space \nand tab\t\n", "a=b, =3D and = at
 def test_a_text_part_reads_back_as_the_packages_own_part_does(text: str, subtype: str) -> None:
     """Text parts are set by the builder's content manager (quoted-printable from
     binascii): a reader gets from each the same text and headers as from the part the
-    package's raw_data_manager makes, and no body line is over RFC 2045's 76."""
+    package's raw_data_manager makes; no body line is over 78 (76 but for an encoded
+    space at a line's end), and line ends stay line ends (never an encoded =0A)."""
     ours = mime._text_part(text, subtype)
     theirs = EmailMessage(policy=mime._POLICY)
     theirs.set_content(text, subtype, cte=mime._cte(text))
@@ -760,7 +769,11 @@ def test_a_text_part_reads_back_as_the_packages_own_part_does(text: str, subtype
     assert read[0].get_content() == read[1].get_content()
     assert list(read[0].items()) == list(read[1].items())
     body = ours.as_bytes(policy=mime._OUTPUT).partition(b"\n\n")[2]
-    assert all(len(line) <= 76 for line in body.split(b"\n"))
+    assert all(len(line) <= 76 or line.endswith((b"=20", b"=09"))
+               for line in body.split(b"\n"))
+    assert all(len(line) <= 78 for line in body.split(b"\n"))
+    assert b"=0A" not in body
+    assert b"=0D" not in body
 
 
 @pytest.mark.parametrize("value", ['text/plain; charset="utf-8"',
@@ -775,6 +788,29 @@ def test_a_header_folds_as_the_package_folds_it_whatever_it_folded_before(
     for other in (mime._OUTPUT, mime._OUTPUT_UTF8, mime._POLICY):
         header.fold(policy=other)
     assert header.fold(policy=policy) == HeaderRegistry()[name](name, value).fold(policy=policy)
+
+
+def test_every_mail_has_its_own_date_and_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Date is made once a second (mime._date) but is the second the mail was
+    built in; boundaries are new random ones in every mail, the inner and the outer
+    different."""
+    def build() -> EmailMessage:
+        raw = build_message(sender="noreply@family.example", sender_name=None,
+                            to="a@example.com", email=RenderedEmail("s", "t\n", "<p>h</p>\n"),
+                            attachments=[Attachment("r.pdf", PDF)]).raw
+        return email.message_from_bytes(raw, policy=email.policy.default)
+
+    boundaries = []
+    for second in (1_800_000_000, 1_800_000_000, 1_800_000_001, 1_800_003_600):
+        monkeypatch.setattr(mime.time, "time", lambda second=second: second + 0.5)
+        mail = build()
+        assert mail["Date"].datetime == datetime.fromtimestamp(second, UTC)
+        inner = next(mail.iter_parts())
+        boundaries += [mail.get_boundary(), inner.get_boundary()]
+    monkeypatch.undo()
+    assert abs(build()["Date"].datetime - datetime.now(UTC)) < timedelta(seconds=2)
+    assert all(re.fullmatch(r"=_[0-9a-f]{24}", b or "") for b in boundaries)
+    assert len(set(boundaries)) == len(boundaries)
 
 
 def test_what_is_shared_between_mails_holds_nothing_of_a_family() -> None:

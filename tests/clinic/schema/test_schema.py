@@ -83,6 +83,8 @@ def test_rolled_back_enqueue_neither_sends_nor_notifies(
      '"to" is not a valid email address'),
     ("SELECT public.queue_email_task('a@example.com', E'Hi\\nBcc: x@evil.test', 'x')",
      "subject must not contain CR or LF"),
+    ("SELECT public.queue_email_task('a@example.com', repeat('a ', 500), 'x')",
+     "subject must be at most 998 characters"),
     ("SELECT public.queue_email_task('a@example.com', NULL, '../etc/passwd')",
      "template must match [a-z0-9_]+"),
     ("SELECT public.queue_email_task('a@example.com', NULL, 'x', '{}', 0, 'de')",

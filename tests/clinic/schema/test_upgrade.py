@@ -67,6 +67,7 @@ def test_the_last_releases_database_upgrades_in_place(
                               "engine_003_dead_letter_actions", "engine_004_queue_waits",
                               "041_enqueue_never_fails_the_app", "042_register_queues",
                               "043_prune_through_the_engine", "044_internationalized_addresses",
+                              "045_subject_length",
                               "engine_R__queue_api"]
     with psycopg.connect(empty_database_url, autocommit=True) as db:
         assert pending_migrations(db, MIGRATIONS_DIR) == []
