@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -802,7 +803,7 @@ def test_every_mail_has_its_own_date_and_boundaries(monkeypatch: pytest.MonkeyPa
 
     boundaries = []
     for second in (1_800_000_000, 1_800_000_000, 1_800_000_001, 1_800_003_600):
-        monkeypatch.setattr(mime.time, "time", lambda second=second: second + 0.5)
+        monkeypatch.setattr(time, "time", lambda second=second: second + 0.5)
         mail = build()
         assert mail["Date"].datetime == datetime.fromtimestamp(second, UTC)
         inner = next(mail.iter_parts())
