@@ -83,7 +83,8 @@ MAX_ADDRESS = 254
 # words: a 250,000-character one took 7 s to build. queue_email_task refuses longer (045).
 MAX_SUBJECT = 998
 # A mail built on the reactor's own thread: no file, a subject and bodies of at most
-# these sizes (a rendered mail is ~2,000 characters; these build in ~1 ms at worst).
+# these sizes (a rendered mail is ~2,000 characters, 0.2 ms; at these bounds a build
+# took 2 ms at worst, for Cyrillic bodies, against 0.9 ms for ASCII).
 INLINE_BUILD_SUBJECT = 256
 INLINE_BUILD_BODIES = 32_768
 
