@@ -103,11 +103,12 @@ class _HeaderClasses:
     - Each name's class is made once: the stock registry makes a new class for every
       header it is asked about (twice per header set), a quarter of a build.
     - A structural header gives the same object for the same value (`_structural`: what
-      `set_content` and `add_attachment` write from a part's kind, such as
-      `text/plain; charset="utf-8"`, `quoted-printable`, `1.0`; 7 of the 8 headers the
-      package parses in a mail): parsing each again was another third of a build. Values
-      that carry something of one mail (a boundary, a file name) are never kept, so the
-      cache holds no family's data, and at most `SHARED_HEADERS` short values.
+      a part's set-up writes from its kind, such as `text/plain; charset="utf-8"`,
+      `quoted-printable`, `multipart/alternative`; every header the package parses in a
+      mail without files, all but the file's name in one with): parsing each again was
+      another third of a build. Values that carry something of one mail (a boundary, a
+      file name) are never kept, so the cache holds no family's data, and at most
+      `SHARED_HEADERS` short values.
     """
 
     SHARED_HEADERS: Final = 64
@@ -239,6 +240,14 @@ def _plain(text: str) -> bool:
     encode that one, with 3.11's faults)."""
     return (text.isascii() and "=?" not in text
             and all(len(word) <= MAX_LINE - len("Subject: ") for word in text.split(" ")))
+
+
+# The headers that are the same in every mail whatever its settings: made once.
+_AUTO_SUBMITTED: Final = _line("Auto-Submitted", "auto-generated")
+# Exchange and Outlook ignore Auto-Submitted; this asks them the same.
+_NO_AUTO_REPLY: Final = _line("X-Auto-Response-Suppress", "OOF, AutoReply")
+# RFC 2045 wants it at the top only: the parts are MIMEParts, which have none.
+_MIME_VERSION: Final = _line("MIME-Version", "1.0")
 
 
 # -- attachments ---------------------------------------------------------------------------
@@ -407,11 +416,9 @@ def _write(sender: str, sender_name: str | None, recipient: WireAddress, message
                       else _encoded("Subject", email.subject))
     msg["Date"] = _date(int(time.time()))
     msg["Message-ID"] = _line("Message-ID", message_id)
-    msg["Auto-Submitted"] = _line("Auto-Submitted", "auto-generated")
-    # Exchange and Outlook ignore Auto-Submitted; this asks them the same.
-    msg["X-Auto-Response-Suppress"] = _line("X-Auto-Response-Suppress", "OOF, AutoReply")
-    # RFC 2045 wants it at the top only: the parts are MIMEParts, which have none.
-    msg["MIME-Version"] = _line("MIME-Version", "1.0")
+    msg["Auto-Submitted"] = _AUTO_SUBMITTED
+    msg["X-Auto-Response-Suppress"] = _NO_AUTO_REPLY
+    msg["MIME-Version"] = _MIME_VERSION
 
     msg.make_alternative()
     _attach(msg, _text_part(email.text, "plain"))
