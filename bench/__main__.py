@@ -40,7 +40,7 @@ import psycopg
 import trio
 
 from bench import floor, mail, peers, profile, resources
-from bench.common import MissingDependency
+from bench.common import MissingDependency, baseline_checkout
 from reactor.clinic.analytics import AnalyticsProcessor
 from reactor.clinic.app import build
 from reactor.clinic.schema import migrate
@@ -290,7 +290,7 @@ def main() -> None:
     configure_logging("warning", "json")
     first = True
     default = [s for s in SCENARIOS if s not in LONG
-               and (s not in BASELINE or os.environ.get("BENCH_BASELINE"))]
+               and (s not in BASELINE or baseline_checkout() is not None)]
     for name in args.scenarios or default:
         # A cluster of its own for each scenario: what one leaves behind (WAL to
         # checkpoint, tables for autovacuum) must not weigh on the next one's figures.

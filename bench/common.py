@@ -20,7 +20,8 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["QUEUE", "Child", "MissingDependency", "Result", "Spread", "cpu_s", "fill_pgmq",
+__all__ = ["QUEUE", "Child", "MissingDependency", "Result", "Spread", "baseline_checkout",
+           "cpu_s", "fill_pgmq",
            "fill_pgqueuer", "pct", "require", "reset_pgmq", "reset_pgqueuer", "rss_kib",
            "spread"]
 
@@ -41,6 +42,13 @@ def require(module: str, package: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise MissingDependency(f"{package} is not installed: run `make bench`, or "
                                 f"pip install -e '.[bench]'")
+
+
+def baseline_checkout() -> Path | None:
+    """BENCH_BASELINE: another checkout of the repository whose reactor runs beside this
+    one's, in the same run (floor, replicas, mail-baseline); None when it is not set."""
+    base = os.environ.get("BENCH_BASELINE")
+    return Path(base).resolve() if base else None
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -41,6 +41,7 @@ from bench.common import (
     QUEUE,
     Child,
     Result,
+    baseline_checkout,
     fill_pgmq,
     fill_pgqueuer,
     pct,
@@ -85,11 +86,11 @@ PGQ = System(f"{PGQUEUER}, batch_size=1000, asyncpg + uvloop", "pgqueuer",
 
 
 def systems() -> tuple[System, ...]:
-    base = os.environ.get("BENCH_BASELINE")
-    if not base:
+    base = baseline_checkout()
+    if base is None:
         return (BARE, BARE_ASYNC, REACTOR, PGQ)
     baseline = System("reactor, defaults (baseline)", "pgmq", ("reactor",),
-                      ("reactor-latency",), Path(base).resolve())
+                      ("reactor-latency",), base)
     return (BARE, BARE_ASYNC, baseline, REACTOR, PGQ)
 
 

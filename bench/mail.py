@@ -12,7 +12,6 @@ message), 4 when it does not.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -21,19 +20,19 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import Child, MissingDependency, Result, spread
+from bench.common import Child, MissingDependency, Result, baseline_checkout, spread
 from bench.floor import READY_TIMEOUT_S
 from bench.peers import DRAIN_TIMEOUT_S
 
 __all__ = ["mail", "side_by_side"]
 
 POOLS = (1, 5, 20)
-SINK_POOLS = (1, 3, 5, 20)  # 3 is the default SMTP_POOL_SIZE
+DEFAULT_POOL = 3  # SMTP_POOL_SIZE's default
+SINK_POOLS = (1, DEFAULT_POOL, 5, 20)
 NO_PIPELINING_POOL = 5
 LATENCY_MS = 40.0
 SECONDS_PER_RUN = 8.0  # against the relay: enough mails for ~8 s at the ceiling
 SINK_MAILS = 1500
-DEFAULT_POOL = 3
 ROUNDS = 3
 
 
@@ -91,11 +90,10 @@ def side_by_side(url: str, rounds: int = ROUNDS) -> list[Result]:
     """This checkout's pipeline and BENCH_BASELINE's (another checkout of the repository)
     to the local sink at the default pool, interleaved (A B, A B, ...) so the machine's
     drift hits both alike: medians, with the lowest and highest in parentheses."""
-    base = os.environ.get("BENCH_BASELINE")
-    if not base:
+    baseline = baseline_checkout()
+    if baseline is None:
         raise MissingDependency("mail-baseline compares with another checkout: set "
                                 "BENCH_BASELINE=<its directory>")
-    baseline = Path(base).resolve()
     runs: dict[str, list[Drained]] = {"baseline": [], "this": []}
     for _ in range(rounds):
         runs["baseline"].append(_run(url, DEFAULT_POOL, SINK_MAILS, 0, checkout=baseline))
